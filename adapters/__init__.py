@@ -1,0 +1,29 @@
+"""deltaserve.adapters: adapter kinds — parse PEFT directories, validate against the base, represent."""
+
+from deltaserve.adapters.base import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterKind,
+    AdapterMismatchError,
+    BaseModelSpec,
+    LinearShape,
+    UnsupportedAdapterError,
+)
+from deltaserve.adapters.lora import LoraAdapter, LoraConfig, LoraModuleWeights
+from deltaserve.adapters.registry import ParsedAdapter, load_adapter, served_kinds
+
+__all__ = [
+    "AdapterError",
+    "AdapterFormatError",
+    "AdapterKind",
+    "AdapterMismatchError",
+    "BaseModelSpec",
+    "LinearShape",
+    "LoraAdapter",
+    "LoraConfig",
+    "LoraModuleWeights",
+    "ParsedAdapter",
+    "UnsupportedAdapterError",
+    "load_adapter",
+    "served_kinds",
+]

@@ -1,0 +1,52 @@
+"""The shared interface of adapter kinds: errors, the kind registry and the base model's shape.
+
+Every kind module reads a PEFT directory, validates it against the base model and returns a parsed
+adapter (host tensors). `adapters/` never imports the server; the server decides where tensors live.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class AdapterError(Exception):
+    """Base of every adapter failure; the API layer maps each subclass to one gRPC status."""
+
+
+class AdapterFormatError(AdapterError):
+    """The directory or its files are missing, unreadable, corrupt or hold non-finite values."""
+
+
+class UnsupportedAdapterError(AdapterError):
+    """A well-formed adapter that uses a kind or feature deltaserve does not serve."""
+
+
+class AdapterMismatchError(AdapterError):
+    """The adapter does not fit the base model (unknown modules, wrong shapes) or the server's limits."""
+
+
+class AdapterKind(enum.Enum):
+    """Adapter kinds deltaserve serves; the value is the name used on the wire and in ListAdapters."""
+
+    LORA = "lora"
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A base linear layer as an adapter sees it: y = x W^T, W of shape [out_features, in_features]."""
+
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What adapters are validated against: the base's linear layers by module name.
+
+    Module names are the base model's own (`model.layers.0.self_attn.q_proj`), as PEFT sees them under
+    its `base_model.model.` prefix.
+    """
+
+    linear_layers: dict[str, LinearShape]
+    other_modules: frozenset[str]  # modules that exist but are not linear (embeddings, norms, ...)

@@ -1,0 +1,1 @@
+"""deltaserve.server: engine, scheduler, model runner, gRPC API and metrics."""

@@ -1,0 +1,297 @@
+"""The gRPC API: validates requests, hands them to the engine, streams results back.
+
+Servicer methods never run model code; they build an engine `Request`, submit it and await its outputs
+through an asyncio queue fed from the engine thread. Every core exception is mapped to a gRPC status in
+one place, `_STATUS_FOR`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from deltaserve.adapters import AdapterFormatError, AdapterMismatchError, UnsupportedAdapterError
+from deltaserve.client.v1 import deltaserve_pb2 as pb
+from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
+from deltaserve.server.adapter_registry import AdapterRecord, AdapterState
+from deltaserve.server.engine import Engine, FinishReason, Request, RequestOutput
+from deltaserve.server.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    CapacityError,
+    EngineStoppedError,
+    InvalidRequestError,
+)
+from deltaserve.server.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterFormatError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (UnsupportedAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+)
+
+_FINISH_TO_PROTO = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ABORTED: pb.FINISH_REASON_ABORTED,
+}
+_STATE_TO_PROTO = {
+    AdapterState.LOADING: pb.ADAPTER_STATE_LOADING,
+    AdapterState.DEVICE: pb.ADAPTER_STATE_DEVICE,
+    AdapterState.UNLOADING: pb.ADAPTER_STATE_UNLOADING,
+}
+
+
+def status_for(err: BaseException) -> grpc.StatusCode:
+    for error_type, code in _STATUS_FOR:
+        if isinstance(err, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
+    code = status_for(err)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=err)
+    await context.abort(code, str(err) or type(err).__name__)
+
+
+def _unary_errors(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:
+            await _abort(context, err)
+
+    return wrapper
+
+
+def _stream_errors(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:
+            await _abort(context, err)
+
+    return wrapper
+
+
+# ---- request preparation --------------------------------------------------------------------------
+class RequestBuilder:
+    """Turns a GenerateRequest into prompt token ids and SamplingParams, or InvalidRequestError."""
+
+    def __init__(self, tokenizer: Any, max_seq_len: int, default_max_new_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.default_max_new_tokens = default_max_new_tokens
+
+    def prompt_ids(self, text: str, messages: Any, text_field: str) -> list[int]:
+        if bool(text) == bool(messages):
+            raise InvalidRequestError(
+                f"give exactly one of {text_field} and messages (both empty or both set)"
+            )
+        if text:
+            return list(self.tokenizer(text)["input_ids"])
+        for i, message in enumerate(messages):
+            if not message.role:
+                raise InvalidRequestError(f"messages[{i}].role is empty")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequestError("this model has no chat template; send a prompt instead of messages")
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        # The template already holds any special tokens (BOS), so it is not tokenized with them again.
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def build(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        ids = self.prompt_ids(request.prompt, request.messages, "prompt")
+        if not ids:
+            raise InvalidRequestError("the prompt tokenizes to no tokens")
+        if len(ids) >= self.max_seq_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len} (prompt plus output)"
+            )
+        return ids, self._params(request, len(ids))
+
+    def _params(self, request: pb.GenerateRequest, prompt_len: int) -> SamplingParams:
+        room = self.max_seq_len - prompt_len
+        if request.HasField("max_new_tokens"):
+            max_new = request.max_new_tokens
+            if max_new <= 0:
+                raise InvalidRequestError(f"max_new_tokens must be at least 1, got {max_new}")
+            if max_new > room:
+                raise InvalidRequestError(
+                    f"max_new_tokens {max_new} does not fit the context: {prompt_len} prompt tokens + "
+                    f"{max_new} > {self.max_seq_len}"
+                )
+        else:
+            max_new = min(self.default_max_new_tokens, room)
+        _check(request.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {request.min_new_tokens}")
+        _check(request.temperature >= 0, f"temperature must be >= 0, got {request.temperature}")
+        _check(request.top_k >= 0, f"top_k must be >= 0, got {request.top_k}")
+        top_p = request.top_p if request.HasField("top_p") else 1.0
+        _check(0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")
+        penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
+        _check(penalty > 0, f"repetition_penalty must be > 0, got {penalty}")
+        _check(all(request.stop), "stop strings must not be empty")
+        return SamplingParams(
+            max_new_tokens=max_new,
+            min_new_tokens=request.min_new_tokens,
+            temperature=float(request.temperature),
+            top_k=request.top_k,
+            top_p=float(top_p),
+            seed=request.seed if request.HasField("seed") else None,
+            stop=tuple(request.stop),
+            repetition_penalty=float(penalty),
+            logprobs=request.logprobs,
+        )
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidRequestError(message)
+
+
+def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        text=output.text,
+        token_ids=output.token_ids,
+        logprobs=output.logprobs,
+        finish_reason=_FINISH_TO_PROTO[output.finish_reason],
+        prompt_tokens=len(request.prompt_ids),
+        generated_tokens=output.generated_tokens,
+        adapter_id=request.adapter_id,
+        request_id=request.request_id,
+        stop_sequence=output.stop_sequence or "",
+    )
+
+
+# ---- services -------------------------------------------------------------------------------------
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, engine: Engine, builder: RequestBuilder, model_info: pb.ModelInfoResponse) -> None:
+        self.engine = engine
+        self.builder = builder
+        self.model_info = model_info
+
+    async def _run(self, request: pb.GenerateRequest) -> AsyncIterator[tuple[RequestOutput, Request]]:
+        """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it."""
+        prompt_ids, params = self.builder.build(request)
+        adapter = self.engine.registry.acquire(request.adapter_id) if request.adapter_id else None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(output: RequestOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, output)
+
+        engine_request = Request(uuid.uuid4().hex, prompt_ids, params, adapter, sink)
+        try:
+            self.engine.submit(engine_request)
+        except BaseException:
+            if adapter is not None:
+                self.engine.registry.release(adapter, served=False)
+            raise
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                if output.error is not None:
+                    raise output.error
+                finished = output.finished
+                yield output, engine_request
+        finally:
+            if not finished:
+                engine_request.cancel()
+                self.engine.wake()
+
+    @_unary_errors
+    async def Generate(self, request, context):
+        text, token_ids, logprobs = [], [], []
+        last = engine_request = None
+        async for output, engine_request in self._run(request):
+            text.append(output.text)
+            token_ids.extend(output.token_ids)
+            logprobs.extend(output.logprobs)
+            last = output
+        combined = RequestOutput(
+            token_ids, "".join(text), logprobs, last.generated_tokens, last.finish_reason, last.stop_sequence
+        )
+        return _response(combined, engine_request)
+
+    @_stream_errors
+    async def GenerateStream(self, request, context):
+        async for output, engine_request in self._run(request):
+            if output.token_ids or output.finished:
+                yield _response(output, engine_request)
+
+    @_unary_errors
+    async def Tokenize(self, request, context):
+        ids = self.builder.prompt_ids(request.text, request.messages, "text")
+        return pb.TokenizeResponse(token_ids=ids, tokens=self.builder.tokenizer.convert_ids_to_tokens(ids))
+
+    @_unary_errors
+    async def ModelInfo(self, request, context):
+        return self.model_info
+
+
+def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
+    adapter = record.adapter
+    return pb.AdapterInfo(
+        adapter_id=record.adapter_id,
+        kind=record.kind,
+        rank=adapter.rank if adapter is not None else 0,
+        size_bytes=adapter.size_bytes if adapter is not None else 0,
+        state=_STATE_TO_PROTO[record.state],
+        path=record.path,
+        target_modules=adapter.target_modules if adapter is not None else [],
+        requests_served=record.requests_served,
+        active_requests=record.active_requests,
+    )
+
+
+class AdaptersService(pb_grpc.AdaptersServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.registry = engine.registry
+
+    @_unary_errors
+    async def LoadAdapter(self, request, context):
+        # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
+        record = await asyncio.to_thread(self.registry.load, request.adapter_id, request.path)
+        log.info(
+            "loaded adapter %r (%s, rank %d) from %s",
+            record.adapter_id,
+            record.kind,
+            record.adapter.rank,
+            record.path,
+        )
+        return adapter_info(record)
+
+    @_unary_errors
+    async def UnloadAdapter(self, request, context):
+        draining = await asyncio.to_thread(self.registry.unload, request.adapter_id)
+        log.info("unloaded adapter %r (%d requests still finishing)", request.adapter_id, draining)
+        return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, draining_requests=draining)
+
+    @_unary_errors
+    async def ListAdapters(self, request, context):
+        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in self.registry.list()])

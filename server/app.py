@@ -1,0 +1,177 @@
+"""Assembling and running a server: model, runner, registry, engine, gRPC services, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from deltaserve.adapters import served_kinds
+from deltaserve.client.v1 import deltaserve_pb2 as pb
+from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
+from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots
+from deltaserve.server.api import AdaptersService, GenerationService, RequestBuilder
+from deltaserve.server.engine import Engine, EngineConfig
+from deltaserve.server.metrics import Metrics
+from deltaserve.server.model_loader import LoadedModel, load_model
+from deltaserve.server.runner import ModelRunner
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None  # None: the embedded default model
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    quantize: str = "none"
+    max_batch_size: int = 16
+    max_seq_len: int = 2048
+    max_adapters: int = 8
+    max_lora_rank: int = 64
+    default_max_new_tokens: int = 256
+    preload: list[tuple[str, str]] = field(default_factory=list)
+    shutdown_grace_seconds: float = 30.0
+    metrics_max_adapters: int = 64
+
+
+def _context_length(loaded: LoadedModel, requested: int) -> int:
+    """The served context: the requested length, capped by the model's positions and sliding window."""
+    config = loaded.model.config
+    length = min(requested, getattr(config, "max_position_embeddings", requested) or requested)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < length:
+        log.warning("capping the context at the model's sliding window (%d tokens)", window)
+        length = window
+    return length
+
+
+def _eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    eos = loaded.model.generation_config.eos_token_id
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
+class Server:
+    """A running deltaserve: build with `Server.create(config)` (loads the model), then `await start()`."""
+
+    def __init__(self, config: ServerConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.metrics = Metrics(config.metrics_max_adapters)
+        max_seq_len = _context_length(loaded, config.max_seq_len)
+        self.runner = ModelRunner(
+            loaded.model,
+            max_batch_size=config.max_batch_size,
+            max_seq_len=max_seq_len,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        slots = LoraSlots(
+            self.runner.adapter_layers, config.max_adapters, config.max_lora_rank, loaded.dtype, loaded.device
+        )
+        self.registry = AdapterRegistry(self.runner.base_spec(), slots)
+        engine_config = EngineConfig(config.max_batch_size, max_seq_len, _eos_token_ids(loaded))
+        self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    @classmethod
+    def create(cls, config: ServerConfig) -> Server:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device, quantize=config.quantize)
+        return cls(config, loaded)
+
+    def model_info(self) -> pb.ModelInfoResponse:
+        loaded = self.loaded
+        return pb.ModelInfoResponse(
+            model_name=loaded.name,
+            architecture=loaded.model.config.architectures[0] if loaded.model.config.architectures else "",
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            quantization=loaded.quantization,
+            max_seq_len=self.engine.config.max_seq_len,
+            max_batch_size=self.config.max_batch_size,
+            vocab_size=loaded.model.config.vocab_size,
+            eos_token_ids=list(self.engine.config.eos_token_ids),
+            max_adapters=self.config.max_adapters,
+            max_lora_rank=self.config.max_lora_rank,
+            adapter_kinds=served_kinds(),
+            version=VERSION,
+            default_max_new_tokens=self.config.default_max_new_tokens,
+        )
+
+    def warm_up(self) -> None:
+        """One prefill and one decode step before reporting SERVING, so the first request is not slow."""
+        import torch
+
+        self.runner.prefill(0, [0, 1, 2, 3], None)
+        self.runner.decode(torch.tensor([1]), torch.tensor([4]), 4, None)
+
+    async def start(self) -> int:
+        """Start the engine and the gRPC server; returns the bound port. Health turns SERVING at the end."""
+        await asyncio.to_thread(self.warm_up)
+        for adapter_id, path in self.config.preload:
+            await asyncio.to_thread(self.registry.load, adapter_id, path)
+            log.info("preloaded adapter %r from %s", adapter_id, path)
+        self.engine.start()
+        server = grpc.aio.server()
+        builder = RequestBuilder(
+            self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
+        )
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationService(self.engine, builder, self.model_info()), server
+        )
+        pb_grpc.add_AdaptersServicer_to_server(AdaptersService(self.engine), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [
+            pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+            pb.DESCRIPTOR.services_by_name["Adapters"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self.grpc_server = server
+        if self.config.metrics_port is not None:
+            self.metrics.serve(self.config.metrics_port, self.config.host)
+        for service in ("", *names[:2]):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace), exit."""
+        await self.health.enter_graceful_shutdown()
+        grace = self.config.shutdown_grace_seconds
+        engine_stop = asyncio.create_task(asyncio.to_thread(self.engine.stop, grace))
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace + 1.0)
+        await engine_stop
+
+    async def serve_until_signalled(self) -> None:
+        await self.start()
+        stop_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_event.set)
+        await stop_event.wait()
+        log.info(
+            "shutting down: finishing in-flight requests (up to %.0f s)", self.config.shutdown_grace_seconds
+        )
+        await self.stop()
+        log.info("stopped")

@@ -1,0 +1,126 @@
+"""The `deltaserve` console script: `serve` runs the server; every other subcommand is the client CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from deltaserve.client.cli import build_parser, run_client_command
+
+
+def _preload(value: str) -> tuple[str, str]:
+    adapter_id, sep, path = value.partition("=")
+    if not sep or not adapter_id or not path:
+        raise argparse.ArgumentTypeError(f"--preload wants ID=DIR, got {value!r}")
+    return adapter_id, path
+
+
+def add_serve_subcommand(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="start the gRPC server", description="Start the deltaserve gRPC server on a base model."
+    )
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face causal-LM directory (default: embedded SmolLM2-135M-Instruct)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
+    )
+    serve.add_argument(
+        "--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"
+    )
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    serve.add_argument(
+        "--quantize",
+        choices=("none", "nf4", "int8"),
+        default="none",
+        help="load the base through bitsandbytes",
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)"
+    )
+    serve.add_argument(
+        "--max-seq-len", type=int, default=2048, help="context per request, prompt plus output"
+    )
+    serve.add_argument("--max-adapters", type=int, default=8, help="adapter slots on the device")
+    serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a slot holds")
+    serve.add_argument(
+        "--default-max-new-tokens",
+        type=int,
+        default=256,
+        help="max_new_tokens for requests that do not set it",
+    )
+    serve.add_argument(
+        "--preload",
+        type=_preload,
+        action="append",
+        default=[],
+        metavar="ID=DIR",
+        help="load this adapter at start-up (repeatable)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish after SIGTERM/SIGINT",
+    )
+    serve.add_argument("--log-level", default="INFO")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from deltaserve.server.app import Server, ServerConfig  # torch is imported only when serving
+    from deltaserve.server.errors import DeltaserveServerError
+
+    for name in ("max_batch_size", "max_seq_len", "max_adapters", "max_lora_rank", "default_max_new_tokens"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    config = ServerConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        max_adapters=args.max_adapters,
+        max_lora_rank=args.max_lora_rank,
+        default_max_new_tokens=args.default_max_new_tokens,
+        preload=args.preload,
+        shutdown_grace_seconds=args.shutdown_grace,
+    )
+    try:
+        server = Server.create(config)
+        asyncio.run(server.serve_until_signalled())
+    except DeltaserveServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(add_serve_subcommand)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return run_client_command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

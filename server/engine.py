@@ -1,0 +1,317 @@
+"""The engine: one thread owns the model and runs the continuous-batching step loop.
+
+Each step admits waiting requests (prefill, first token) while cache rows are free, then decodes one
+token for every running request in a single batched forward. Finished or cancelled requests leave between
+steps and free their row at once; rows stay compact (0..B-1) by moving the last row into a hole.
+Other threads talk to the engine only through `submit`, `Request.cancel` and each request's sink.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
+from deltaserve.server.detokenizer import IncrementalDetokenizer
+from deltaserve.server.errors import EngineStoppedError
+from deltaserve.server.layers import LoraBatch, build_lora_batch
+from deltaserve.server.metrics import Metrics
+from deltaserve.server.runner import ModelRunner
+from deltaserve.server.sampling import RowState, SamplingParams, make_generator, sample
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: the new tokens/text since the previous output."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    generated_tokens: int
+    finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+    error: BaseException | None = None  # set when the engine failed this request
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request. Created by the API, owned by the engine after `submit`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterRecord | None
+    sink: Sink
+    arrival: float = field(default_factory=time.monotonic)
+    # engine-side state
+    row: int = -1
+    cache_len: int = 0
+    last_token: int = -1
+    generated: list[int] = field(default_factory=list)
+    sampler: RowState | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    first_token_at: float | None = None
+    _cancelled: bool = False
+
+    @property
+    def adapter_id(self) -> str:
+        return self.adapter.adapter_id if self.adapter is not None else ""
+
+    @property
+    def slot(self) -> int:
+        return self.adapter.slot if self.adapter is not None else -1
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (thread-safe; idempotent)."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int
+    max_seq_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: PreTrainedTokenizerBase,
+        registry: AdapterRegistry,
+        config: EngineConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.config = config
+        self.metrics = metrics
+        self._eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=runner.device)
+        self._cv = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._accepting = True
+        self._abort_at: float | None = None  # monotonic time after which unfinished work is aborted
+        self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
+
+    # ---- control (any thread) ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down and accepts no new requests")
+            self._waiting.append(request)
+            self.metrics.requests_waiting.set(len(self._waiting))
+            self._cv.notify()
+
+    def wake(self) -> None:
+        """Make the loop look at its requests now (after a cancel), instead of at its next step."""
+        with self._cv:
+            self._cv.notify()
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop admitting; let in-flight work finish for up to `grace_seconds`, abort the rest; join."""
+        with self._cv:
+            self._accepting = False
+            self._abort_at = time.monotonic() + grace_seconds
+            self._cv.notify()
+        self._thread.join()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # ---- the loop (engine thread) ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._running and self._accepting:
+                    self._cv.wait()
+                if self._abort_at is not None and (
+                    time.monotonic() >= self._abort_at or not (self._waiting or self._running)
+                ):
+                    break
+                admitted = self._take_admissible()
+            try:
+                self._step(admitted)
+            except Exception as err:  # a bug or device failure: fail what was in flight, keep serving
+                log.exception("engine step failed")
+                for request in [*admitted, *self._running]:
+                    if request.row != -2:
+                        self._finish(request, None, error=err)
+                self._running.clear()
+        self._abort_all()
+
+    def _take_admissible(self) -> list[Request]:
+        free = self.config.max_batch_size - len(self._running)
+        admitted = []
+        while self._waiting and len(admitted) < free:
+            admitted.append(self._waiting.popleft())
+        self.metrics.requests_waiting.set(len(self._waiting))
+        return admitted
+
+    def _step(self, admitted: list[Request]) -> None:
+        self._drop_cancelled()
+        for request in admitted:
+            if request.cancelled:
+                self._finish(request, FinishReason.CANCELLED)
+            else:
+                self._prefill(request)
+        if self._running:
+            self._decode()
+        self.metrics.requests_running.set(len(self._running))
+
+    def _prefill(self, request: Request) -> None:
+        request.row = len(self._running)
+        request.sampler = RowState(
+            request.params, make_generator(request.params, self.runner.device), list(request.prompt_ids), 0
+        )
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+        lora = self._single_adapter(request.slot)
+        logits = self.runner.prefill(request.row, request.prompt_ids, lora)
+        request.cache_len = len(request.prompt_ids)
+        self.metrics.observe_queue(request.adapter_id, time.monotonic() - request.arrival)
+        self._running.append(request)
+        tokens, logprobs = sample(logits[None], [request.sampler], self._eos)
+        self._accept(request, tokens[0], logprobs[0] if logprobs else None)
+        self._compact()
+
+    def _decode(self) -> None:
+        running = self._running
+        device = self.runner.device
+        input_ids = torch.tensor([r.last_token for r in running], device=device)
+        positions = torch.tensor([r.cache_len for r in running], device=device)
+        lora = build_lora_batch(
+            [r.slot for r in running],
+            self.registry.slot_ranks,
+            device,
+            self.runner.dtype,
+            self.registry.num_slots,
+        )
+        logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), lora)
+        self.metrics.batch_size.observe(len(running))
+        tokens, logprobs = sample(logits, [r.sampler for r in running], self._eos)
+        for i, request in enumerate(running):
+            request.cache_len += 1
+            self._accept(request, tokens[i], logprobs[i] if logprobs else None)
+        self._compact()
+
+    def _single_adapter(self, slot: int) -> LoraBatch | None:
+        if slot < 0:
+            return None
+        return LoraBatch(None, None, None, rank=self.registry.slot_ranks[slot], single_slot=slot)
+
+    # ---- per-token bookkeeping ---------------------------------------------------------------------
+    def _accept(self, request: Request, token: int, logprob: float | None) -> None:
+        """Record a sampled token, emit its output, and finish the request if it is done."""
+        now = time.monotonic()
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.metrics.observe_first_token(request.adapter_id, now - request.arrival)
+        request.generated.append(token)
+        request.last_token = token
+        request.sampler.generated += 1
+        request.sampler.seen_tokens.append(token)
+        request.detokenizer.add(token)
+        reason = self._finish_reason(request, token)
+        if reason is not None:
+            request.detokenizer.flush()
+        output = RequestOutput(
+            token_ids=[token],
+            text=request.detokenizer.take_pending(final=reason is not None),
+            logprobs=[logprob] if logprob is not None and request.params.logprobs else [],
+            generated_tokens=len(request.generated),
+            finish_reason=reason,
+            stop_sequence=request.detokenizer.stop_sequence if reason is FinishReason.STOP_SEQUENCE else None,
+        )
+        if reason is None:
+            request.sink(output)
+        else:
+            self._finish(request, reason, last_output=output)
+
+    def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if token in self.config.eos_token_ids and len(request.generated) >= params.min_new_tokens:
+            return FinishReason.EOS
+        if request.detokenizer.stop_sequence is not None:
+            return FinishReason.STOP_SEQUENCE
+        if len(request.generated) >= params.max_new_tokens or request.cache_len + 1 > self.config.max_seq_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason | None,
+        *,
+        last_output: RequestOutput | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Emit the request's final output, release its adapter and mark its row for reuse."""
+        if last_output is None:
+            last_output = RequestOutput([], "", [], len(request.generated), finish_reason=reason, error=error)
+        request.row = -2  # finished: _compact drops it from the running list
+        if request.adapter is not None:
+            self.registry.release(request.adapter, served=error is None)
+        self.metrics.observe_finished(request, reason, error, time.monotonic())
+        request.sink(last_output)
+
+    def _drop_cancelled(self) -> None:
+        for request in self._running:
+            if request.cancelled:
+                self._finish(request, FinishReason.CANCELLED)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Remove finished requests and fill the holes they leave with the highest rows."""
+        survivors = [r for r in self._running if r.row != -2]
+        if len(survivors) == len(self._running):
+            return
+        count = len(survivors)
+        occupied = {r.row for r in survivors}
+        holes = [row for row in range(count) if row not in occupied]
+        movers = sorted((r for r in survivors if r.row >= count), key=lambda r: r.row)
+        for hole, request in zip(holes, movers, strict=True):
+            self.runner.move_row(request.row, hole, request.cache_len)
+            request.row = hole
+        self._running = sorted(survivors, key=lambda r: r.row)
+
+    def _abort_all(self) -> None:
+        with self._cv:
+            leftovers = [*self._waiting, *self._running]
+            self._waiting.clear()
+        for request in leftovers:
+            if request.row != -2:
+                self._finish(request, FinishReason.ABORTED)
+        self._running = []

@@ -1,0 +1,31 @@
+"""The core's failure classes. Each maps to one gRPC status in the API layer (server/api.py) and nowhere else."""
+
+from __future__ import annotations
+
+
+class DeltaserveServerError(Exception):
+    """Base of the server core's own errors."""
+
+
+class InvalidRequestError(DeltaserveServerError):
+    """The request itself is malformed (INVALID_ARGUMENT)."""
+
+
+class AdapterNotFoundError(DeltaserveServerError):
+    """The request names an adapter that is not loaded (NOT_FOUND)."""
+
+
+class AdapterExistsError(DeltaserveServerError):
+    """LoadAdapter with an id already in use (ALREADY_EXISTS)."""
+
+
+class CapacityError(DeltaserveServerError):
+    """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED)."""
+
+
+class EngineStoppedError(DeltaserveServerError):
+    """The engine is shutting down and admits no new work (UNAVAILABLE)."""
+
+
+class ModelLoadError(DeltaserveServerError):
+    """The base model cannot be loaded or is of an architecture the runner does not serve."""

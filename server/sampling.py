@@ -1,0 +1,105 @@
+"""Sampling parameters and the per-step sampler.
+
+Processing order follows transformers' `generate`: repetition penalty, the min-new-tokens EOS mask, then
+temperature, top-k and top-p, then argmax (greedy) or a draw from the request's own seeded generator, so
+a request's tokens never depend on the other rows of its batch. Log-probabilities are those of the raw
+model logits (log-softmax before any processing), like `output_logits` in transformers.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_processing(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.min_new_tokens > 0 or not self.greedy
+
+
+@dataclass
+class RowState:
+    """What the sampler needs to know about one running request."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    seen_tokens: list[int]  # prompt + generated so far, for the repetition penalty
+    generated: int
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return generator
+
+
+def _process_row(logits: torch.Tensor, row: RowState, eos_ids: torch.Tensor) -> torch.Tensor:
+    """Apply one request's logits processors to its [V] logits (a copy)."""
+    params = row.params
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0 and row.seen_tokens:
+        seen = torch.tensor(row.seen_tokens, device=logits.device).unique()
+        scores = logits[seen]
+        logits[seen] = torch.where(
+            scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty
+        )
+    if row.generated < params.min_new_tokens and eos_ids.numel():
+        logits[eos_ids] = float("-inf")
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= (1 - params.top_p)
+        drop_sorted[-1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor
+) -> tuple[list[int], list[float] | None]:
+    """Choose one token per row from logits [B, V] (fp32). Returns token ids and, if any row asked, the
+    raw log-probability of each chosen token (None otherwise)."""
+    if any(row.params.needs_processing for row in rows):
+        processed = torch.stack(
+            [
+                _process_row(logits[i], row, eos_ids) if row.params.needs_processing else logits[i]
+                for i, row in enumerate(rows)
+            ]
+        )
+    else:
+        processed = logits
+    chosen = processed.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        if not row.params.greedy:
+            probs = processed[i].softmax(-1)
+            chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+    logprobs = None
+    if any(row.params.logprobs for row in rows):
+        logprobs = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0].tolist()
+    return chosen.tolist(), logprobs
