@@ -407,6 +407,7 @@ def write_plot(measurements: list[Measurement], settings: Settings, path: Path) 
 # ---- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # keep the log readable
     helpers = import_test_helpers()
     model_dir = embedded_model_dir()
     tokenizer = left_padded(AutoTokenizer.from_pretrained(model_dir))
