@@ -133,8 +133,7 @@ class LoraAdapter:
     @property
     def size_bytes(self) -> int:
         return sum(
-            w.lora_a.numel() * w.lora_a.element_size()
-            + w.lora_b_scaled.numel() * w.lora_b_scaled.element_size()
+            w.lora_a.numel() * w.lora_a.element_size() + w.lora_b_scaled.numel() * w.lora_b_scaled.element_size()
             for w in self.modules.values()
         )
 

@@ -149,9 +149,7 @@ def build_workload(tokenizer: PreTrainedTokenizerBase, settings: Settings) -> Wo
     """Cycle through the prompts; request i uses adapter i % K in the mixed runs."""
     messages = [PROMPTS[i % len(PROMPTS)] for i in range(settings.n_requests)]
     rendered = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True
-        )
+        tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
         for m in messages
     ]
     adapter_ids = [f"lora{i % settings.adapters}" for i in range(settings.n_requests)]
@@ -303,10 +301,7 @@ def ratios(by_name: dict[str, Measurement]) -> dict[str, float]:
 
 def table(measurements: list[Measurement]) -> str:
     by_name = {m.system: m for m in measurements}
-    header = (
-        f"{'system':<14} {'tok/s (best)':>12} {'tok/s (median)':>14} "
-        f"{'vs server-base':>14} {'vs peft-mixed':>13}"
-    )
+    header = f"{'system':<14} {'tok/s (best)':>12} {'tok/s (median)':>14} {'vs server-base':>14} {'vs peft-mixed':>13}"
     lines = [header, "-" * len(header)]
     for m in measurements:
         lines.append(
@@ -332,9 +327,7 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def report(
-    measurements: list[Measurement], settings: Settings, work: Workload, max_seq_len: int
-) -> dict[str, object]:
+def report(measurements: list[Measurement], settings: Settings, work: Workload, max_seq_len: int) -> dict[str, object]:
     by_name = {m.system: m for m in measurements}
     return {
         "benchmark": "throughput",

@@ -49,9 +49,7 @@ def add_global_options(parser: argparse.ArgumentParser, *, with_defaults: bool =
     )
 
 
-def _client_command(
-    subparsers: Subparsers, name: str, help_text: str, handler: Handler
-) -> argparse.ArgumentParser:
+def _client_command(subparsers: Subparsers, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
     """A client subcommand that also accepts the connection options after its name."""
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     add_global_options(parser, with_defaults=False)
@@ -241,13 +239,9 @@ def _adapter_table(adapters: Sequence[AdapterInfo]) -> str:
     """Plain left-aligned columns, header first; easy to read and to cut/awk."""
     rows = [("ID", "KIND", "RANK", "SIZE", "STATE", "SERVED")]
     for a in adapters:
-        rows.append(
-            (a.adapter_id, a.kind, str(a.rank), format_size(a.size_bytes), a.state, str(a.requests_served))
-        )
+        rows.append((a.adapter_id, a.kind, str(a.rank), format_size(a.size_bytes), a.state, str(a.requests_served)))
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 if __name__ == "__main__":

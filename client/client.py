@@ -116,9 +116,7 @@ def build_generate_request(
     return request
 
 
-def build_tokenize_request(
-    text: str | None = None, *, messages: ChatInput | None = None
-) -> pb.TokenizeRequest:
+def build_tokenize_request(text: str | None = None, *, messages: ChatInput | None = None) -> pb.TokenizeRequest:
     """Build a TokenizeRequest for exactly one of a raw text and chat messages."""
     _check_one_input(text, messages, "text")
     return pb.TokenizeRequest(text=text or "", messages=to_chat_messages(messages or ()))
@@ -141,9 +139,7 @@ def _raise_unless_transient(err: grpc.RpcError) -> None:
 
 
 def _not_ready_error(target: str, timeout: float) -> DeltaserveError:
-    return DeltaserveError(
-        grpc.StatusCode.DEADLINE_EXCEEDED, f"server at {target} was not SERVING within {timeout:g}s"
-    )
+    return DeltaserveError(grpc.StatusCode.DEADLINE_EXCEEDED, f"server at {target} was not SERVING within {timeout:g}s")
 
 
 class _ClientBase:
@@ -200,9 +196,7 @@ class Client(_ClientBase):
         """Run one request to completion (see build_generate_request for the options)."""
         request = build_generate_request(prompt, **options)
         with translate_rpc_errors():
-            return GenerateResult.from_proto(
-                self._generation.Generate(request, **self._call_options(timeout))
-            )
+            return GenerateResult.from_proto(self._generation.Generate(request, **self._call_options(timeout)))
 
     def generate_stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[GenerateOptions]
@@ -228,9 +222,7 @@ class Client(_ClientBase):
         """Tokenize exactly as generate would treat the same prompt or messages."""
         request = build_tokenize_request(text, messages=messages)
         with translate_rpc_errors():
-            return TokenizeResult.from_proto(
-                self._generation.Tokenize(request, **self._call_options(timeout))
-            )
+            return TokenizeResult.from_proto(self._generation.Tokenize(request, **self._call_options(timeout)))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describe the served base model and its limits."""

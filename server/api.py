@@ -109,9 +109,7 @@ class RequestBuilder:
 
     def prompt_ids(self, text: str, messages: Any, text_field: str) -> list[int]:
         if bool(text) == bool(messages):
-            raise InvalidRequestError(
-                f"give exactly one of {text_field} and messages (both empty or both set)"
-            )
+            raise InvalidRequestError(f"give exactly one of {text_field} and messages (both empty or both set)")
         if text:
             return list(self.tokenizer(text)["input_ids"])
         for i, message in enumerate(messages):
@@ -227,8 +225,9 @@ class GenerationService(pb_grpc.GenerationServicer):
     @_unary_errors
     async def Generate(self, request, context):
         text, token_ids, logprobs = [], [], []
-        last = engine_request = None
+        last = owner = None
         async for output, engine_request in self._run(request):
+            owner = engine_request
             text.append(output.text)
             token_ids.extend(output.token_ids)
             logprobs.extend(output.logprobs)
@@ -236,7 +235,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         combined = RequestOutput(
             token_ids, "".join(text), logprobs, last.generated_tokens, last.finish_reason, last.stop_sequence
         )
-        return _response(combined, engine_request)
+        return _response(combined, owner)
 
     @_stream_errors
     async def GenerateStream(self, request, context):

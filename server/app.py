@@ -130,9 +130,7 @@ class Server:
         builder = RequestBuilder(
             self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
         )
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(self.engine, builder, self.model_info()), server
-        )
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.engine, builder, self.model_info()), server)
         pb_grpc.add_AdaptersServicer_to_server(AdaptersService(self.engine), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
@@ -170,8 +168,6 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_event.set)
         await stop_event.wait()
-        log.info(
-            "shutting down: finishing in-flight requests (up to %.0f s)", self.config.shutdown_grace_seconds
-        )
+        log.info("shutting down: finishing in-flight requests (up to %.0f s)", self.config.shutdown_grace_seconds)
         await self.stop()
         log.info("stopped")

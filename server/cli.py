@@ -28,15 +28,9 @@ def add_serve_subcommand(subparsers) -> None:
         help="a local Hugging Face causal-LM directory (default: embedded SmolLM2-135M-Instruct)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument(
-        "--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)"
-    )
-    serve.add_argument(
-        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
-    )
-    serve.add_argument(
-        "--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"
-    )
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     serve.add_argument(
         "--quantize",
@@ -44,12 +38,8 @@ def add_serve_subcommand(subparsers) -> None:
         default="none",
         help="load the base through bitsandbytes",
     )
-    serve.add_argument(
-        "--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)"
-    )
-    serve.add_argument(
-        "--max-seq-len", type=int, default=2048, help="context per request, prompt plus output"
-    )
+    serve.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)")
+    serve.add_argument("--max-seq-len", type=int, default=2048, help="context per request, prompt plus output")
     serve.add_argument("--max-adapters", type=int, default=8, help="adapter slots on the device")
     serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a slot holds")
     serve.add_argument(
@@ -76,9 +66,7 @@ def add_serve_subcommand(subparsers) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from deltaserve.server.app import Server, ServerConfig  # torch is imported only when serving
     from deltaserve.server.errors import DeltaserveServerError
 

@@ -56,9 +56,7 @@ class IncrementalDetokenizer:
 
     def take_pending(self, final: bool) -> str:
         """Text not yet handed out, holding back a tail that may still grow into a stop string."""
-        end = (
-            len(self.text) if final or self.stop_sequence is not None else len(self.text) - self._held_back()
-        )
+        end = len(self.text) if final or self.stop_sequence is not None else len(self.text) - self._held_back()
         piece = self.text[self._emitted : end]
         self._emitted = max(self._emitted, end)
         return piece

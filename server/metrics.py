@@ -51,9 +51,7 @@ class Metrics:
         self.prompt_tokens = Counter(
             "deltaserve_prompt_tokens", "Prompt tokens of finished requests", ["adapter"], registry=r
         )
-        self.generated_tokens = Counter(
-            "deltaserve_generated_tokens", "Generated tokens", ["adapter"], registry=r
-        )
+        self.generated_tokens = Counter("deltaserve_generated_tokens", "Generated tokens", ["adapter"], registry=r)
         self.ttft = Histogram(
             "deltaserve_time_to_first_token_seconds",
             "Arrival to first token",
@@ -84,9 +82,7 @@ class Metrics:
         )
         self.requests_running = Gauge("deltaserve_requests_running", "Requests decoding", registry=r)
         self.requests_waiting = Gauge("deltaserve_requests_waiting", "Requests queued", registry=r)
-        self.batch_size = Histogram(
-            "deltaserve_batch_size", "Rows per decode step", buckets=BATCH_BUCKETS, registry=r
-        )
+        self.batch_size = Histogram("deltaserve_batch_size", "Rows per decode step", buckets=BATCH_BUCKETS, registry=r)
 
     def adapter_label(self, adapter_id: str) -> str:
         if not adapter_id:

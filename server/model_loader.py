@@ -77,9 +77,7 @@ def _convert_gguf(directory: str, filename: str, out_dir: str) -> None:
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
-        raise ModelLoadError(
-            "converting the embedded GGUF model needs the gguf package: pip install gguf"
-        ) from None
+        raise ModelLoadError("converting the embedded GGUF model needs the gguf package: pip install gguf") from None
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     dequantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config and weights.

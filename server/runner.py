@@ -71,13 +71,10 @@ class ModelRunner:
     def base_spec(self) -> BaseModelSpec:
         """Module names and shapes that adapters are validated against."""
         linear = {
-            name: LinearShape(layer.in_features, layer.out_features)
-            for name, layer in self.adapter_layers.items()
+            name: LinearShape(layer.in_features, layer.out_features) for name, layer in self.adapter_layers.items()
         }
         other = frozenset(
-            name
-            for name, _ in self.model.named_modules()
-            if name and name not in linear and not name.endswith(".base")
+            name for name, _ in self.model.named_modules() if name and name not in linear and not name.endswith(".base")
         )
         return BaseModelSpec(linear_layers=linear, other_modules=other)
 
@@ -98,9 +95,7 @@ class ModelRunner:
         def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.k_cache[layer_idx][row, :, :length] = k[0]
             self.v_cache[layer_idx][row, :, :length] = v[0]
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True
-            )
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
 
         return self._forward(hidden, cos, sin, attend, lora)[0]
 
@@ -148,9 +143,7 @@ class ModelRunner:
         self.context.lora = lora
         try:
             for layer_idx, layer in enumerate(self.layers):
-                hidden = hidden + self._attention(
-                    layer_idx, layer, layer.input_layernorm(hidden), cos, sin, attend
-                )
+                hidden = hidden + self._attention(layer_idx, layer, layer.input_layernorm(hidden), cos, sin, attend)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             # Logits in fp32 so that sampling and log-probabilities do not depend on the model dtype.
             return self.lm_head(self.final_norm(hidden[:, -1])).float()

@@ -60,9 +60,7 @@ def _process_row(logits: torch.Tensor, row: RowState, eos_ids: torch.Tensor) -> 
     if params.repetition_penalty != 1.0 and row.seen_tokens:
         seen = torch.tensor(row.seen_tokens, device=logits.device).unique()
         scores = logits[seen]
-        logits[seen] = torch.where(
-            scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty
-        )
+        logits[seen] = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
     if row.generated < params.min_new_tokens and eos_ids.numel():
         logits[eos_ids] = float("-inf")
     if params.greedy:
@@ -80,9 +78,7 @@ def _process_row(logits: torch.Tensor, row: RowState, eos_ids: torch.Tensor) -> 
     return logits
 
 
-def sample(
-    logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor
-) -> tuple[list[int], list[float] | None]:
+def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor) -> tuple[list[int], list[float] | None]:
     """Choose one token per row from logits [B, V] (fp32). Returns token ids and, if any row asked, the
     raw log-probability of each chosen token (None otherwise)."""
     if any(row.params.needs_processing for row in rows):

@@ -14,8 +14,13 @@ torch.set_num_threads(2)
 LORA_VARIANTS: dict[str, dict] = {
     "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
     "all16_rs": dict(r=16, lora_alpha=32, target_modules="all-linear", use_rslora=True),
-    "pattern": dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|o_proj|down_proj)",
-                    rank_pattern={"o_proj": 8}, alpha_pattern={"down_proj": 2}),
+    "pattern": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=r".*\.(q_proj|o_proj|down_proj)",
+        rank_pattern={"o_proj": 8},
+        alpha_pattern={"down_proj": 2},
+    ),
 }
 
 
@@ -34,5 +39,7 @@ def tiny_dir(tmp_path_factory, smol_dir) -> str:
 @pytest.fixture(scope="session")
 def lora_dirs(tmp_path_factory, tiny_dir) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loras")
-    return {name: make_lora(tiny_dir, str(root / name), seed=i + 1, **kwargs)
-            for i, (name, kwargs) in enumerate(LORA_VARIANTS.items())}
+    return {
+        name: make_lora(tiny_dir, str(root / name), seed=i + 1, **kwargs)
+        for i, (name, kwargs) in enumerate(LORA_VARIANTS.items())
+    }

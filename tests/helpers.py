@@ -8,9 +8,8 @@ import shutil
 import threading
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
 from deltaserve.server.app import Server, ServerConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 PROMPTS = [
     "The capital of France is",
@@ -25,9 +24,20 @@ def make_tiny_llama(out_dir: str, tokenizer_dir: str, seed: int = 0, **overrides
     torch.manual_seed(seed)
     # A wide initializer gives peaked, varied next-token distributions: greedy runs do not collapse
     # into one repeated token and are not tie-prone, so token-equality checks mean something.
-    params = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    params = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
     params.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**params))
     model.save_pretrained(out_dir)

@@ -27,9 +27,15 @@ def load_reference_model(model_dir: str, adapter_dir: str | None = None, **load_
 def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, **generate_kwargs) -> Reference:
     """Greedy tokens from `generate`, and their log-probabilities from one forward over prompt + output."""
     ids = torch.tensor([prompt_ids])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
-    generated = out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **generate_kwargs,
+    )
+    generated = out[0, len(prompt_ids) :].tolist()
     logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits[0].float()
     logprobs = logits[len(prompt_ids) - 1 : -1].log_softmax(-1)
     chosen = logprobs.gather(1, torch.tensor(generated)[:, None])[:, 0].tolist()

@@ -66,9 +66,7 @@ def test_tokenize_request() -> None:
 
 
 def test_cli_chat_flag_builds_a_user_message() -> None:
-    args = build_parser().parse_args(
-        ["generate", "hi", "--chat", "--top-p", "0.9", "--stop", "x", "--stop", "y"]
-    )
+    args = build_parser().parse_args(["generate", "hi", "--chat", "--top-p", "0.9", "--stop", "x", "--stop", "y"])
     prompt, options = _generate_inputs(args)
     request = build_generate_request(prompt, **options)
     assert request.prompt == "" and [(m.role, m.content) for m in request.messages] == [("user", "hi")]
@@ -101,9 +99,7 @@ def test_aio_rpc_error_converts() -> None:
 
 
 def test_translate_chains_the_original_error() -> None:
-    original = grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
-    )
+    original = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
     with pytest.raises(DeltaserveError) as caught, translate_rpc_errors():
         raise original
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE

@@ -11,13 +11,13 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.app import ServerConfig
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from tests.helpers import PROMPTS, ServerThread, make_lora, make_tiny_llama
 
 MAX_SEQ_LEN = 128
@@ -25,8 +25,7 @@ MAX_SEQ_LEN = 128
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, max_adapters=3,
-                          max_lora_rank=16)
+    config = ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, max_adapters=3, max_lora_rank=16)
     with ServerThread(config) as running:
         Client(running.target).load_adapter("qv8", lora_dirs["qv8"])
         yield running
@@ -115,24 +114,50 @@ def _req(**fields) -> pb.GenerateRequest:
 BAD_REQUESTS = {
     "unknown adapter": (_req(prompt="hi", adapter_id="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
     "empty prompt": (_req(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "exactly one of prompt and messages"),
-    "prompt and messages": (_req(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]),
-                            grpc.StatusCode.INVALID_ARGUMENT, "exactly one of prompt and messages"),
-    "negative temperature": (_req(prompt="hi", temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    "prompt and messages": (
+        _req(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "exactly one of prompt and messages",
+    ),
+    "negative temperature": (
+        _req(prompt="hi", temperature=-0.5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
     "top_p zero": (_req(prompt="hi", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     "top_p above one": (_req(prompt="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    "max_new_tokens zero": (_req(prompt="hi", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
-    "max_new_tokens negative": (_req(prompt="hi", max_new_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT,
-                                "max_new_tokens"),
-    "max_new_tokens beyond context": (_req(prompt="hi", max_new_tokens=MAX_SEQ_LEN),
-                                      grpc.StatusCode.INVALID_ARGUMENT, "does not fit the context"),
-    "prompt longer than context": (_req(prompt="word " * (MAX_SEQ_LEN + 10)), grpc.StatusCode.INVALID_ARGUMENT,
-                                   "the context holds"),
+    "max_new_tokens zero": (
+        _req(prompt="hi", max_new_tokens=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens",
+    ),
+    "max_new_tokens negative": (
+        _req(prompt="hi", max_new_tokens=-3),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens",
+    ),
+    "max_new_tokens beyond context": (
+        _req(prompt="hi", max_new_tokens=MAX_SEQ_LEN),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "does not fit the context",
+    ),
+    "prompt longer than context": (
+        _req(prompt="word " * (MAX_SEQ_LEN + 10)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the context holds",
+    ),
     "negative top_k": (_req(prompt="hi", top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
-    "zero repetition penalty": (_req(prompt="hi", repetition_penalty=0.0), grpc.StatusCode.INVALID_ARGUMENT,
-                                "repetition_penalty"),
+    "zero repetition penalty": (
+        _req(prompt="hi", repetition_penalty=0.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "repetition_penalty",
+    ),
     "empty stop string": (_req(prompt="hi", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
-    "message without role": (_req(messages=[pb.ChatMessage(role="", content="hi")]),
-                             grpc.StatusCode.INVALID_ARGUMENT, "role"),
+    "message without role": (
+        _req(messages=[pb.ChatMessage(role="", content="hi")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "role",
+    ),
 }
 
 
@@ -211,7 +236,9 @@ def test_non_finite_weights_refused(server, adapters_stub, lora_dirs, tmp_path):
     tensors[name][0, 0] = float("nan")
     save_file(tensors, broken / "adapter_model.safetensors")
     code, details = _load(adapters_stub, "nan", str(broken))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in details and name.split(".lora")[0][-6:] in details
+    assert (
+        code == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in details and name.split(".lora")[0][-6:] in details
+    )
 
 
 def test_unknown_unload_and_slot_limit(server, adapters_stub, lora_dirs):
@@ -293,8 +320,12 @@ def test_health_and_reflection(server):
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in next(responses).list_services_response.service}
-    assert {"deltaserve.v1.Generation", "deltaserve.v1.Adapters", "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {
+        "deltaserve.v1.Generation",
+        "deltaserve.v1.Adapters",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
 
 
 def test_concurrent_clients_are_all_answered(server):

@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-
 from deltaserve.client import Client
+
 from tests.helpers import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,12 @@ DELTASERVE = shutil.which("deltaserve") or os.path.join(os.path.dirname(sys.exec
 
 class ServeProcess:
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([DELTASERVE, "serve", "--port", "0", *args], stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [DELTASERVE, "serve", "--port", "0", *args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
         self.log: list[str] = []
         self.port = self._wait_for_port()
 
@@ -57,8 +61,16 @@ def _cli(target: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_commands_and_graceful_sigterm(tiny_dir, lora_dirs):
-    server = ServeProcess("--model", tiny_dir, "--max-batch-size", "4", "--max-seq-len", "512",
-                          "--preload", f"pre={lora_dirs['qv8']}")
+    server = ServeProcess(
+        "--model",
+        tiny_dir,
+        "--max-batch-size",
+        "4",
+        "--max-seq-len",
+        "512",
+        "--preload",
+        f"pre={lora_dirs['qv8']}",
+    )
     try:
         info = _cli(server.target, "info")
         assert info.returncode == 0 and "max_seq_len: 512" in info.stdout
@@ -70,8 +82,7 @@ def test_cli_commands_and_graceful_sigterm(tiny_dir, lora_dirs):
         generated = _cli(server.target, "generate", PROMPTS[0], "--adapter", "cli", "--max-new-tokens", "8")
         assert generated.returncode == 0 and generated.stdout.rstrip("\n") == expected.text
         assert "finish=" in generated.stderr
-        streamed = _cli(server.target, "generate", PROMPTS[0], "--adapter", "cli", "--max-new-tokens", "8",
-                        "--stream")
+        streamed = _cli(server.target, "generate", PROMPTS[0], "--adapter", "cli", "--max-new-tokens", "8", "--stream")
         assert streamed.stdout.rstrip("\n") == expected.text
         missing = _cli(server.target, "generate", "hi", "--adapter", "nope")
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr

@@ -6,9 +6,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
+
 from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
@@ -86,8 +86,12 @@ def test_smollm2_base_concurrent_matches_transformers(smol_dir):
     prompts = PROMPTS[:3]
     with ServerThread(ServerConfig(model=smol_dir, max_batch_size=4, max_seq_len=512)) as running:
         with ThreadPoolExecutor(max_workers=3) as pool:
-            results = list(pool.map(
-                lambda p: Client(running.target, timeout=300).generate(p, max_new_tokens=16, logprobs=True), prompts))
+            results = list(
+                pool.map(
+                    lambda p: Client(running.target, timeout=300).generate(p, max_new_tokens=16, logprobs=True),
+                    prompts,
+                )
+            )
     for prompt, result in zip(prompts, results, strict=True):
         expected = greedy_reference(model, tokenizer, tokenizer(prompt)["input_ids"], 16)
         assert result.token_ids == expected.token_ids

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
+
 from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
@@ -18,14 +18,25 @@ def test_nf4_base_with_lora_matches_peft(tiny_dir, lora_dirs):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     tokenizer = tokenizer_for(tiny_dir)
-    config = ServerConfig(model=tiny_dir, quantize="nf4", device="cpu", max_batch_size=4, max_seq_len=128,
-                          max_adapters=2, max_lora_rank=16)
+    config = ServerConfig(
+        model=tiny_dir,
+        quantize="nf4",
+        device="cpu",
+        max_batch_size=4,
+        max_seq_len=128,
+        max_adapters=2,
+        max_lora_rank=16,
+    )
     with ServerThread(config) as running, Client(running.target, timeout=120) as client:
         assert client.model_info().quantization == "nf4"
         client.load_adapter("qv8", lora_dirs["qv8"])
         for adapter in ("", "qv8"):
-            reference_model = load_reference_model(tiny_dir, lora_dirs["qv8"] if adapter else None,
-                                                   quantization_config=quant, device_map={"": "cpu"})
+            reference_model = load_reference_model(
+                tiny_dir,
+                lora_dirs["qv8"] if adapter else None,
+                quantization_config=quant,
+                device_map={"": "cpu"},
+            )
             for prompt in PROMPTS[:2]:
                 expected = greedy_reference(reference_model, tokenizer, tokenizer(prompt)["input_ids"], 8)
                 result = client.generate(prompt, adapter_id=adapter, max_new_tokens=8, logprobs=True)

