@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,8 @@ def _quantization_config(quantize: str, dtype: torch.dtype):
     if quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     if quantize == "int8":
+        # bitsandbytes warns on every int8 matmul that it casts fp32 inputs to fp16; once is enough to know.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ModelLoadError(f"unknown quantization {quantize!r}; use none, nf4 or int8")
 

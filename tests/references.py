@@ -25,7 +25,7 @@ def load_reference_model(model_dir: str, adapter_dir: str | None = None, **load_
 
 @torch.inference_mode()
 def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, **generate_kwargs) -> Reference:
-    """Greedy tokens from `generate`, and their log-probabilities from one forward over prompt + output."""
+    """Greedy tokens from `generate`, with the log-softmax of the raw logits it produced at each step."""
     ids = torch.tensor([prompt_ids])
     out = model.generate(
         input_ids=ids,
@@ -33,13 +33,15 @@ def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: in
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
         **generate_kwargs,
     )
-    generated = out[0, len(prompt_ids) :].tolist()
-    logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits[0].float()
-    logprobs = logits[len(prompt_ids) - 1 : -1].log_softmax(-1)
-    chosen = logprobs.gather(1, torch.tensor(generated)[:, None])[:, 0].tolist()
-    return Reference(generated, chosen)
+    generated = out.sequences[0, len(prompt_ids) :].tolist()
+    logprobs = [
+        step[0].float().log_softmax(-1)[token].item() for step, token in zip(out.logits, generated, strict=True)
+    ]
+    return Reference(generated, logprobs)
 
 
 def tokenizer_for(model_dir: str):
