@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -23,9 +25,22 @@ from tests.helpers import PROMPTS, ServerThread, make_lora, make_tiny_llama
 MAX_SEQ_LEN = 128
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, max_adapters=3, max_lora_rank=16)
+    config = ServerConfig(
+        metrics_port=_free_port(),
+        model=tiny_dir,
+        max_batch_size=4,
+        max_seq_len=MAX_SEQ_LEN,
+        max_adapters=3,
+        max_lora_rank=16,
+    )
     with ServerThread(config) as running:
         Client(running.target).load_adapter("qv8", lora_dirs["qv8"])
         yield running
@@ -340,3 +355,25 @@ def test_concurrent_clients_are_all_answered(server):
     for thread in threads:
         thread.join()
     assert results == [3] * 12
+
+
+def test_metrics_endpoint_counts_requests(server):
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{server.server.config.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    def generated_for(adapter: str) -> float:
+        lines = [
+            line
+            for line in scrape().splitlines()
+            if line.startswith(f'deltaserve_generated_tokens_total{{adapter="{adapter}"}}')
+        ]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = generated_for("qv8")
+    with Client(server.target, timeout=60) as client:
+        for _ in range(3):
+            client.generate(PROMPTS[0], adapter_id="qv8", max_new_tokens=5, min_new_tokens=5)
+    assert generated_for("qv8") == before + 15
+    assert "deltaserve_time_to_first_token_seconds_bucket" in scrape()
