@@ -7,8 +7,9 @@ as short lower-case strings ("eos", "device") instead of integers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Self
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any, Protocol, Self
 
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 
@@ -33,6 +34,21 @@ def enum_label(enum_type: _ProtoEnum, value: int, prefix: str) -> str:
     return name.removeprefix(prefix).lower()
 
 
+def _from_message(cls: type, msg: Any, **converted: Any) -> Any:
+    """Build dataclass `cls` from a message with fields of the same names; repeated fields become lists.
+
+    `converted` supplies the fields that need more than a copy (enums).
+    """
+    values = {}
+    for field in fields(cls):
+        if field.name in converted:
+            values[field.name] = converted[field.name]
+            continue
+        value = getattr(msg, field.name)
+        values[field.name] = list(value) if isinstance(value, Iterable) and not isinstance(value, str) else value
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class _GenerationOutput:
     """Fields shared by a whole generation result and one streamed chunk of it."""
@@ -50,17 +66,8 @@ class _GenerationOutput:
     @classmethod
     def from_proto(cls, msg: pb.GenerateResponse) -> Self:
         """Build from a GenerateResponse; finish_reason becomes e.g. "eos", or "" while unfinished."""
-        return cls(
-            text=msg.text,
-            token_ids=list(msg.token_ids),
-            logprobs=list(msg.logprobs),
-            finish_reason=enum_label(pb.FinishReason, msg.finish_reason, "FINISH_REASON_"),
-            prompt_tokens=msg.prompt_tokens,
-            generated_tokens=msg.generated_tokens,
-            adapter_id=msg.adapter_id,
-            request_id=msg.request_id,
-            stop_sequence=msg.stop_sequence,
-        )
+        finish_reason = enum_label(pb.FinishReason, msg.finish_reason, "FINISH_REASON_")
+        return _from_message(cls, msg, finish_reason=finish_reason)
 
 
 @dataclass(frozen=True)
@@ -97,17 +104,7 @@ class AdapterInfo:
     @classmethod
     def from_proto(cls, msg: pb.AdapterInfo) -> Self:
         """Build from the AdapterInfo message, naming the state enum by its lower-case label."""
-        return cls(
-            adapter_id=msg.adapter_id,
-            kind=msg.kind,
-            rank=msg.rank,
-            size_bytes=msg.size_bytes,
-            state=enum_label(pb.AdapterState, msg.state, "ADAPTER_STATE_"),
-            path=msg.path,
-            target_modules=list(msg.target_modules),
-            requests_served=msg.requests_served,
-            active_requests=msg.active_requests,
-        )
+        return _from_message(cls, msg, state=enum_label(pb.AdapterState, msg.state, "ADAPTER_STATE_"))
 
 
 @dataclass(frozen=True)
@@ -132,22 +129,7 @@ class ModelInfo:
     @classmethod
     def from_proto(cls, msg: pb.ModelInfoResponse) -> Self:
         """Build from a ModelInfoResponse, turning repeated fields into lists."""
-        return cls(
-            model_name=msg.model_name,
-            architecture=msg.architecture,
-            dtype=msg.dtype,
-            device=msg.device,
-            quantization=msg.quantization,
-            max_seq_len=msg.max_seq_len,
-            max_batch_size=msg.max_batch_size,
-            vocab_size=msg.vocab_size,
-            eos_token_ids=list(msg.eos_token_ids),
-            max_adapters=msg.max_adapters,
-            max_lora_rank=msg.max_lora_rank,
-            adapter_kinds=list(msg.adapter_kinds),
-            version=msg.version,
-            default_max_new_tokens=msg.default_max_new_tokens,
-        )
+        return _from_message(cls, msg)
 
 
 @dataclass(frozen=True)
@@ -160,4 +142,4 @@ class TokenizeResult:
     @classmethod
     def from_proto(cls, msg: pb.TokenizeResponse) -> Self:
         """Build from a TokenizeResponse."""
-        return cls(token_ids=list(msg.token_ids), tokens=list(msg.tokens))
+        return _from_message(cls, msg)

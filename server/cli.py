@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -74,20 +75,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    # Flags are named after ServerConfig's fields; only the grace period is spelled differently.
+    names = {field.name for field in dataclasses.fields(ServerConfig)}
     config = ServerConfig(
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        dtype=args.dtype,
-        device=args.device,
-        quantize=args.quantize,
-        max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len,
-        max_adapters=args.max_adapters,
-        max_lora_rank=args.max_lora_rank,
-        default_max_new_tokens=args.default_max_new_tokens,
-        preload=args.preload,
+        **{name: value for name, value in vars(args).items() if name in names},
         shutdown_grace_seconds=args.shutdown_grace,
     )
     try:
