@@ -7,7 +7,10 @@ adapter (host tensors). `adapters/` never imports the server; the server decides
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 
 class AdapterError(Exception):
@@ -50,3 +53,5 @@ class BaseModelSpec:
 
     linear_layers: dict[str, LinearShape]
     other_modules: frozenset[str]  # modules that exist but are not linear (embeddings, norms, ...)
+    # A base layer's weight [out, in] by module name, or None where it cannot be compared (quantized).
+    base_weight: Callable[[str], torch.Tensor | None] | None = None

@@ -27,6 +27,8 @@ from deltaserve.adapters.peft_files import PeftFiles, check_finite
 # PEFT saves weights as `base_model.model.<module>.lora_A.weight`, sometimes with the adapter name
 # before `.weight` (`lora_A.default.weight`).
 _WEIGHT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# With `save_embedding_layers`, PEFT also stores a copy of the base weight of a targeted lm_head/embedding.
+_BASE_COPY_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$")
 _UNSUPPORTED_KEY_PARTS = {
     "lora_embedding_A": "LoRA on embedding layers",
     "lora_embedding_B": "LoRA on embedding layers",
@@ -150,6 +152,8 @@ def _group_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
         for part, feature in _UNSUPPORTED_KEY_PARTS.items():
             if part in key:
                 raise UnsupportedAdapterError(f"{feature} is not served yet (tensor {key!r})")
+        if _BASE_COPY_KEY.match(key):
+            continue  # checked by _check_base_copies
         match = _WEIGHT_KEY.match(key)
         if match is None:
             raise AdapterFormatError(f"unexpected tensor {key!r} in a LoRA adapter's weights")
@@ -187,9 +191,29 @@ def _module_weights(
     )
 
 
+def _check_base_copies(tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec) -> None:
+    """Saved copies of base weights are accepted only if they equal the resident base: the base is shared
+    by every request, so an adapter can never change it (a resized vocabulary fails here too)."""
+    for key, tensor in tensors.items():
+        match = _BASE_COPY_KEY.match(key)
+        if match is None:
+            continue
+        module = match["module"]
+        shape = spec.linear_layers.get(module)
+        if shape is None or tuple(tensor.shape) != (shape.out_features, shape.in_features):
+            raise AdapterMismatchError(f"{key!r} {tuple(tensor.shape)} does not match the base model's {module!r}")
+        base = spec.base_weight(module) if spec.base_weight is not None else None
+        if base is not None and not torch.equal(tensor.to(base.dtype), base):
+            raise UnsupportedAdapterError(
+                f"{key!r} holds modified weights for the base layer {module!r}; adapters that change the shared "
+                "base are not served"
+            )
+
+
 def parse_lora(files: PeftFiles, spec: BaseModelSpec) -> LoraAdapter:
     """Validate a LoRA adapter against the base and return its per-module weights (fp32, CPU)."""
     config = LoraConfig.from_dict(files.config)
+    _check_base_copies(files.tensors, spec)
     grouped = _group_weights(files.tensors)
     if not grouped:
         raise AdapterFormatError(f"{files.path!r} holds no LoRA weights")

@@ -38,6 +38,7 @@ class ServerConfig:
     max_adapters: int = 8
     max_lora_rank: int = 64
     default_max_new_tokens: int = 256
+    max_prefill_tokens: int = 4096
     preload: list[tuple[str, str]] = field(default_factory=list)
     shutdown_grace_seconds: float = 30.0
     metrics_max_adapters: int = 64
@@ -82,7 +83,9 @@ class Server:
             self.runner.adapter_layers, config.max_adapters, config.max_lora_rank, loaded.dtype, loaded.device
         )
         self.registry = AdapterRegistry(self.runner.base_spec(), slots)
-        engine_config = EngineConfig(config.max_batch_size, max_seq_len, _eos_token_ids(loaded))
+        engine_config = EngineConfig(
+            config.max_batch_size, max_seq_len, _eos_token_ids(loaded), max(config.max_prefill_tokens, max_seq_len)
+        )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
@@ -116,7 +119,7 @@ class Server:
         """One prefill and one decode step before reporting SERVING, so the first request is not slow."""
         import torch
 
-        self.runner.prefill(0, [0, 1, 2, 3], None)
+        self.runner.prefill([0], [[0, 1, 2, 3]], None, None)
         self.runner.decode(torch.tensor([1]), torch.tensor([4]), 4, None)
 
     async def start(self) -> int:

@@ -50,6 +50,12 @@ def add_serve_subcommand(subparsers) -> None:
         help="max_new_tokens for requests that do not set it",
     )
     serve.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=4096,
+        help="padded prompt tokens prefilled in one forward (at least one full context)",
+    )
+    serve.add_argument(
         "--preload",
         type=_preload,
         action="append",

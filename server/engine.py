@@ -20,7 +20,7 @@ import torch
 from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
 from deltaserve.server.detokenizer import IncrementalDetokenizer
 from deltaserve.server.errors import EngineStoppedError
-from deltaserve.server.layers import LoraBatch, build_lora_batch
+from deltaserve.server.layers import build_lora_batch
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.runner import ModelRunner
 from deltaserve.server.sampling import RowState, SamplingParams, make_generator, sample
@@ -99,6 +99,7 @@ class EngineConfig:
     max_batch_size: int
     max_seq_len: int
     eos_token_ids: tuple[int, ...]
+    max_prefill_tokens: int = 4096  # padded prompt tokens per prefill forward (bounds its activation memory)
 
 
 class Engine:
@@ -186,25 +187,47 @@ class Engine:
         for request in admitted:
             if request.cancelled:
                 self._finish(request, FinishReason.CANCELLED)
-            else:
-                self._prefill(request)
+        for group in self._prefill_groups([r for r in admitted if not r.cancelled]):
+            self._prefill(group)
         if self._running:
             self._decode()
         self.metrics.requests_running.set(len(self._running))
 
-    def _prefill(self, request: Request) -> None:
-        request.row = len(self._running)
-        request.sampler = RowState(
-            request.params, make_generator(request.params, self.runner.device), list(request.prompt_ids), 0
-        )
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
-        lora = self._single_adapter(request.slot)
-        logits = self.runner.prefill(request.row, request.prompt_ids, lora)
-        request.cache_len = len(request.prompt_ids)
-        self.metrics.observe_queue(request.adapter_id, time.monotonic() - request.arrival)
-        self._running.append(request)
-        tokens, logprobs = sample(logits[None], [request.sampler], self._eos)
-        self._accept(request, tokens[0], logprobs[0] if logprobs else None)
+    def _prefill_groups(self, requests: list[Request]) -> list[list[Request]]:
+        """Split admitted requests into prefill forwards of at most `max_prefill_tokens` padded tokens,
+        grouping similar prompt lengths so that little is spent on padding."""
+        groups: list[list[Request]] = []
+        for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
+            group = groups[-1] if groups else None
+            # Sorted by length, so this request is the longest of the group: it sets the padded size.
+            if group and (len(group) + 1) * len(request.prompt_ids) <= self.config.max_prefill_tokens:
+                group.append(request)
+            else:
+                groups.append([request])
+        return groups
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Prefill a group of new requests in one forward, give each its own cache row and first token."""
+        device, dtype, slots = self.runner.device, self.runner.dtype, self.registry.num_slots
+        span = max(len(r.prompt_ids) for r in group)
+        token_slots = [slot for r in group for slot in [r.slot] * len(r.prompt_ids) + [-1] * (span - len(r.prompt_ids))]
+        lora = build_lora_batch(token_slots, self.registry.slot_ranks, device, dtype, slots)
+        head_lora = build_lora_batch([r.slot for r in group], self.registry.slot_ranks, device, dtype, slots)
+        rows = list(range(len(self._running), len(self._running) + len(group)))
+        logits = self.runner.prefill(rows, [r.prompt_ids for r in group], lora, head_lora)
+        now = time.monotonic()
+        for request, row in zip(group, rows, strict=True):
+            request.row = row
+            request.cache_len = len(request.prompt_ids)
+            request.sampler = RowState(
+                request.params, make_generator(request.params, device), list(request.prompt_ids), 0
+            )
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+            self.metrics.observe_queue(request.adapter_id, now - request.arrival)
+            self._running.append(request)
+        tokens, logprobs = sample(logits, [r.sampler for r in group], self._eos)
+        for i, request in enumerate(group):
+            self._accept(request, tokens[i], logprobs[i] if logprobs else None)
         self._compact()
 
     def _decode(self) -> None:
@@ -226,11 +249,6 @@ class Engine:
             request.cache_len += 1
             self._accept(request, tokens[i], logprobs[i] if logprobs else None)
         self._compact()
-
-    def _single_adapter(self, slot: int) -> LoraBatch | None:
-        if slot < 0:
-            return None
-        return LoraBatch(None, None, None, rank=self.registry.slot_ranks[slot], single_slot=slot)
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------
     def _accept(self, request: Request, token: int, logprob: float | None) -> None:

@@ -17,20 +17,19 @@ from torch import nn
 class LoraBatch:
     """Which tokens of one forward carry which LoRA device slot.
 
-    Shapes (N = tokens in the forward, M = tokens with an adapter, U = distinct slots, R = max rank of
-    those slots):
+    Shapes (N = tokens in the forward, M = tokens with an adapter, C = slot columns used: all S slots, or
+    the U distinct active ones, r = max rank of the active slots):
       token_index  [M]      rows of the flattened [N, in] input that carry an adapter
-      active_slots [U]      the distinct slots, ascending
-      slot_mask    [M, U*R] 1 where column block u belongs to row m's slot, else 0
+      column_slots [C]      the slots gathered from the stacks, or None for all S slots in order
+      slot_mask    [M, r*C] 1 at columns k*C + c where column c is row m's slot, else 0 (rank-major)
     `single_slot` is set when every token of the forward uses one slot (a prefill): a dense path.
     """
 
     token_index: torch.Tensor | None
-    active_slots: torch.Tensor | None
+    column_slots: torch.Tensor | None
     slot_mask: torch.Tensor | None
     rank: int
     single_slot: int | None = None
-    all_slots_active: bool = False
 
 
 class ForwardContext:
@@ -43,10 +42,12 @@ class ForwardContext:
 class AdapterLinear(nn.Module):
     """A base linear layer plus a bank of LoRA device slots.
 
-    Slots are preallocated stacks, zero-padded to the server's max rank, so an empty slot or a padded
-    rank contributes exactly zero and loading an adapter is a copy, never an allocation in the step loop:
-      lora_a [S, R, in_features]
-      lora_b [S, R, out_features]   (B transposed, scaling folded in)
+    Slots are preallocated, zero-padded stacks, rank-major so that the first r ranks of every slot are one
+    contiguous block (no copy when a batch uses all slots):
+      lora_a [R, S, in_features]
+      lora_b [R, S, out_features]   (B transposed, scaling folded in)
+    An empty slot or a padded rank contributes exactly zero, and loading an adapter is a copy into its
+    slot, never an allocation in the step loop.
     """
 
     def __init__(self, base: nn.Module, context: ForwardContext) -> None:
@@ -61,19 +62,20 @@ class AdapterLinear(nn.Module):
     def allocate(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """Create the slot stacks the first time an adapter targets this layer (at load time)."""
         if self.lora_a is None:
-            self.lora_b = torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
-            self.lora_a = torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
+            # lora_b first: forward() checks lora_a, so it never sees half-allocated stacks.
+            self.lora_b = torch.zeros(max_rank, num_slots, self.out_features, dtype=dtype, device=device)
+            self.lora_a = torch.zeros(max_rank, num_slots, self.in_features, dtype=dtype, device=device)
 
     def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b_scaled: torch.Tensor | None) -> None:
         """Copy one adapter's A [r, in] and scaled B [out, r] into `slot`, or zero the slot when None."""
         if self.lora_a is None or self.lora_b is None:
             return
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_a[:, slot].zero_()
+        self.lora_b[:, slot].zero_()
         if lora_a is not None and lora_b_scaled is not None:
             rank = lora_a.shape[0]
-            self.lora_a[slot, :rank].copy_(lora_a)
-            self.lora_b[slot, :rank].copy_(lora_b_scaled.t())
+            self.lora_a[:rank, slot].copy_(lora_a)
+            self.lora_b[:rank, slot].copy_(lora_b_scaled.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -87,22 +89,20 @@ class AdapterLinear(nn.Module):
         y2 = y.reshape(-1, self.out_features)
         if lora.single_slot is not None:
             # y += (x A^T) B^T for one adapter: two dense GEMMs at the adapter's own rank.
-            a = self.lora_a[lora.single_slot, : lora.rank]  # [r, in]
-            b = self.lora_b[lora.single_slot, : lora.rank]  # [r, out]
+            a = self.lora_a[: lora.rank, lora.single_slot]  # [r, in]
+            b = self.lora_b[: lora.rank, lora.single_slot]  # [r, out]
             return (y2 + (x2 @ a.t()) @ b).to(y.dtype).view_as(y)
-        # Mixed slots: project every adapter row through all active slots' A at once, keep each row's own
+        # Mixed slots: project every adapter row through all used slots' A at once, keep each row's own
         # block with the mask, and project back through the stacked B — two GEMMs, no loop over adapters.
-        a, b = self._active_stacks(lora)  # [U*R, in], [U*R, out]
+        a, b = self._slot_columns(lora)  # [r*C, in], [r*C, out]
         rows = x2.index_select(0, lora.token_index)  # [M, in]
         delta = ((rows @ a.t()) * lora.slot_mask) @ b  # [M, out]
         return y2.index_add(0, lora.token_index, delta.to(y2.dtype)).view_as(y)
 
-    def _active_stacks(self, lora: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if lora.all_slots_active and lora.rank == self.lora_a.shape[1]:
-            a, b = self.lora_a, self.lora_b
-        else:
-            a = self.lora_a[:, : lora.rank].index_select(0, lora.active_slots)
-            b = self.lora_b[:, : lora.rank].index_select(0, lora.active_slots)
+    def _slot_columns(self, lora: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_a[: lora.rank], self.lora_b[: lora.rank]  # contiguous views [r, S, *]
+        if lora.column_slots is not None:  # few of many slots are used: gather them (a small copy)
+            a, b = a.index_select(1, lora.column_slots), b.index_select(1, lora.column_slots)
         return a.reshape(-1, self.in_features), b.reshape(-1, self.out_features)
 
 
@@ -122,7 +122,11 @@ def wrap_linear_layers(model: nn.Module, context: ForwardContext) -> dict[str, A
 def build_lora_batch(
     token_slots: list[int], slot_ranks: list[int], device: torch.device, dtype: torch.dtype, num_slots: int
 ) -> LoraBatch | None:
-    """Describe a forward's adapter tokens (slot -1 = no adapter); None when no token has one."""
+    """Describe a forward's adapter tokens (slot -1 = no adapter); None when no token has one.
+
+    When at least half of the slots are in use, the layers read all S slots in place (extra compute on the
+    unused ones, no copy); otherwise they gather only the used slots.
+    """
     index = [i for i, slot in enumerate(token_slots) if slot >= 0]
     if not index:
         return None
@@ -131,13 +135,14 @@ def build_lora_batch(
     rank = max(slot_ranks[s] for s in active)
     if len(active) == 1 and len(index) == len(token_slots):
         return LoraBatch(None, None, None, rank=rank, single_slot=active[0])
-    position = {slot: u for u, slot in enumerate(active)}
+    gather = 2 * len(active) < num_slots
+    columns = active if gather else list(range(num_slots))
+    position = {slot: c for c, slot in enumerate(columns)}
     owner = torch.tensor([position[s] for s in slots])  # [M]
-    mask = (torch.arange(len(active))[None, :] == owner[:, None]).repeat_interleave(rank, dim=1)
+    one_hot = torch.arange(len(columns))[None, :] == owner[:, None]  # [M, C]
     return LoraBatch(
         token_index=torch.tensor(index, device=device),
-        active_slots=torch.tensor(active, device=device),
-        slot_mask=mask.to(device=device, dtype=dtype),
+        column_slots=torch.tensor(active, device=device) if gather else None,
+        slot_mask=one_hot.repeat(1, rank).to(device=device, dtype=dtype),  # column k*C + c
         rank=rank,
-        all_slots_active=len(active) == num_slots,
     )

@@ -76,7 +76,12 @@ class ModelRunner:
         other = frozenset(
             name for name, _ in self.model.named_modules() if name and name not in linear and not name.endswith(".base")
         )
-        return BaseModelSpec(linear_layers=linear, other_modules=other)
+        return BaseModelSpec(linear_layers=linear, other_modules=other, base_weight=self._base_weight)
+
+    def _base_weight(self, name: str) -> torch.Tensor | None:
+        base = self.adapter_layers[name].base
+        quantized = type(base) is not nn.Linear  # bitsandbytes layers hold packed weights
+        return None if quantized else base.weight.detach()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -84,20 +89,30 @@ class ModelRunner:
 
     # ---- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: int, input_ids: list[int], lora: LoraBatch | None) -> torch.Tensor:
-        """Run a prompt into cache row `row` (positions 0..T-1); return the last position's logits [V]."""
-        ids = torch.tensor([input_ids], device=self.device)  # [1, T]
-        length = ids.shape[1]
-        positions = torch.arange(length, device=self.device)[None]  # [1, T]
-        hidden = self.embed_tokens(ids)  # [1, T, H]
-        cos, sin = self.rotary(hidden, positions)  # [1, T, D]
+    def prefill(
+        self, rows: list[int], prompts: list[list[int]], lora: LoraBatch | None, head_lora: LoraBatch | None
+    ) -> torch.Tensor:
+        """Run prompts into cache rows (positions 0..T_i-1) in one forward; return each one's last logits [n, V].
+
+        Prompts are right-padded to the longest: causal attention never lets a real token see the padding
+        after it, and the padding's cache entries lie beyond the row's length, hidden until decode
+        overwrites them. `lora` describes the n*T padded tokens, `head_lora` the n last positions.
+        """
+        lengths = [len(prompt) for prompt in prompts]
+        span = max(lengths)
+        ids = torch.tensor([prompt + [0] * (span - len(prompt)) for prompt in prompts], device=self.device)
+        positions = torch.arange(span, device=self.device)[None].expand(len(prompts), span)  # [n, T]
+        hidden = self.embed_tokens(ids)  # [n, T, H]
+        cos, sin = self.rotary(hidden, positions)  # [n, T, D]
+        row_index = torch.tensor(rows, device=self.device)
 
         def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.k_cache[layer_idx][row, :, :length] = k[0]
-            self.v_cache[layer_idx][row, :, :length] = v[0]
+            self.k_cache[layer_idx][row_index, :, :span] = k
+            self.v_cache[layer_idx][row_index, :, :span] = v
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
 
-        return self._forward(hidden, cos, sin, attend, lora)[0]
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self._forward(hidden, cos, sin, attend, lora, head_lora, last)
 
     @torch.inference_mode()
     def decode(
@@ -129,7 +144,7 @@ class ModelRunner:
                 enable_gqa=True,
             )
 
-        return self._forward(hidden, cos, sin, attend, lora)
+        return self._forward(hidden, cos, sin, attend, lora, lora, None)
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy a request's cache row (its first `length` entries) to another row (batch compaction)."""
@@ -138,15 +153,18 @@ class ModelRunner:
             v_cache[target, :, :length] = v_cache[source, :, :length]
 
     # ---- shared layer loop -----------------------------------------------------------------------
-    def _forward(self, hidden, cos, sin, attend, lora: LoraBatch | None) -> torch.Tensor:
-        """Decoder layers, final norm and LM head over the last position of each row -> logits [B, V]."""
+    def _forward(self, hidden, cos, sin, attend, lora, head_lora, last: torch.Tensor | None) -> torch.Tensor:
+        """Decoder layers, then final norm and LM head at each row's position `last` (None: the final one)
+        -> logits [B, V]. `lora` covers every token of `hidden`, `head_lora` the B positions the head sees."""
         self.context.lora = lora
         try:
             for layer_idx, layer in enumerate(self.layers):
                 hidden = hidden + self._attention(layer_idx, layer, layer.input_layernorm(hidden), cos, sin, attend)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]
+            self.context.lora = head_lora
             # Logits in fp32 so that sampling and log-probabilities do not depend on the model dtype.
-            return self.lm_head(self.final_norm(hidden[:, -1])).float()
+            return self.lm_head(self.final_norm(hidden)).float()
         finally:
             self.context.lora = None
 

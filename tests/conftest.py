@@ -21,6 +21,7 @@ LORA_VARIANTS: dict[str, dict] = {
         rank_pattern={"o_proj": 8},
         alpha_pattern={"down_proj": 2},
     ),
+    "head": dict(r=4, lora_alpha=8, target_modules=["lm_head", "k_proj"]),
 }
 
 

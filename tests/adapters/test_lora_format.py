@@ -37,7 +37,7 @@ def spec(tiny_dir) -> BaseModelSpec:
     return _spec(load_reference_model(tiny_dir))
 
 
-@pytest.mark.parametrize("name", ["qv8", "all16_rs", "pattern"])
+@pytest.mark.parametrize("name", ["qv8", "all16_rs", "pattern", "head"])
 def test_delta_weights_equal_peft(tiny_dir, lora_dirs, spec, name):
     """B_scaled @ A per module equals PEFT's own get_delta_weight for the same file."""
     adapter = load_adapter(lora_dirs[name], spec)
@@ -139,3 +139,21 @@ def test_unknown_module_and_non_linear_target(lora_dirs, spec, tmp_path):
 def test_kind_for_names_unserved_kinds():
     with pytest.raises(UnsupportedAdapterError, match="'LOKR'"):
         kind_for({"peft_type": "LOKR"})
+
+
+def test_base_weight_copies_must_equal_the_base(lora_dirs, spec, tmp_path, tiny_dir):
+    """PEFT saves lm_head's base weight beside a LoRA on it; a copy that differs from the base is refused."""
+    assert any(".base_layer." in key for key in load_file(f"{lora_dirs['head']}/adapter_model.safetensors"))
+    base = load_reference_model(tiny_dir)
+    weights = {
+        name: module.weight.detach() for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)
+    }
+    full_spec = BaseModelSpec(spec.linear_layers, spec.other_modules, base_weight=weights.get)
+    load_adapter(lora_dirs["head"], full_spec)
+    changed = shutil.copytree(lora_dirs["head"], tmp_path / "changed")
+    tensors = load_file(changed / "adapter_model.safetensors")
+    key = next(k for k in tensors if ".base_layer." in k)
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, changed / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedAdapterError, match="modified weights"):
+        load_adapter(str(changed), full_spec)

@@ -48,7 +48,7 @@ def test_adapters_change_the_output(references, lora_dirs):
         assert any(references[adapter, i].token_ids != references["", i].token_ids for i in range(len(PROMPTS)))
 
 
-@pytest.mark.parametrize("adapter", ["", "qv8", "all16_rs", "pattern"])
+@pytest.mark.parametrize("adapter", ["", "qv8", "all16_rs", "pattern", "head"])
 def test_single_request_matches_reference(server, references, adapter):
     for i in range(len(PROMPTS)):
         result = _generate(server.target, adapter, i)
