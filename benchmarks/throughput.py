@@ -339,7 +339,17 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def report(measurements: list[Measurement], settings: Settings, work: Workload, max_seq_len: int) -> dict[str, object]:
+def weight_bytes(server: object) -> dict[str, float]:
+    """Bytes a mixed decode step must read besides the base's: every active adapter's A and B. When decode
+    is memory-bound, mixed/base throughput cannot beat 1 / (1 + adapter bytes / base bytes)."""
+    base = sum(p.numel() * p.element_size() for p in server.loaded.model.parameters())
+    adapters = sum(record.adapter.size_bytes for record in server.registry.list())
+    return {"base_bytes": base, "adapter_bytes": adapters, "bandwidth_floor_mixed_over_base": 1 / (1 + adapters / base)}
+
+
+def report(
+    measurements: list[Measurement], settings: Settings, work: Workload, max_seq_len: int, sizes: dict[str, float]
+) -> dict[str, object]:
     by_name = {m.system: m for m in measurements}
     return {
         "benchmark": "throughput",
@@ -366,6 +376,7 @@ def report(measurements: list[Measurement], settings: Settings, work: Workload, 
             for m in measurements
         },
         "ratios": ratios(by_name),
+        "weights": sizes,
         "greedy_rows_matching": {
             "server-base vs hf-generate": matching_rows(by_name[SERVER_BASE], by_name[HF_GENERATE]),
             "server-mixed vs peft-mixed": matching_rows(by_name[SERVER_MIXED], by_name[PEFT_MIXED]),
@@ -435,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         log("starting the server and loading the base and PEFT models")
         with helpers.ServerThread(config) as server:
             asyncio.run(load_adapters(server.target, adapters))
+            sizes = weight_bytes(server.server)
             systems = {
                 SERVER_BASE: server_runner(server.target, work, mixed=False),
                 SERVER_MIXED: server_runner(server.target, work, mixed=True),
@@ -442,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 PEFT_MIXED: generate_runner(load_peft(model_dir, adapters), tokenizer, work, mixed=True),
             }
             measurements = measure(systems, settings, expected)
-    data = report(measurements, settings, work, max_seq_len)
+    data = report(measurements, settings, work, max_seq_len, sizes)
     write_json(data, settings.out)
     plotted = write_plot(measurements, settings, settings.out.with_suffix(".png"))
     print(
@@ -453,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(measurements))
     for name, value in data["ratios"].items():
         print(f"{name}: {value:.2f}")
+    print(
+        f"adapters {sizes['adapter_bytes'] / 1e6:.0f} MB vs base {sizes['base_bytes'] / 1e6:.0f} MB: "
+        f"bandwidth floor for server_mixed / server_base {sizes['bandwidth_floor_mixed_over_base']:.2f}"
+    )
     match = data["greedy_rows_matching"]
     pairs = ", ".join(f"{pair} {count}/{match['of']}" for pair, count in match.items() if pair != "of")
     print(f"identical greedy rows: {pairs}")

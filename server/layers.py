@@ -19,7 +19,7 @@ class LoraBatch:
 
     Shapes (N = tokens in the forward, M = tokens with an adapter, C = slot columns used: all S slots, or
     the U distinct active ones, r = max rank of the active slots):
-      token_index  [M]      rows of the flattened [N, in] input that carry an adapter
+      token_index  [M]      rows of the flattened [N, in] input that carry an adapter (None: all N rows)
       column_slots [C]      the slots gathered from the stacks, or None for all S slots in order
       slot_mask    [M, r*C] 1 at columns k*C + c where column c is row m's slot, else 0 (rank-major)
     `single_slot` is set when every token of the forward uses one slot (a prefill): a dense path.
@@ -85,19 +85,25 @@ class AdapterLinear(nn.Module):
         return self._add_lora(x, y, lora)
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        # y is the base layer's fresh output, so the delta is added in place (addmm_/index_add_).
         x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
-        y2 = y.reshape(-1, self.out_features)
+        y2 = y.view(-1, self.out_features)
         if lora.single_slot is not None:
             # y += (x A^T) B^T for one adapter: two dense GEMMs at the adapter's own rank.
             a = self.lora_a[: lora.rank, lora.single_slot]  # [r, in]
             b = self.lora_b[: lora.rank, lora.single_slot]  # [r, out]
-            return (y2 + (x2 @ a.t()) @ b).to(y.dtype).view_as(y)
+            y2.addmm_(x2 @ a.t(), b.to(y2.dtype))
+            return y
         # Mixed slots: project every adapter row through all used slots' A at once, keep each row's own
         # block with the mask, and project back through the stacked B — two GEMMs, no loop over adapters.
         a, b = self._slot_columns(lora)  # [r*C, in], [r*C, out]
+        if lora.token_index is None:  # every token carries an adapter (a decode step of adapter rows)
+            y2.addmm_((x2 @ a.t()) * lora.slot_mask, b.to(y2.dtype))
+            return y
         rows = x2.index_select(0, lora.token_index)  # [M, in]
         delta = ((rows @ a.t()) * lora.slot_mask) @ b  # [M, out]
-        return y2.index_add(0, lora.token_index, delta.to(y2.dtype)).view_as(y)
+        y2.index_add_(0, lora.token_index, delta.to(y2.dtype))
+        return y
 
     def _slot_columns(self, lora: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_a[: lora.rank], self.lora_b[: lora.rank]  # contiguous views [r, S, *]
@@ -141,7 +147,7 @@ def build_lora_batch(
     owner = torch.tensor([position[s] for s in slots])  # [M]
     one_hot = torch.arange(len(columns))[None, :] == owner[:, None]  # [M, C]
     return LoraBatch(
-        token_index=torch.tensor(index, device=device),
+        token_index=None if len(index) == len(token_slots) else torch.tensor(index, device=device),
         column_slots=torch.tensor(active, device=device) if gather else None,
         slot_mask=one_hot.repeat(1, rank).to(device=device, dtype=dtype),  # column k*C + c
         rank=rank,
