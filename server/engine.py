@@ -177,7 +177,8 @@ class Engine:
     def _take_admissible(self) -> list[Request]:
         free = self.config.max_batch_size - len(self._running)
         admitted = []
-        while self._waiting and len(admitted) < free:
+        # Requests cancelled while queued are taken too (to be finished) but do not use up a free row.
+        while self._waiting and sum(not r.cancelled for r in admitted) < free:
             admitted.append(self._waiting.popleft())
         self.metrics.requests_waiting.set(len(self._waiting))
         return admitted
