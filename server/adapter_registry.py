@@ -98,6 +98,7 @@ class LoraSlots:
 
     @property
     def bytes_allocated(self) -> int:
+        """Device bytes of the slot stacks allocated so far (they grow once per newly targeted layer)."""
         return sum(
             t.numel() * t.element_size()
             for layer in self.layers.values()
@@ -117,7 +118,11 @@ class AdapterRegistry:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def load(self, adapter_id: str, path: str) -> AdapterRecord:
-        """Parse, validate and place an adapter. Blocking (disk and copies): call it off the event loop."""
+        """Parse, validate and place an adapter. Blocking (disk and copies): call it off the event loop.
+
+        The id is reserved first (ALREADY_EXISTS at once), the files are validated next (so a broken adapter
+        is reported as such even when the slots are full), and only then is a slot taken.
+        """
         if not adapter_id:
             raise InvalidRequestError("adapter_id must not be empty")
         if not path:
@@ -125,12 +130,7 @@ class AdapterRegistry:
         with self._lock:
             if adapter_id in self._by_id:
                 raise AdapterExistsError(f"adapter {adapter_id!r} is already loaded; unload it first")
-            if not self._free_slots:
-                raise CapacityError(
-                    f"all {self._slots.num_slots} adapter slots are in use; unload an adapter or start the "
-                    "server with a larger --max-adapters"
-                )
-            record = AdapterRecord(adapter_id, path, None, self._free_slots.pop(0), AdapterState.LOADING)
+            record = AdapterRecord(adapter_id, path, None, -1, AdapterState.LOADING)
             self._by_id[adapter_id] = record
         try:
             adapter = load_adapter(path, self._spec)
@@ -138,16 +138,27 @@ class AdapterRegistry:
                 raise AdapterMismatchError(
                     f"adapter rank {adapter.rank} exceeds the server's --max-lora-rank {self._slots.max_rank}"
                 )
+            record.slot = self._take_slot()
             self._slots.write(record.slot, adapter)
         except BaseException:
             with self._lock:
                 del self._by_id[adapter_id]
-                self._free_slots.append(record.slot)
+                if record.slot >= 0:
+                    self._free_slots.append(record.slot)
             raise
         with self._lock:
             record.adapter = adapter
             record.state = AdapterState.DEVICE
         return record
+
+    def _take_slot(self) -> int:
+        with self._lock:
+            if not self._free_slots:
+                raise CapacityError(
+                    f"all {self._slots.num_slots} adapter slots are in use; unload an adapter or start the "
+                    "server with a larger --max-adapters"
+                )
+            return self._free_slots.pop(0)
 
     def unload(self, adapter_id: str) -> int:
         """Hide the adapter; returns how many in-flight requests still finish with it."""
@@ -189,6 +200,14 @@ class AdapterRegistry:
     def list(self) -> list[AdapterRecord]:
         with self._lock:
             return sorted([*self._by_id.values(), *self._draining], key=lambda r: r.adapter_id)
+
+    def resident(self, tier: str) -> int:
+        """Adapters held per tier: "device" counts occupied slots (loaded or draining); "host" counts adapters
+        held only in host memory, which this release does not do (every loaded adapter has a slot)."""
+        if tier != "device":
+            return 0
+        with self._lock:
+            return len(self._by_id) + len(self._draining)
 
     @property
     def slot_ranks(self) -> list[int]:

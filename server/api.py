@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from deltaserve.adapters import AdapterFormatError, AdapterMismatchError, UnsupportedAdapterError
+from deltaserve.adapters.peft_files import read_config
+from deltaserve.adapters.registry import kind_for
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.adapter_registry import AdapterRecord, AdapterState
@@ -27,6 +31,7 @@ from deltaserve.server.errors import (
     EngineStoppedError,
     InvalidRequestError,
 )
+from deltaserve.server.metrics import Metrics
 from deltaserve.server.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -171,6 +176,17 @@ def _check(condition: bool, message: str) -> None:
         raise InvalidRequestError(message)
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id` metadata when it is a sane token, else a fresh id (logged and returned)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
 def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         text=output.text,
@@ -192,7 +208,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.builder = builder
         self.model_info = model_info
 
-    async def _run(self, request: pb.GenerateRequest) -> AsyncIterator[tuple[RequestOutput, Request]]:
+    async def _run(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[RequestOutput, Request]]:
         """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it."""
         prompt_ids, params = self.builder.build(request)
         adapter = self.engine.registry.acquire(request.adapter_id) if request.adapter_id else None
@@ -202,7 +220,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         def sink(output: RequestOutput) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, output)
 
-        engine_request = Request(uuid.uuid4().hex, prompt_ids, params, adapter, sink)
+        engine_request = Request(request_id(context), prompt_ids, params, adapter, sink)
         try:
             self.engine.submit(engine_request)
         except BaseException:
@@ -226,7 +244,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         text, token_ids, logprobs = [], [], []
         last = owner = None
-        async for output, engine_request in self._run(request):
+        async for output, engine_request in self._run(request, context):
             owner = engine_request
             text.append(output.text)
             token_ids.extend(output.token_ids)
@@ -239,7 +257,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_stream_errors
     async def GenerateStream(self, request, context):
-        async for output, engine_request in self._run(request):
+        async for output, engine_request in self._run(request, context):
             if output.token_ids or output.finished:
                 yield _response(output, engine_request)
 
@@ -251,6 +269,22 @@ class GenerationService(pb_grpc.GenerationServicer):
     @_unary_errors
     async def ModelInfo(self, request, context):
         return self.model_info
+
+
+_LOAD_RESULT = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.FAILED_PRECONDITION: "unsupported",
+    grpc.StatusCode.ALREADY_EXISTS: "exists",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "capacity",
+}
+
+
+def _declared_kind(path: str) -> str:
+    """The kind a failed load's config declares, for the metrics label ("unknown" if unreadable)."""
+    try:
+        return kind_for(read_config(path)).value
+    except Exception:
+        return "unknown"
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
@@ -269,13 +303,22 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
 
 
 class AdaptersService(pb_grpc.AdaptersServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.registry = engine.registry
+        self.metrics = metrics
 
     @_unary_errors
     async def LoadAdapter(self, request, context):
         # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
-        record = await asyncio.to_thread(self.registry.load, request.adapter_id, request.path)
+        started = time.monotonic()
+        try:
+            record = await asyncio.to_thread(self.registry.load, request.adapter_id, request.path)
+        except Exception as err:
+            self.metrics.observe_load(
+                _declared_kind(request.path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
+            )
+            raise
+        self.metrics.observe_load(record.kind, "ok", time.monotonic() - started)
         log.info(
             "loaded adapter %r (%s, rank %d) from %s",
             record.adapter_id,

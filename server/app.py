@@ -87,9 +87,27 @@ class Server:
             config.max_batch_size, max_seq_len, _eos_token_ids(loaded), max(config.max_prefill_tokens, max_seq_len)
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
+        self._bind_metrics(slots)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
+
+    def _bind_metrics(self, slots: LoraSlots) -> None:
+        model = self.loaded.model
+        self.metrics.bind(
+            model_bytes=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
+            kv_cache_bytes=self.runner.kv_cache_bytes,
+            adapter_bytes=lambda: slots.bytes_allocated,
+            kv_usage=self.engine.kv_cache_usage,
+            resident=self.registry.resident,
+            info={
+                "model": self.loaded.name,
+                "version": VERSION,
+                "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                "device": str(self.loaded.device),
+                "quantization": self.loaded.quantization,
+            },
+        )
 
     @classmethod
     def create(cls, config: ServerConfig) -> Server:
@@ -134,7 +152,7 @@ class Server:
             self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
         )
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self.engine, builder, self.model_info()), server)
-        pb_grpc.add_AdaptersServicer_to_server(AdaptersService(self.engine), server)
+        pb_grpc.add_AdaptersServicer_to_server(AdaptersService(self.engine, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             pb.DESCRIPTOR.services_by_name["Generation"].full_name,

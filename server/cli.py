@@ -31,6 +31,12 @@ def add_serve_subcommand(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    serve.add_argument(
+        "--metrics-max-adapters",
+        type=int,
+        default=64,
+        help="distinct adapter ids that get their own metrics label; the rest are reported as 'other'",
+    )
     serve.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     serve.add_argument(

@@ -74,6 +74,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     sampler: RowState | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    prefilled_at: float | None = None
     first_token_at: float | None = None
     _cancelled: bool = False
 
@@ -153,6 +154,11 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
+    def kv_cache_usage(self) -> float:
+        """Occupied cache positions over capacity (a scrape-time estimate, read without locking)."""
+        used = sum(request.cache_len for request in list(self._running))
+        return used / (self.config.max_batch_size * self.config.max_seq_len)
+
     # ---- the loop (engine thread) ------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -224,6 +230,7 @@ class Engine:
                 request.params, make_generator(request.params, device), list(request.prompt_ids), 0
             )
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+            request.prefilled_at = now
             self.metrics.observe_queue(request.adapter_id, now - request.arrival)
             self._running.append(request)
         tokens, logprobs = sample(logits, [r.sampler for r in group], self._eos)

@@ -1,18 +1,25 @@
-"""Prometheus metrics, one registry per server (so several servers can live in one process, e.g. tests).
+"""Prometheus metrics, one registry per server (so several servers can live in one process, e.g. tests),
+and the structured per-request log line.
 
 The `adapter` label is capped: the first `max_adapter_labels` distinct adapter ids get their own series,
-later ones are reported as "other", so a server with thousands of adapters cannot explode the series count.
+later ones are reported as "other" (no adapter is "base"), so a server with thousands of adapters cannot
+explode the number of series. See docs/metrics.md for every metric.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
     from deltaserve.server.engine import FinishReason, Request
+
+request_log = logging.getLogger("deltaserve.requests")
 
 # Latency buckets from a millisecond to ten minutes: LLM requests span that whole range.
 LATENCY_BUCKETS = (
@@ -38,51 +45,83 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
+TIERS = ("device", "host")
 
 
 class Metrics:
     def __init__(self, max_adapter_labels: int = 64) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = r = CollectorRegistry()
         self._max_labels = max_adapter_labels
         self._labels: set[str] = set()
         self._lock = threading.Lock()
-        r = self.registry
-        self.requests = Counter("deltaserve_requests", "Finished requests", ["adapter", "status"], registry=r)
+        # requests and tokens
+        self.requests = Counter(
+            "deltaserve_requests", "Finished requests by final status", ["adapter", "status"], registry=r
+        )
         self.prompt_tokens = Counter(
             "deltaserve_prompt_tokens", "Prompt tokens of finished requests", ["adapter"], registry=r
         )
         self.generated_tokens = Counter("deltaserve_generated_tokens", "Generated tokens", ["adapter"], registry=r)
-        self.ttft = Histogram(
-            "deltaserve_time_to_first_token_seconds",
-            "Arrival to first token",
-            ["adapter"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.tpot = Histogram(
-            "deltaserve_time_per_output_token_seconds",
-            "Mean time per token after the first",
-            ["adapter"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.duration = Histogram(
-            "deltaserve_request_duration_seconds",
-            "Arrival to last token",
-            ["adapter"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue = Histogram(
-            "deltaserve_request_queue_seconds",
-            "Arrival to prefill",
-            ["adapter"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.ttft = self._latency("deltaserve_time_to_first_token_seconds", "Arrival to first token")
+        self.tpot = self._latency("deltaserve_time_per_output_token_seconds", "Mean time per token after the first")
+        self.duration = self._latency("deltaserve_request_duration_seconds", "Arrival to last token")
+        self.queue = self._latency("deltaserve_request_queue_seconds", "Arrival to prefill")
         self.requests_running = Gauge("deltaserve_requests_running", "Requests decoding", registry=r)
         self.requests_waiting = Gauge("deltaserve_requests_waiting", "Requests queued", registry=r)
         self.batch_size = Histogram("deltaserve_batch_size", "Rows per decode step", buckets=BATCH_BUCKETS, registry=r)
+        # adapters
+        self.adapter_loads = Counter(
+            "deltaserve_adapter_loads", "LoadAdapter calls by kind and result", ["kind", "result"], registry=r
+        )
+        self.adapter_load_duration = Histogram(
+            "deltaserve_adapter_load_duration_seconds",
+            "Parse, validate and place an adapter",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.adapters_resident = Gauge("deltaserve_adapters_resident", "Adapters held, by tier", ["tier"], registry=r)
+        self.adapter_evictions = Counter("deltaserve_adapter_evictions", "Adapters evicted from a tier", registry=r)
+        self.merge_switches = Counter(
+            "deltaserve_merge_switches", "Merges and unmerges of an adapter into the base", registry=r
+        )
+        self.merged_adapter = Gauge(
+            "deltaserve_merged_adapter_info", "1 for the adapter merged into the base", ["adapter"], registry=r
+        )
+        # memory
+        self.model_memory = Gauge("deltaserve_model_memory_bytes", "Bytes of the base model's weights", registry=r)
+        self.adapter_memory = Gauge("deltaserve_adapter_memory_bytes", "Bytes of device adapter slots", registry=r)
+        self.kv_cache_bytes = Gauge("deltaserve_kv_cache_bytes", "Bytes of the preallocated KV cache", registry=r)
+        self.kv_cache_usage = Gauge(
+            "deltaserve_kv_cache_usage_ratio", "Occupied KV cache positions / capacity", registry=r
+        )
+        self.info = Gauge(
+            "deltaserve_info",
+            "The served model (always 1)",
+            ["model", "version", "dtype", "device", "quantization"],
+            registry=r,
+        )
+
+    def _latency(self, name: str, documentation: str) -> Histogram:
+        return Histogram(name, documentation, ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def bind(
+        self,
+        *,
+        model_bytes: int,
+        kv_cache_bytes: int,
+        adapter_bytes: Callable[[], float],
+        kv_usage: Callable[[], float],
+        resident: Callable[[str], float],
+        info: dict[str, str],
+    ) -> None:
+        """Attach the live sources of the resource gauges (read at scrape time)."""
+        self.model_memory.set(model_bytes)
+        self.kv_cache_bytes.set(kv_cache_bytes)
+        self.adapter_memory.set_function(adapter_bytes)
+        self.kv_cache_usage.set_function(kv_usage)
+        for tier in TIERS:
+            self.adapters_resident.labels(tier).set_function(lambda tier=tier: resident(tier))
+        self.info.labels(**info).set(1)
 
     def adapter_label(self, adapter_id: str) -> str:
         if not adapter_id:
@@ -101,6 +140,10 @@ class Metrics:
     def observe_first_token(self, adapter_id: str, seconds: float) -> None:
         self.ttft.labels(self.adapter_label(adapter_id)).observe(seconds)
 
+    def observe_load(self, kind: str, result: str, seconds: float) -> None:
+        self.adapter_loads.labels(kind or "unknown", result).inc()
+        self.adapter_load_duration.observe(seconds)
+
     def observe_finished(
         self, request: Request, reason: FinishReason | None, error: BaseException | None, now: float
     ) -> None:
@@ -112,7 +155,29 @@ class Metrics:
         self.duration.labels(label).observe(now - request.arrival)
         if request.first_token_at is not None and len(request.generated) > 1:
             self.tpot.labels(label).observe((now - request.first_token_at) / (len(request.generated) - 1))
+        _log_request(request, status, now)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP on `port` (a daemon thread)."""
         start_http_server(port, addr=host, registry=self.registry)
+
+
+def _milliseconds(start: float, end: float | None) -> float | None:
+    return None if end is None else round((end - start) * 1000, 3)
+
+
+def _log_request(request: Request, status: str, now: float) -> None:
+    """One JSON line per finished request: ids, sizes and timings; never the prompt or the output text."""
+    if not request_log.isEnabledFor(logging.INFO):
+        return
+    record = {
+        "request_id": request.request_id,
+        "adapter": request.adapter_id or None,
+        "status": status,
+        "prompt_tokens": len(request.prompt_ids),
+        "generated_tokens": len(request.generated),
+        "queue_ms": _milliseconds(request.arrival, request.prefilled_at),
+        "ttft_ms": _milliseconds(request.arrival, request.first_token_at),
+        "duration_ms": _milliseconds(request.arrival, now),
+    }
+    request_log.info(json.dumps(record))
