@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deltaserve-installed
 ARGS ?=
 
-.PHONY: install serve test lint format proto bench clean
+.PHONY: install system-deps serve test lint format proto bench clean
 
 # torch==2.13.0 is installed first: on the project's machines it is a CPU build from local disk, while a bare
 # `torch` requirement would pull a several-GB CUDA build.
@@ -28,7 +28,14 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The metrics tests scrape a live server with a real Prometheus: Debian's package (needs root and apt-get).
+system-deps:
+	@command -v prometheus >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+		else echo "note: install Debian's prometheus package to run the Prometheus tests"; fi; }
+
+test: lint system-deps
 	$(PY) -m pytest -q
 
 format: install
