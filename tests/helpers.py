@@ -9,7 +9,7 @@ import threading
 
 import torch
 from deltaserve.server.app import Server, ServerConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = [
     "The capital of France is",
@@ -19,8 +19,11 @@ PROMPTS = [
 ]
 
 
-def make_tiny_llama(out_dir: str, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
-    """A small random Llama with the embedded model's real tokenizer, saved as a HF directory."""
+def make_tiny_llama(out_dir: str, tokenizer_dir: str, seed: int = 0, family: str = "Llama", **overrides) -> str:
+    """A small random decoder (Llama unless `family` names another, e.g. "Qwen2") with the embedded model's
+    real tokenizer, saved as a HF directory."""
+    import transformers
+
     torch.manual_seed(seed)
     # A wide initializer gives peaked, varied next-token distributions: greedy runs do not collapse
     # into one repeated token and are not tie-prone, so token-equality checks mean something.
@@ -39,8 +42,8 @@ def make_tiny_llama(out_dir: str, tokenizer_dir: str, seed: int = 0, **overrides
         tie_word_embeddings=True,
     )
     params.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**params))
-    model.save_pretrained(out_dir)
+    config = getattr(transformers, f"{family}Config")(**params)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
 
@@ -101,39 +100,18 @@ def test_smollm2_base_concurrent_matches_transformers(smol_dir):
 
 
 FAMILIES = {
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v projections with biases
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # per-head q/k RMSNorm
+    "Mistral": {},
+    "Qwen2": {},  # q/k/v projections with biases
+    "Qwen3": {"head_dim": 16},  # per-head q/k RMSNorm
 }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_other_decoder_families_match_transformers(family, tmp_path, smol_dir):
     """The runner drives each supported family's own modules; greedy output equals its generate, with a LoRA."""
-    import transformers
+    from tests.helpers import make_lora, make_tiny_llama
 
-    from tests.helpers import make_lora
-
-    config_name, model_name, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-        **extra,
-    )
-    model_dir = str(tmp_path / family)
-    getattr(transformers, model_name)(config).save_pretrained(model_dir)
-    tokenizer_for(smol_dir).save_pretrained(model_dir)
+    model_dir = make_tiny_llama(str(tmp_path / family), smol_dir, family=family, **FAMILIES[family])
     adapter_dir = make_lora(model_dir, str(tmp_path / "lora"), seed=5, r=8, target_modules="all-linear")
     tokenizer = tokenizer_for(model_dir)
     with ServerThread(ServerConfig(model=model_dir, max_batch_size=4, max_seq_len=128)) as running:
