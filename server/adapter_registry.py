@@ -1,26 +1,31 @@
-"""The adapter registry: ids -> parsed adapters in device slots, with per-adapter reference counts.
+"""The adapter registry: ids -> adapters across three tiers (disk, host cache, device slots).
 
-Loading parses and validates off the engine thread, then copies the weights into a free device slot; only
-then does the id become visible, so an adapter is either fully usable or absent. Unloading hides the id
-at once; the slot is freed when the last in-flight request using it finishes. A free slot is never read
-by a forward (only slots of admitted requests are), so writing it while the engine runs is safe.
+- LoadAdapter parses and validates on a worker thread; only then does the id become visible, so an adapter
+  is either fully usable or absent. A validated adapter is placed in a device slot at once when one is free
+  (or an idle, unpinned adapter can be evicted), else it waits in the host cache.
+- A request references its adapter (`acquire`) from submit to finish. An adapter with references is never
+  evicted. A referenced adapter that is not on the device is brought in by the residency thread (parse from
+  disk if the host copy was dropped, wait for an evictable slot, copy): the engine thread never does disk
+  I/O, it only admits requests whose adapter already has a slot.
+- Least-recently-used idle adapters leave the device first (to the host cache, bounded by `max_host`;
+  beyond it the host copy is dropped and the adapter stays registered on disk). Pinned adapters never leave.
+- Unloading (or replacing) hides the id at once; in-flight requests finish with the old weights and the
+  slot is freed when the last one leaves.
+A free slot is never read by a forward (only slots of admitted requests are), so writing it while the engine
+runs is safe.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from deltaserve.adapters import (
-    AdapterMismatchError,
-    BaseModelSpec,
-    LoraAdapter,
-    ParsedAdapter,
-    load_adapter,
-)
+from deltaserve.adapters import AdapterMismatchError, BaseModelSpec, LoraAdapter, ParsedAdapter, load_adapter
 from deltaserve.server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -29,27 +34,39 @@ from deltaserve.server.errors import (
 )
 from deltaserve.server.layers import AdapterLinear
 
+log = logging.getLogger(__name__)
+
 
 class AdapterState(enum.Enum):
-    LOADING = "loading"
-    DEVICE = "device"
-    UNLOADING = "unloading"
+    LOADING = "loading"  # LoadAdapter is validating it; not visible to requests yet
+    DISK = "disk"  # registered; weights are read from disk again when needed
+    HOST = "host"  # parsed weights in the host cache
+    DEVICE = "device"  # in a device slot
+    UNLOADING = "unloading"  # unloaded or replaced, still finishing its in-flight requests
 
 
-@dataclass
+@dataclass(eq=False)
 class AdapterRecord:
     adapter_id: str
     path: str
-    adapter: ParsedAdapter | None
-    slot: int
+    adapter: ParsedAdapter | None  # host copy; None while loading or when only on disk
     state: AdapterState
+    slot: int = -1
+    pinned: bool = False
     active_requests: int = 0
     requests_served: int = 0
-    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    kind: str = ""
+    rank: int = 0
+    size_bytes: int = 0
+    target_modules: list[str] = field(default_factory=list)
+    load_error: BaseException | None = None  # set when the residency thread could not bring it back
 
-    @property
-    def kind(self) -> str:
-        return self.adapter.kind.value if self.adapter is not None else ""
+    def describe(self, adapter: ParsedAdapter) -> None:
+        self.kind = adapter.kind.value
+        self.rank = adapter.rank
+        self.size_bytes = adapter.size_bytes
+        self.target_modules = adapter.target_modules
 
 
 class LoraSlots:
@@ -107,107 +124,251 @@ class LoraSlots:
         )
 
 
+@dataclass(frozen=True)
+class RegistryLimits:
+    max_host: int = 32  # adapters kept parsed in host memory beyond those on the device
+    max_rank: int = 64
+
+
+AdapterLoader = Callable[[str, BaseModelSpec], ParsedAdapter]
+
+
 class AdapterRegistry:
-    def __init__(self, spec: BaseModelSpec, slots: LoraSlots) -> None:
+    def __init__(
+        self,
+        spec: BaseModelSpec,
+        slots: LoraSlots,
+        limits: RegistryLimits | None = None,
+        loader: AdapterLoader = load_adapter,
+    ) -> None:
         self._spec = spec
         self._slots = slots
-        self._lock = threading.Lock()
-        self._by_id: dict[str, AdapterRecord] = {}  # visible (loading or loaded) adapters
-        self._draining: list[AdapterRecord] = []  # unloaded, still used by in-flight requests
-        self._free_slots = list(range(slots.num_slots))
+        self._limits = limits or RegistryLimits(max_rank=slots.max_rank)
+        self._loader = loader
+        self._cv = threading.Condition()
+        self._by_id: dict[str, AdapterRecord] = {}  # visible adapters (and ids reserved while loading)
+        self._draining: list[AdapterRecord] = []  # unloaded/replaced, still used by in-flight requests
+        self._owners: list[AdapterRecord | None] = [None] * slots.num_slots
+        self._want: list[AdapterRecord] = []  # referenced adapters that need a slot
+        self.on_resident: Callable[[], None] = lambda: None  # the engine's wake-up
+        self._stopping = False
+        self._evictions = 0
+        self._worker = threading.Thread(target=self._residency_loop, name="deltaserve-adapters", daemon=True)
+        self._worker.start()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def load(self, adapter_id: str, path: str) -> AdapterRecord:
-        """Parse, validate and place an adapter. Blocking (disk and copies): call it off the event loop.
-
-        The id is reserved first (ALREADY_EXISTS at once), the files are validated next (so a broken adapter
-        is reported as such even when the slots are full), and only then is a slot taken.
-        """
+    def load(self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False) -> AdapterRecord:
+        """Validate an adapter and register it (on the device if a slot can be had). Blocking: call it off
+        the event loop. With `replace`, an existing id switches to the new weights once they validated;
+        requests already running finish with the old ones."""
         if not adapter_id:
             raise InvalidRequestError("adapter_id must not be empty")
         if not path:
             raise InvalidRequestError("path must name an adapter directory")
-        with self._lock:
-            if adapter_id in self._by_id:
-                raise AdapterExistsError(f"adapter {adapter_id!r} is already loaded; unload it first")
-            record = AdapterRecord(adapter_id, path, None, -1, AdapterState.LOADING)
-            self._by_id[adapter_id] = record
-        try:
-            adapter = load_adapter(path, self._spec)
-            if adapter.rank > self._slots.max_rank:
-                raise AdapterMismatchError(
-                    f"adapter rank {adapter.rank} exceeds the server's --max-lora-rank {self._slots.max_rank}"
+        record = AdapterRecord(adapter_id, path, None, AdapterState.LOADING, pinned=pin)
+        with self._cv:
+            if adapter_id in self._by_id and not replace:
+                raise AdapterExistsError(
+                    f"adapter {adapter_id!r} is already loaded; unload it first or load with replace"
                 )
-            record.slot = self._take_slot()
-            self._slots.write(record.slot, adapter)
+            if adapter_id not in self._by_id:
+                self._by_id[adapter_id] = record  # reserve the id while validating
+        try:
+            adapter = self._parse(path)
         except BaseException:
-            with self._lock:
-                del self._by_id[adapter_id]
-                if record.slot >= 0:
-                    self._free_slots.append(record.slot)
+            with self._cv:
+                if self._by_id.get(adapter_id) is record:
+                    del self._by_id[adapter_id]
             raise
-        with self._lock:
-            record.adapter = adapter
-            record.state = AdapterState.DEVICE
+        record.adapter = adapter
+        record.describe(adapter)
+        with self._cv:
+            old = self._by_id.get(adapter_id)
+            if old is not None and old is not record:
+                self._retire(old)
+            record.state = AdapterState.HOST
+            self._by_id[adapter_id] = record
+            placed = self._place_now(record)
+            if pin and not placed:
+                del self._by_id[adapter_id]
+                raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
+            self._trim_host_cache()
         return record
 
-    def _take_slot(self) -> int:
-        with self._lock:
-            if not self._free_slots:
-                raise CapacityError(
-                    f"all {self._slots.num_slots} adapter slots are in use; unload an adapter or start the "
-                    "server with a larger --max-adapters"
-                )
-            return self._free_slots.pop(0)
+    def _parse(self, path: str) -> ParsedAdapter:
+        adapter = self._loader(path, self._spec)
+        if adapter.rank > self._limits.max_rank:
+            raise AdapterMismatchError(
+                f"adapter rank {adapter.rank} exceeds the server's --max-lora-rank {self._limits.max_rank}"
+            )
+        return adapter
 
     def unload(self, adapter_id: str) -> int:
         """Hide the adapter; returns how many in-flight requests still finish with it."""
-        with self._lock:
-            record = self._by_id.get(adapter_id)
-            if record is None or record.state is AdapterState.LOADING:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+        with self._cv:
+            record = self._visible(adapter_id)
             del self._by_id[adapter_id]
-            record.state = AdapterState.UNLOADING
-            if record.active_requests == 0:
-                self._free(record)
-            else:
-                self._draining.append(record)
+            self._retire(record)
             return record.active_requests
+
+    def set_pinned(self, adapter_id: str, pinned: bool) -> AdapterRecord:
+        """Pin (bring to the device now and never evict) or unpin an adapter."""
+        with self._cv:
+            record = self._visible(adapter_id)
+        if pinned and record.slot < 0:
+            self._ensure_host_copy(record)
+        with self._cv:
+            if pinned and record.slot < 0 and not self._place_now(record):
+                raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
+            record.pinned = pinned
+            self._cv.notify_all()
+            return record
+
+    def _visible(self, adapter_id: str) -> AdapterRecord:
+        record = self._by_id.get(adapter_id)
+        if record is None or record.state is AdapterState.LOADING:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+        return record
+
+    def _retire(self, record: AdapterRecord) -> None:
+        """Take a record out of service (lock held): free now if idle, else when its last request leaves."""
+        record.state = AdapterState.UNLOADING
+        record.pinned = False
+        if record.active_requests == 0:
+            self._free_slot(record)
+            record.adapter = None
+        else:
+            self._draining.append(record)
 
     # ---- per request -------------------------------------------------------------------------------
     def acquire(self, adapter_id: str) -> AdapterRecord:
-        """Reference a loaded adapter for one request (NOT_FOUND if it is not loaded)."""
-        with self._lock:
-            record = self._by_id.get(adapter_id)
-            if record is None or record.state is not AdapterState.DEVICE:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+        """Reference a loaded adapter for one request (NOT_FOUND if it is not loaded); if it is not on the
+        device, the residency thread starts bringing it in."""
+        with self._cv:
+            record = self._visible(adapter_id)
             record.active_requests += 1
+            record.last_used = time.time()
+            if record.slot < 0 and record not in self._want:
+                self._want.append(record)
+                self._cv.notify_all()
             return record
 
     def release(self, record: AdapterRecord, served: bool) -> None:
-        with self._lock:
+        with self._cv:
             record.active_requests -= 1
             record.requests_served += int(served)
+            record.last_used = time.time()
             if record.state is AdapterState.UNLOADING and record.active_requests == 0:
                 self._draining.remove(record)
-                self._free(record)
+                self._free_slot(record)
+                record.adapter = None
+            self._cv.notify_all()  # an idle adapter may now be evicted for a waiting one
 
-    def _free(self, record: AdapterRecord) -> None:
-        self._slots.clear(record.slot)
-        self._free_slots.append(record.slot)
+    # ---- slots (lock held) -------------------------------------------------------------------------
+    def _place_now(self, record: AdapterRecord) -> bool:
+        """Give a parsed record a slot if one is free or evictable; False if every slot is busy or pinned."""
+        slot = self._claim_slot()
+        if slot < 0:
+            return False
+        self._slots.write(slot, record.adapter)
+        self._owners[slot] = record
+        record.slot = slot
+        if record.state is not AdapterState.UNLOADING:  # a retired record still serves its last requests
+            record.state = AdapterState.DEVICE
+        return True
+
+    def _claim_slot(self) -> int:
+        """A free slot, else the slot of the least recently used idle unpinned adapter (evicted), else -1."""
+        for slot, owner in enumerate(self._owners):
+            if owner is None:
+                return slot
+        idle = [o for o in self._owners if o is not None and o.active_requests == 0 and not o.pinned]
+        if not idle:
+            return -1
+        victim = min(idle, key=lambda r: r.last_used)
+        slot = victim.slot
+        self._free_slot(victim)
+        victim.state = AdapterState.HOST
+        self._evictions += 1
+        log.info("evicted adapter %r from device slot %d", victim.adapter_id, slot)
+        return slot
+
+    def _free_slot(self, record: AdapterRecord) -> None:
+        if record.slot >= 0:
+            self._slots.clear(record.slot)
+            self._owners[record.slot] = None
+            record.slot = -1
+
+    def _trim_host_cache(self) -> None:
+        """Drop the host copies of the least recently used host-only adapters beyond `max_host`."""
+        host_only = [r for r in self._by_id.values() if r.state is AdapterState.HOST and r.active_requests == 0]
+        for record in sorted(host_only, key=lambda r: r.last_used)[: max(0, len(host_only) - self._limits.max_host)]:
+            record.adapter = None
+            record.state = AdapterState.DISK
+
+    # ---- residency thread --------------------------------------------------------------------------
+    def _residency_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._want:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                record = self._want[0]
+            try:
+                self._bring_in(record)
+            except Exception as err:  # the files changed or vanished since they were validated
+                log.exception("cannot bring adapter %r back from %s", record.adapter_id, record.path)
+                with self._cv:
+                    self._want.remove(record)
+                    record.load_error = err
+                self.on_resident()
+
+    def _bring_in(self, record: AdapterRecord) -> None:
+        self._ensure_host_copy(record)
+        with self._cv:
+            while record.slot < 0 and record.adapter is not None and not self._stopping:
+                if self._place_now(record):
+                    break
+                self._cv.wait()  # every slot busy or pinned: wait for a request to finish
+            if record in self._want:
+                self._want.remove(record)
+            self._trim_host_cache()
+        self.on_resident()
+
+    def _ensure_host_copy(self, record: AdapterRecord) -> None:
+        """Parse from disk (outside the lock) when the host copy was dropped."""
+        if record.adapter is not None:
+            return
+        adapter = self._parse(record.path)
+        with self._cv:
+            if record.adapter is None:
+                record.adapter = adapter
+                if record.state is AdapterState.DISK:
+                    record.state = AdapterState.HOST
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._worker.join(timeout=10)
 
     # ---- views -------------------------------------------------------------------------------------
     def list(self) -> list[AdapterRecord]:
-        with self._lock:
+        with self._cv:
             return sorted([*self._by_id.values(), *self._draining], key=lambda r: r.adapter_id)
 
     def resident(self, tier: str) -> int:
-        """Adapters held per tier: "device" counts occupied slots (loaded or draining); "host" counts adapters
-        held only in host memory, which this release does not do (every loaded adapter has a slot)."""
-        if tier != "device":
-            return 0
-        with self._lock:
-            return len(self._by_id) + len(self._draining)
+        """Adapters per tier: "device" (holding a slot, incl. draining), "host" (host cache only)."""
+        with self._cv:
+            records = [*self._by_id.values(), *self._draining]
+            if tier == "device":
+                return sum(r.slot >= 0 for r in records)
+            return sum(r.state is AdapterState.HOST for r in records)
+
+    @property
+    def evictions(self) -> int:
+        return self._evictions
 
     @property
     def slot_ranks(self) -> list[int]:

@@ -87,6 +87,7 @@ class Server:
             config.max_batch_size, max_seq_len, _eos_token_ids(loaded), max(config.max_prefill_tokens, max_seq_len)
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
+        self.registry.on_resident = self.engine.wake
         self._bind_metrics(slots)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
@@ -181,6 +182,7 @@ class Server:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace + 1.0)
         await engine_stop
+        self.registry.close()
 
     async def serve_until_signalled(self) -> None:
         await self.start()

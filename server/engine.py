@@ -170,6 +170,11 @@ class Engine:
                 ):
                     break
                 admitted = self._take_admissible()
+                if not admitted and not self._running:
+                    # Everything queued waits for its adapter to reach the device: sleep until the
+                    # residency thread (or a submit/cancel) wakes the loop.
+                    self._cv.wait(timeout=0.5)
+                    continue
             try:
                 self._step(admitted)
             except Exception as err:  # a bug or device failure: fail what was in flight, keep serving
@@ -181,20 +186,34 @@ class Engine:
         self._abort_all()
 
     def _take_admissible(self) -> list[Request]:
+        """Queued requests that can run now, in arrival order: their adapter holds a device slot (others keep
+        waiting while the residency thread brings theirs in). Cancelled or failed ones are taken too (to be
+        finished) but do not use up a free row."""
         free = self.config.max_batch_size - len(self._running)
-        admitted = []
-        # Requests cancelled while queued are taken too (to be finished) but do not use up a free row.
-        while self._waiting and sum(not r.cancelled for r in admitted) < free:
-            admitted.append(self._waiting.popleft())
+        admitted, kept, rows = [], deque(), 0
+        while self._waiting:
+            request = self._waiting.popleft()
+            done = request.cancelled or (request.adapter is not None and request.adapter.load_error is not None)
+            if done or (rows < free and (request.adapter is None or request.adapter.slot >= 0)):
+                admitted.append(request)
+                rows += not done
+            else:
+                kept.append(request)
+        self._waiting = kept
         self.metrics.requests_waiting.set(len(self._waiting))
         return admitted
 
     def _step(self, admitted: list[Request]) -> None:
         self._drop_cancelled()
+        runnable = []
         for request in admitted:
             if request.cancelled:
                 self._finish(request, FinishReason.CANCELLED)
-        for group in self._prefill_groups([r for r in admitted if not r.cancelled]):
+            elif request.adapter is not None and request.adapter.load_error is not None:
+                self._finish(request, None, error=request.adapter.load_error)
+            else:
+                runnable.append(request)
+        for group in self._prefill_groups(runnable):
             self._prefill(group)
         if self._running:
             self._decode()

@@ -256,17 +256,9 @@ def test_non_finite_weights_refused(server, adapters_stub, lora_dirs, tmp_path):
     )
 
 
-def test_unknown_unload_and_slot_limit(server, adapters_stub, lora_dirs):
+def test_unknown_unload(server, adapters_stub):
     code, details = _code(adapters_stub.UnloadAdapter, pb.UnloadAdapterRequest(adapter_id="never"))
     assert code == grpc.StatusCode.NOT_FOUND and "never" in details
-    with Client(server.target, timeout=60) as client:
-        client.load_adapter("a", lora_dirs["pattern"])
-        client.load_adapter("b", lora_dirs["all16_rs"])
-        with pytest.raises(DeltaserveError) as info:
-            client.load_adapter("c", lora_dirs["pattern"])
-        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-adapters" in info.value.message
-        client.unload_adapter("a")
-        client.unload_adapter("b")
 
 
 def test_unload_reload_serves_new_weights(server, lora_dirs):
