@@ -4,18 +4,21 @@ from deltaserve.adapters.base import (
     AdapterError,
     AdapterFormatError,
     AdapterKind,
+    AdapterLimitError,
     AdapterMismatchError,
     BaseModelSpec,
     LinearShape,
     UnsupportedAdapterError,
 )
 from deltaserve.adapters.lora import LoraAdapter, LoraConfig, LoraModuleWeights
+from deltaserve.adapters.peft_files import ReadOptions
 from deltaserve.adapters.registry import ParsedAdapter, load_adapter, served_kinds
 
 __all__ = [
     "AdapterError",
     "AdapterFormatError",
     "AdapterKind",
+    "AdapterLimitError",
     "AdapterMismatchError",
     "BaseModelSpec",
     "LinearShape",
@@ -23,6 +26,7 @@ __all__ = [
     "LoraConfig",
     "LoraModuleWeights",
     "ParsedAdapter",
+    "ReadOptions",
     "UnsupportedAdapterError",
     "load_adapter",
     "served_kinds",

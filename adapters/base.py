@@ -29,6 +29,10 @@ class AdapterMismatchError(AdapterError):
     """The adapter does not fit the base model (unknown modules, wrong shapes) or the server's limits."""
 
 
+class AdapterLimitError(AdapterError):
+    """The adapter is larger than the server accepts."""
+
+
 class AdapterKind(enum.Enum):
     """Adapter kinds deltaserve serves; the value is the name used on the wire and in ListAdapters."""
 

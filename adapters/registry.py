@@ -11,7 +11,13 @@ from deltaserve.adapters.base import (
     UnsupportedAdapterError,
 )
 from deltaserve.adapters.lora import LoraAdapter, parse_lora
-from deltaserve.adapters.peft_files import PeftFiles, read_config, read_weights
+from deltaserve.adapters.peft_files import (
+    DEFAULT_READ_OPTIONS,
+    PeftFiles,
+    ReadOptions,
+    read_config,
+    read_weights,
+)
 
 ParsedAdapter = LoraAdapter
 Parser = Callable[[PeftFiles, BaseModelSpec], ParsedAdapter]
@@ -37,9 +43,9 @@ def kind_for(config: dict) -> AdapterKind:
     return kind
 
 
-def load_adapter(path: str, spec: BaseModelSpec) -> ParsedAdapter:
+def load_adapter(path: str, spec: BaseModelSpec, options: ReadOptions = DEFAULT_READ_OPTIONS) -> ParsedAdapter:
     """Read, validate and parse the adapter in `path` (config first, so a wrong kind fails fast)."""
     config = read_config(path)
     kind = kind_for(config)
-    files = PeftFiles(path=path, config=config, tensors=read_weights(path))
+    files = PeftFiles(path=path, config=config, tensors=read_weights(path, options))
     return _PARSERS[kind](files, spec)

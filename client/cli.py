@@ -74,10 +74,16 @@ def _add_generate(subparsers: Subparsers) -> None:
 
 def _add_adapters(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("adapters", help="load, unload and list adapters")
-    actions = p.add_subparsers(dest="adapters_command", required=True, metavar="{load,unload,list}")
+    actions = p.add_subparsers(dest="adapters_command", required=True, metavar="{load,unload,list,pin,unpin}")
     load = _client_command(actions, "load", "load a PEFT adapter directory", _cmd_adapters_load)
     load.add_argument("adapter_id")
     load.add_argument("dir", help="adapter directory; sent as an absolute path")
+    load.add_argument("--replace", action="store_true", help="switch an existing id to these weights")
+    load.add_argument("--pin", action="store_true", help="keep it on the device, never evicted")
+    for name, pinned in (("pin", True), ("unpin", False)):
+        command = _client_command(actions, name, f"{name} an adapter on the device", _cmd_adapters_pin)
+        command.add_argument("adapter_id")
+        command.set_defaults(pinned=pinned)
     unload = _client_command(actions, "unload", "unload an adapter", _cmd_adapters_unload)
     unload.add_argument("adapter_id")
     _client_command(actions, "list", "list loaded adapters", _cmd_adapters_list)
@@ -211,8 +217,12 @@ def _cmd_info(client: Client, args: argparse.Namespace) -> None:
 
 
 def _cmd_adapters_load(client: Client, args: argparse.Namespace) -> None:
-    info = client.load_adapter(args.adapter_id, os.path.abspath(args.dir))
+    info = client.load_adapter(args.adapter_id, os.path.abspath(args.dir), replace=args.replace, pin=args.pin)
     print(_adapter_table([info]))
+
+
+def _cmd_adapters_pin(client: Client, args: argparse.Namespace) -> None:
+    print(_adapter_table([client.pin_adapter(args.adapter_id, args.pinned)]))
 
 
 def _cmd_adapters_unload(client: Client, args: argparse.Namespace) -> None:

@@ -230,11 +230,20 @@ class Client(_ClientBase):
             response = self._generation.ModelInfo(pb.ModelInfoRequest(), **self._call_options(timeout))
         return ModelInfo.from_proto(response)
 
-    def load_adapter(self, adapter_id: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
-        """Load a PEFT adapter directory; `path` is sent as given and resolved on the server's disk."""
-        request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path)
+    def load_adapter(
+        self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False, timeout: float | None = None
+    ) -> AdapterInfo:
+        """Load a PEFT adapter directory; `path` is sent as given and resolved on the server's disk.
+        `replace` switches an existing id to these weights; `pin` keeps the adapter on the device."""
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, pin=pin)
         with translate_rpc_errors():
             return AdapterInfo.from_proto(self._adapters.LoadAdapter(request, **self._call_options(timeout)))
+
+    def pin_adapter(self, adapter_id: str, pinned: bool = True, *, timeout: float | None = None) -> AdapterInfo:
+        """Pin (keep on the device, never evict) or unpin an adapter."""
+        request = pb.PinAdapterRequest(adapter_id=adapter_id, pinned=pinned)
+        with translate_rpc_errors():
+            return AdapterInfo.from_proto(self._adapters.PinAdapter(request, **self._call_options(timeout)))
 
     def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> int:
         """Unload an adapter; returns how many in-flight requests still finish with it before it is freed."""
@@ -329,11 +338,20 @@ class AsyncClient(_ClientBase):
                 await self._generation.ModelInfo(pb.ModelInfoRequest(), **self._call_options(timeout))
             )
 
-    async def load_adapter(self, adapter_id: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
+    async def load_adapter(
+        self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False, timeout: float | None = None
+    ) -> AdapterInfo:
         """Async form of Client.load_adapter."""
-        request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path)
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path, replace=replace, pin=pin)
         with translate_rpc_errors():
             response = await self._adapters.LoadAdapter(request, **self._call_options(timeout))
+        return AdapterInfo.from_proto(response)
+
+    async def pin_adapter(self, adapter_id: str, pinned: bool = True, *, timeout: float | None = None) -> AdapterInfo:
+        """Async form of Client.pin_adapter."""
+        request = pb.PinAdapterRequest(adapter_id=adapter_id, pinned=pinned)
+        with translate_rpc_errors():
+            response = await self._adapters.PinAdapter(request, **self._call_options(timeout))
         return AdapterInfo.from_proto(response)
 
     async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> int:

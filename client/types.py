@@ -100,6 +100,8 @@ class AdapterInfo:
     target_modules: list[str]
     requests_served: int
     active_requests: int
+    pinned: bool
+    last_used_unix: float
 
     @classmethod
     def from_proto(cls, msg: pb.AdapterInfo) -> Self:

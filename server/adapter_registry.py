@@ -140,17 +140,20 @@ class AdapterRegistry:
         slots: LoraSlots,
         limits: RegistryLimits | None = None,
         loader: AdapterLoader = load_adapter,
+        resolve_path: Callable[[str], str] = lambda path: path,
     ) -> None:
         self._spec = spec
         self._slots = slots
         self._limits = limits or RegistryLimits(max_rank=slots.max_rank)
         self._loader = loader
+        self._resolve_path = resolve_path
         self._cv = threading.Condition()
         self._by_id: dict[str, AdapterRecord] = {}  # visible adapters (and ids reserved while loading)
         self._draining: list[AdapterRecord] = []  # unloaded/replaced, still used by in-flight requests
         self._owners: list[AdapterRecord | None] = [None] * slots.num_slots
         self._want: list[AdapterRecord] = []  # referenced adapters that need a slot
         self.on_resident: Callable[[], None] = lambda: None  # the engine's wake-up
+        self.on_evict: Callable[[], None] = lambda: None  # the evictions metric
         self._stopping = False
         self._evictions = 0
         self._worker = threading.Thread(target=self._residency_loop, name="deltaserve-adapters", daemon=True)
@@ -165,6 +168,7 @@ class AdapterRegistry:
             raise InvalidRequestError("adapter_id must not be empty")
         if not path:
             raise InvalidRequestError("path must name an adapter directory")
+        path = self._resolve_path(path)  # PERMISSION_DENIED outside the allowed roots
         record = AdapterRecord(adapter_id, path, None, AdapterState.LOADING, pinned=pin)
         with self._cv:
             if adapter_id in self._by_id and not replace:
@@ -290,6 +294,7 @@ class AdapterRegistry:
         self._free_slot(victim)
         victim.state = AdapterState.HOST
         self._evictions += 1
+        self.on_evict()
         log.info("evicted adapter %r from device slot %d", victim.adapter_id, slot)
         return slot
 

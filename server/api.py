@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from deltaserve.adapters import AdapterFormatError, AdapterMismatchError, UnsupportedAdapterError
+from deltaserve.adapters import AdapterFormatError, AdapterLimitError, AdapterMismatchError, UnsupportedAdapterError
 from deltaserve.adapters.peft_files import read_config
 from deltaserve.adapters.registry import kind_for
 from deltaserve.client.v1 import deltaserve_pb2 as pb
@@ -30,6 +30,7 @@ from deltaserve.server.errors import (
     CapacityError,
     EngineStoppedError,
     InvalidRequestError,
+    PermissionDeniedError,
 )
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.sampling import SamplingParams
@@ -44,6 +45,8 @@ _STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnsupportedAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AdapterLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -57,6 +60,8 @@ _FINISH_TO_PROTO = {
 }
 _STATE_TO_PROTO = {
     AdapterState.LOADING: pb.ADAPTER_STATE_LOADING,
+    AdapterState.DISK: pb.ADAPTER_STATE_DISK,
+    AdapterState.HOST: pb.ADAPTER_STATE_HOST,
     AdapterState.DEVICE: pb.ADAPTER_STATE_DEVICE,
     AdapterState.UNLOADING: pb.ADAPTER_STATE_UNLOADING,
 }
@@ -276,6 +281,7 @@ _LOAD_RESULT = {
     grpc.StatusCode.FAILED_PRECONDITION: "unsupported",
     grpc.StatusCode.ALREADY_EXISTS: "exists",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "capacity",
+    grpc.StatusCode.PERMISSION_DENIED: "denied",
 }
 
 
@@ -288,17 +294,19 @@ def _declared_kind(path: str) -> str:
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
-    adapter = record.adapter
+    pinned_on_device = record.pinned and record.state is AdapterState.DEVICE
     return pb.AdapterInfo(
         adapter_id=record.adapter_id,
         kind=record.kind,
-        rank=adapter.rank if adapter is not None else 0,
-        size_bytes=adapter.size_bytes if adapter is not None else 0,
-        state=_STATE_TO_PROTO[record.state],
+        rank=record.rank,
+        size_bytes=record.size_bytes,
+        state=pb.ADAPTER_STATE_PINNED if pinned_on_device else _STATE_TO_PROTO[record.state],
         path=record.path,
-        target_modules=adapter.target_modules if adapter is not None else [],
+        target_modules=record.target_modules,
         requests_served=record.requests_served,
         active_requests=record.active_requests,
+        pinned=record.pinned,
+        last_used_unix=record.last_used,
     )
 
 
@@ -312,7 +320,9 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
         started = time.monotonic()
         try:
-            record = await asyncio.to_thread(self.registry.load, request.adapter_id, request.path)
+            record = await asyncio.to_thread(
+                self.registry.load, request.adapter_id, request.path, replace=request.replace, pin=request.pin
+            )
         except Exception as err:
             self.metrics.observe_load(
                 _declared_kind(request.path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
@@ -320,10 +330,11 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             raise
         self.metrics.observe_load(record.kind, "ok", time.monotonic() - started)
         log.info(
-            "loaded adapter %r (%s, rank %d) from %s",
+            "loaded adapter %r (%s, rank %d, %s) from %s",
             record.adapter_id,
             record.kind,
-            record.adapter.rank,
+            record.rank,
+            record.state.value,
             record.path,
         )
         return adapter_info(record)
@@ -333,6 +344,11 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         draining = await asyncio.to_thread(self.registry.unload, request.adapter_id)
         log.info("unloaded adapter %r (%d requests still finishing)", request.adapter_id, draining)
         return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, draining_requests=draining)
+
+    @_unary_errors
+    async def PinAdapter(self, request, context):
+        record = await asyncio.to_thread(self.registry.set_pinned, request.adapter_id, request.pinned)
+        return adapter_info(record)
 
     @_unary_errors
     async def ListAdapters(self, request, context):

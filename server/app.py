@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
 import grpc
-from deltaserve.adapters import served_kinds
+from deltaserve.adapters import ReadOptions, load_adapter, served_kinds
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots
+from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots, RegistryLimits
 from deltaserve.server.api import AdaptersService, GenerationService, RequestBuilder
 from deltaserve.server.engine import Engine, EngineConfig
+from deltaserve.server.errors import ModelLoadError
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model_loader import LoadedModel, load_model
 from deltaserve.server.runner import ModelRunner
+from deltaserve.server.security import AdapterPathPolicy, AdminTokenInterceptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -40,6 +44,15 @@ class ServerConfig:
     default_max_new_tokens: int = 256
     max_prefill_tokens: int = 4096
     preload: list[tuple[str, str]] = field(default_factory=list)
+    adapter_dir: list[str] = field(default_factory=list)  # register every adapter under these at start-up
+    max_cpu_adapters: int = 32  # host-cache adapters beyond those on the device
+    adapter_root: list[str] = field(default_factory=list)  # LoadAdapter paths must lie under one of these
+    allow_pickle: bool = False
+    max_adapter_bytes: int | None = None
+    admin_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_request_bytes: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
     metrics_max_adapters: int = 64
 
@@ -64,6 +77,24 @@ def _eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
 
 
+def _adapters_under(directories: list[str]) -> list[tuple[str, str]]:
+    """(id, path) for every adapter directory directly under each of `directories`; the id is its name."""
+    found = []
+    for directory in directories:
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                found.append((name, path))
+    return found
+
+
+def _tls_credentials(cert_file: str, key_file: str | None) -> grpc.ServerCredentials:
+    if not key_file:
+        raise ModelLoadError("--tls-cert needs --tls-key")
+    with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
 class Server:
     """A running deltaserve: build with `Server.create(config)` (loads the model), then `await start()`."""
 
@@ -82,12 +113,21 @@ class Server:
         slots = LoraSlots(
             self.runner.adapter_layers, config.max_adapters, config.max_lora_rank, loaded.dtype, loaded.device
         )
-        self.registry = AdapterRegistry(self.runner.base_spec(), slots)
+        self.path_policy = AdapterPathPolicy(config.adapter_root)
+        read_options = ReadOptions(allow_pickle=config.allow_pickle, max_bytes=config.max_adapter_bytes)
+        self.registry = AdapterRegistry(
+            self.runner.base_spec(),
+            slots,
+            RegistryLimits(max_host=config.max_cpu_adapters, max_rank=config.max_lora_rank),
+            loader=functools.partial(load_adapter, options=read_options),
+            resolve_path=self.path_policy.resolve,
+        )
         engine_config = EngineConfig(
             config.max_batch_size, max_seq_len, _eos_token_ids(loaded), max(config.max_prefill_tokens, max_seq_len)
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.registry.on_resident = self.engine.wake
+        self.registry.on_evict = self.metrics.adapter_evictions.inc
         self._bind_metrics(slots)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
@@ -144,11 +184,15 @@ class Server:
     async def start(self) -> int:
         """Start the engine and the gRPC server; returns the bound port. Health turns SERVING at the end."""
         await asyncio.to_thread(self.warm_up)
-        for adapter_id, path in self.config.preload:
-            await asyncio.to_thread(self.registry.load, adapter_id, path)
-            log.info("preloaded adapter %r from %s", adapter_id, path)
+        for adapter_id, path in [*self.config.preload, *_adapters_under(self.config.adapter_dir)]:
+            record = await asyncio.to_thread(self.registry.load, adapter_id, path)
+            log.info("registered adapter %r (%s) from %s", adapter_id, record.state.value, path)
         self.engine.start()
-        server = grpc.aio.server()
+        interceptors = [AdminTokenInterceptor(self.config.admin_token)] if self.config.admin_token else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", self.config.max_request_bytes)],
+        )
         builder = RequestBuilder(
             self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
         )
@@ -162,7 +206,11 @@ class Server:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert:
+            self.port = server.add_secure_port(address, _tls_credentials(self.config.tls_cert, self.config.tls_key))
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()

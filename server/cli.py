@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,8 +48,28 @@ def add_serve_subcommand(subparsers) -> None:
     )
     serve.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)")
     serve.add_argument("--max-seq-len", type=int, default=2048, help="context per request, prompt plus output")
-    serve.add_argument("--max-adapters", type=int, default=8, help="adapter slots on the device")
-    serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a slot holds")
+    serve.add_argument(
+        "--max-resident-adapters",
+        "--max-adapters",
+        dest="max_adapters",
+        type=int,
+        default=8,
+        help="adapter slots on the device (least recently used idle adapters are evicted)",
+    )
+    serve.add_argument(
+        "--max-cpu-adapters",
+        type=int,
+        default=32,
+        help="adapters kept parsed in host memory besides those on the device; the rest are re-read from disk",
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        "--max-rank",
+        dest="max_lora_rank",
+        type=int,
+        default=64,
+        help="largest adapter rank accepted (a slot holds this rank)",
+    )
     serve.add_argument(
         "--default-max-new-tokens",
         type=int,
@@ -68,6 +89,39 @@ def add_serve_subcommand(subparsers) -> None:
         default=[],
         metavar="ID=DIR",
         help="load this adapter at start-up (repeatable)",
+    )
+    serve.add_argument(
+        "--adapter-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="register every adapter directory under DIR at start-up, named after it (repeatable)",
+    )
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="LoadAdapter paths must resolve under one of these (repeatable; default: any path)",
+    )
+    serve.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read adapter_model.bin (weights-only unpickling); safetensors only by default",
+    )
+    serve.add_argument("--max-adapter-bytes", type=int, default=None, help="refuse adapter weight files above this")
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get("DELTASERVE_ADMIN_TOKEN"),
+        help="require 'authorization: Bearer TOKEN' on the Adapters service (env DELTASERVE_ADMIN_TOKEN)",
+    )
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS")
+    serve.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request message accepted (RESOURCE_EXHAUSTED above)",
     )
     serve.add_argument(
         "--shutdown-grace",

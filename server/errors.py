@@ -19,6 +19,10 @@ class AdapterExistsError(DeltaserveServerError):
     """LoadAdapter with an id already in use (ALREADY_EXISTS)."""
 
 
+class PermissionDeniedError(DeltaserveServerError):
+    """An adapter path outside every --adapter-root (PERMISSION_DENIED)."""
+
+
 class CapacityError(DeltaserveServerError):
     """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED)."""
 

@@ -25,6 +25,7 @@ class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_STATE_PINNED: _ClassVar[AdapterState]
     ADAPTER_STATE_MERGED: _ClassVar[AdapterState]
     ADAPTER_STATE_UNLOADING: _ClassVar[AdapterState]
+    ADAPTER_STATE_DISK: _ClassVar[AdapterState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
@@ -38,6 +39,7 @@ ADAPTER_STATE_DEVICE: AdapterState
 ADAPTER_STATE_PINNED: AdapterState
 ADAPTER_STATE_MERGED: AdapterState
 ADAPTER_STATE_UNLOADING: AdapterState
+ADAPTER_STATE_DISK: AdapterState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -150,15 +152,27 @@ class ModelInfoResponse(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_adapters: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., adapter_kinds: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path")
+    __slots__ = ("adapter_id", "path", "replace", "pin")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    replace: bool
+    pin: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., replace: _Optional[bool] = ..., pin: _Optional[bool] = ...) -> None: ...
+
+class PinAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "pinned")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    pinned: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "kind", "rank", "size_bytes", "state", "path", "target_modules", "requests_served", "active_requests")
+    __slots__ = ("adapter_id", "kind", "rank", "size_bytes", "state", "path", "target_modules", "requests_served", "active_requests", "pinned", "last_used_unix")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +182,8 @@ class AdapterInfo(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     kind: str
     rank: int
@@ -177,7 +193,9 @@ class AdapterInfo(_message.Message):
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     requests_served: int
     active_requests: int
-    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., requests_served: _Optional[int] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    pinned: bool
+    last_used_unix: float
+    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., requests_served: _Optional[int] = ..., active_requests: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used_unix: _Optional[float] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)

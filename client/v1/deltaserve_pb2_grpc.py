@@ -246,6 +246,7 @@ class AdaptersStub:
     Adapters
     ---------------------------------------------------------------------------------------------------
 
+    Guarded by --admin-token when the server has one (metadata `authorization: Bearer TOKEN`).
     """
 
     def __init__(self, channel):
@@ -269,6 +270,11 @@ class AdaptersStub:
                 request_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.PinAdapter = channel.unary_unary(
+                '/deltaserve.v1.Adapters/PinAdapter',
+                request_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.PinAdapterRequest.SerializeToString,
+                response_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.FromString,
+                _registered_method=True)
 
 
 class AdaptersServicer:
@@ -276,10 +282,13 @@ class AdaptersServicer:
     Adapters
     ---------------------------------------------------------------------------------------------------
 
+    Guarded by --admin-token when the server has one (metadata `authorization: Bearer TOKEN`).
     """
 
     def LoadAdapter(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Validates the adapter fully, then makes it visible: on the device if a slot is free or an idle
+        adapter can be evicted, else in the host cache (it is brought in when a request needs it).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -292,6 +301,13 @@ class AdaptersServicer:
 
     def ListAdapters(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinAdapter(self, request, context):
+        """Pins (keeps on the device, never evicted) or unpins an adapter.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -314,6 +330,11 @@ def add_AdaptersServicer_to_server(servicer, server):
                     request_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.ListAdaptersRequest.FromString,
                     response_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.ListAdaptersResponse.SerializeToString,
             ),
+            'PinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinAdapter,
+                    request_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.PinAdapterRequest.FromString,
+                    response_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'deltaserve.v1.Adapters', rpc_method_handlers)
@@ -327,6 +348,7 @@ class Adapters:
     Adapters
     ---------------------------------------------------------------------------------------------------
 
+    Guarded by --admin-token when the server has one (metadata `authorization: Bearer TOKEN`).
     """
 
     @staticmethod
@@ -400,6 +422,33 @@ class Adapters:
             '/deltaserve.v1.Adapters/ListAdapters',
             deltaserve_dot_v1_dot_deltaserve__pb2.ListAdaptersRequest.SerializeToString,
             deltaserve_dot_v1_dot_deltaserve__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltaserve.v1.Adapters/PinAdapter',
+            deltaserve_dot_v1_dot_deltaserve__pb2.PinAdapterRequest.SerializeToString,
+            deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
