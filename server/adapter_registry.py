@@ -171,6 +171,8 @@ class AdapterRegistry:
         path = self._resolve_path(path)  # PERMISSION_DENIED outside the allowed roots
         record = AdapterRecord(adapter_id, path, None, AdapterState.LOADING, pinned=pin)
         with self._cv:
+            if pin:
+                self._check_pin_room(adapter_id)
             if adapter_id in self._by_id and not replace:
                 raise AdapterExistsError(
                     f"adapter {adapter_id!r} is already loaded; unload it first or load with replace"
@@ -222,11 +224,22 @@ class AdapterRegistry:
         if pinned and record.slot < 0:
             self._ensure_host_copy(record)
         with self._cv:
+            if pinned and not record.pinned:
+                self._check_pin_room(adapter_id)
             if pinned and record.slot < 0 and not self._place_now(record):
                 raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
             record.pinned = pinned
             self._cv.notify_all()
             return record
+
+    def _check_pin_room(self, adapter_id: str) -> None:
+        """At least one slot must stay unpinned, or requests for any other adapter could never run."""
+        pinned = sum(owner is not None and owner.pinned for owner in self._owners)
+        if pinned + 1 >= self._slots.num_slots:
+            raise CapacityError(
+                f"pinning {adapter_id!r} would leave no device slot for other adapters ({pinned} of "
+                f"{self._slots.num_slots} slots pinned); unpin one or raise --max-resident-adapters"
+            )
 
     def _visible(self, adapter_id: str) -> AdapterRecord:
         record = self._by_id.get(adapter_id)
