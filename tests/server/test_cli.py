@@ -84,6 +84,13 @@ def test_cli_commands_and_graceful_sigterm(tiny_dir, lora_dirs):
         assert "finish=" in generated.stderr
         streamed = _cli(server.target, "generate", PROMPTS[0], "--adapter", "cli", "--max-new-tokens", "8", "--stream")
         assert streamed.stdout.rstrip("\n") == expected.text
+        pinned = _cli(server.target, "adapters", "pin", "cli")
+        assert pinned.returncode == 0 and "pinned" in pinned.stdout
+        assert "device" in _cli(server.target, "adapters", "unpin", "cli").stdout
+        replaced = _cli(server.target, "adapters", "load", "cli", lora_dirs["qv8"], "--replace")
+        assert replaced.returncode == 0, replaced.stderr
+        exists = _cli(server.target, "adapters", "load", "cli", lora_dirs["qv8"])
+        assert exists.returncode == 1 and "ALREADY_EXISTS" in exists.stderr
         missing = _cli(server.target, "generate", "hi", "--adapter", "nope")
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
         assert _cli(server.target, "adapters", "unload", "cli").returncode == 0
