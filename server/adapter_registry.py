@@ -107,12 +107,6 @@ class LoraSlots:
                 )
         self.ranks[slot] = adapter.rank
 
-    def clear(self, slot: int) -> None:
-        with self._lock:
-            for layer in self.layers.values():
-                layer.write_slot(slot, None, None)
-            self.ranks[slot] = 0
-
     @property
     def bytes_allocated(self) -> int:
         """Device bytes of the slot stacks allocated so far (they grow once per newly targeted layer)."""
@@ -189,15 +183,19 @@ class AdapterRegistry:
         record.adapter = adapter
         record.describe(adapter)
         with self._cv:
+            record.state = AdapterState.HOST
+            slot = self._reserve_slot(record)
+        if slot >= 0:
+            self._fill_slot(record, slot)
+        with self._cv:
+            if slot < 0 and pin:
+                if self._by_id.get(adapter_id) is record:
+                    del self._by_id[adapter_id]  # a replaced adapter keeps serving: nothing changed
+                raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
             old = self._by_id.get(adapter_id)
             if old is not None and old is not record:
                 self._retire(old)
-            record.state = AdapterState.HOST
             self._by_id[adapter_id] = record
-            placed = self._place_now(record)
-            if pin and not placed:
-                del self._by_id[adapter_id]
-                raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
             self._trim_host_cache()
         return record
 
@@ -221,16 +219,21 @@ class AdapterRegistry:
         """Pin (bring to the device now and never evict) or unpin an adapter."""
         with self._cv:
             record = self._visible(adapter_id)
-        if pinned and record.slot < 0:
-            self._ensure_host_copy(record)
-        with self._cv:
             if pinned and not record.pinned:
                 self._check_pin_room(adapter_id)
-            if pinned and record.slot < 0 and not self._place_now(record):
-                raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
-            record.pinned = pinned
+            was_pinned, record.pinned = record.pinned, pinned  # pinned first: it must not be evicted meanwhile
             self._cv.notify_all()
+        if not pinned or record.slot >= 0:
             return record
+        self._ensure_host_copy(record)
+        with self._cv:
+            slot = self._reserve_slot(record) if record.slot < 0 else -2
+            if slot == -1:
+                record.pinned = was_pinned
+                raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
+        if slot >= 0:
+            self._fill_slot(record, slot)
+        return record
 
     def _check_pin_room(self, adapter_id: str) -> None:
         """At least one slot must stay unpinned, or requests for any other adapter could never run."""
@@ -282,38 +285,44 @@ class AdapterRegistry:
             self._cv.notify_all()  # an idle adapter may now be evicted for a waiting one
 
     # ---- slots (lock held) -------------------------------------------------------------------------
-    def _place_now(self, record: AdapterRecord) -> bool:
-        """Give a parsed record a slot if one is free or evictable; False if every slot is busy or pinned."""
-        slot = self._claim_slot()
+    def _reserve_slot(self, record: AdapterRecord) -> int:
+        """Claim a slot for `record` (lock held): a free one, else the least recently used idle unpinned
+        adapter's (evicted); -1 if every slot is busy, pinned or being written. The weights are copied by
+        `_fill_slot` without the lock, so requests and the event loop never wait for a copy."""
+        slot = next((i for i, owner in enumerate(self._owners) if owner is None), -1)
         if slot < 0:
-            return False
-        self._slots.write(slot, record.adapter)
-        self._owners[slot] = record
-        record.slot = slot
-        if record.state is not AdapterState.UNLOADING:  # a retired record still serves its last requests
-            record.state = AdapterState.DEVICE
-        return True
-
-    def _claim_slot(self) -> int:
-        """A free slot, else the slot of the least recently used idle unpinned adapter (evicted), else -1."""
-        for slot, owner in enumerate(self._owners):
-            if owner is None:
-                return slot
-        idle = [o for o in self._owners if o is not None and o.active_requests == 0 and not o.pinned]
-        if not idle:
-            return -1
-        victim = min(idle, key=lambda r: r.last_used)
-        slot = victim.slot
-        self._free_slot(victim)
-        victim.state = AdapterState.HOST
-        self._evictions += 1
-        self.on_evict()
-        log.info("evicted adapter %r from device slot %d", victim.adapter_id, slot)
+            idle = [
+                o for o in self._owners if o is not None and o.slot >= 0 and o.active_requests == 0 and not o.pinned
+            ]
+            if not idle:
+                return -1
+            victim = min(idle, key=lambda r: r.last_used)
+            slot = victim.slot
+            self._free_slot(victim)
+            victim.state = AdapterState.HOST
+            self._evictions += 1
+            self.on_evict()
+            log.info("evicted adapter %r from device slot %d", victim.adapter_id, slot)
+        self._owners[slot] = record  # reserved: record.slot stays -1 until the copy is done
         return slot
 
+    def _fill_slot(self, record: AdapterRecord, slot: int) -> None:
+        """Copy the weights into a reserved slot (lock not held; a free slot is never read by a forward)."""
+        self._slots.write(slot, record.adapter)
+        with self._cv:
+            if record.state is AdapterState.UNLOADING and record.active_requests == 0:
+                self._owners[slot] = None  # unloaded while copying: nobody will use it
+            else:
+                record.slot = slot
+                if record.state is not AdapterState.UNLOADING:  # a retired record still serves its last requests
+                    record.state = AdapterState.DEVICE
+            self._cv.notify_all()
+        self.on_resident()
+
     def _free_slot(self, record: AdapterRecord) -> None:
+        """Give the slot back (lock held). No need to zero it: a free slot is never read, and the next
+        write_slot zeroes it before copying."""
         if record.slot >= 0:
-            self._slots.clear(record.slot)
             self._owners[record.slot] = None
             record.slot = -1
 
@@ -344,11 +353,16 @@ class AdapterRegistry:
 
     def _bring_in(self, record: AdapterRecord) -> None:
         self._ensure_host_copy(record)
+        slot = -1
         with self._cv:
             while record.slot < 0 and record.adapter is not None and not self._stopping:
-                if self._place_now(record):
+                slot = self._reserve_slot(record)
+                if slot >= 0:
                     break
                 self._cv.wait()  # every slot busy or pinned: wait for a request to finish
+        if slot >= 0:
+            self._fill_slot(record, slot)
+        with self._cv:
             if record in self._want:
                 self._want.remove(record)
             self._trim_host_cache()
