@@ -37,13 +37,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import itertools
-import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import threading
 import time
@@ -52,30 +48,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-import torch
 import transformers
+from common import CHAT_PROMPTS as STREAM_PROMPTS
+from common import RESULTS, import_test_helpers, log, machine_info, write_json
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 CALL_TIMEOUT_S = 600.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark
 MAX_LORA_RANK = 64
 RESIDENT_RANK = 16  # the adapter half the streams of part 2 run on
 TIER_STATES = ("disk", "host", "device", "base")
 
-STREAM_PROMPTS = [
-    "Explain in simple terms why the sky is blue.",
-    "Write a short poem about autumn leaves falling in a quiet park.",
-    "What are three tips for staying focused while working from home?",
-    "Summarize the plot of Romeo and Juliet in a few sentences.",
-    "How do I reverse a list in Python? Show an example.",
-    "Give me a recipe for a quick vegetarian dinner.",
-    "What is the difference between a virus and a bacterium?",
-    "Why do cats purr?",
-]
 TIER_PROMPT = "Tell me a fun fact about octopuses."
 
 
@@ -140,14 +125,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         tier_tokens=8,
         out=out,
     )
-
-
-def import_test_helpers() -> ModuleType:
-    """tests/helpers.py: make_lora (real PEFT adapters) and ServerThread (an in-process server)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import helpers
-
-    return helpers
 
 
 def make_adapter(helpers: ModuleType, model_dir: str, root: str, name: str, rank: int, seed: int) -> str:
@@ -472,38 +449,6 @@ def measure_tiers(target: str, paths: dict[str, str], settings: Settings) -> dic
 
 
 # ---- reporting ------------------------------------------------------------------------------------
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, object]:
-    import peft
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 def hot_load_table(loads: list[RankLoads]) -> str:
     header = f"{'rank':>4} {'size MB':>8} {'loads':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'unload p50 ms':>13}"
     lines = [header, "-" * len(header)]
@@ -604,14 +549,6 @@ def report(
             **tiers,
         },
     }
-
-
-def write_json(data: dict[str, object], path: Path) -> None:
-    """Write through a temporary file so an interrupted run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def write_plot(data: dict[str, object], path: Path) -> bool:

@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,37 +39,18 @@ from types import ModuleType
 
 import torch
 import transformers
+from common import CHAT_PROMPTS as PROMPTS
+from common import RESULTS, import_test_helpers, log, machine_info, write_json
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 SERVER_BASE = "server-base"
 SERVER_MIXED = "server-mixed"
 HF_GENERATE = "hf-generate"
 PEFT_MIXED = "peft-mixed"
 REQUEST_TIMEOUT_S = 1800.0
-
-PROMPTS = [
-    "Explain in simple terms why the sky is blue.",
-    "Write a short poem about autumn leaves falling in a quiet park.",
-    "What are three tips for staying focused while working from home?",
-    "Summarize the plot of Romeo and Juliet in a few sentences.",
-    "How do I reverse a list in Python? Show an example.",
-    "Give me a recipe for a quick vegetarian dinner.",
-    "What is the difference between a virus and a bacterium?",
-    "Translate 'Good morning, how are you?' into French and Spanish.",
-    "Write a polite email asking my manager for a day off next Friday.",
-    "Why do cats purr?",
-    "List the planets of the solar system in order from the sun.",
-    "What causes inflation, and how do central banks respond to it?",
-    "Describe a good morning routine for someone who wants more energy.",
-    "Write a SQL query that counts orders per customer.",
-    "What should I pack for a three-day hiking trip?",
-    "Tell me a fun fact about octopuses.",
-]
 
 
 @dataclass(frozen=True)
@@ -154,14 +131,6 @@ def build_workload(tokenizer: PreTrainedTokenizerBase, settings: Settings) -> Wo
     ]
     adapter_ids = [f"lora{i % settings.adapters}" for i in range(settings.n_requests)]
     return Workload(messages, rendered, adapter_ids, settings.new_tokens)
-
-
-def import_test_helpers() -> ModuleType:
-    """tests/helpers.py: make_lora (real PEFT adapters) and ServerThread (an in-process server)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import helpers
-
-    return helpers
 
 
 def make_adapters(helpers: ModuleType, model_dir: str, root: str, settings: Settings) -> dict[str, str]:
@@ -286,10 +255,6 @@ def matching_rows(a: Measurement, b: Measurement) -> int:
 
 
 # ---- reporting ------------------------------------------------------------------------------------
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def ratios(by_name: dict[str, Measurement]) -> dict[str, float]:
     best = {name: m.best for name, m in by_name.items()}
     return {
@@ -309,34 +274,6 @@ def table(measurements: list[Measurement]) -> str:
             f"{m.best / by_name[SERVER_BASE].best:>13.2f}x {m.best / by_name[PEFT_MIXED].best:>12.2f}x"
         )
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, object]:
-    import peft
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
 
 
 def weight_bytes(server: object) -> dict[str, float]:
@@ -383,14 +320,6 @@ def report(
             "of": len(work.messages),
         },
     }
-
-
-def write_json(data: dict[str, object], path: Path) -> None:
-    """Write through a temporary file so an interrupted run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def write_plot(measurements: list[Measurement], settings: Settings, path: Path) -> bool:
