@@ -74,7 +74,9 @@ def _add_generate(subparsers: Subparsers) -> None:
 
 def _add_adapters(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("adapters", help="load, unload and list adapters")
-    actions = p.add_subparsers(dest="adapters_command", required=True, metavar="{load,unload,list,pin,unpin}")
+    actions = p.add_subparsers(
+        dest="adapters_command", required=True, metavar="{load,unload,list,pin,unpin,merge,unmerge}"
+    )
     load = _client_command(actions, "load", "load a PEFT adapter directory", _cmd_adapters_load)
     load.add_argument("adapter_id")
     load.add_argument("dir", help="adapter directory; sent as an absolute path")
@@ -84,6 +86,9 @@ def _add_adapters(subparsers: Subparsers) -> None:
         command = _client_command(actions, name, f"{name} an adapter on the device", _cmd_adapters_pin)
         command.add_argument("adapter_id")
         command.set_defaults(pinned=pinned)
+    merge = _client_command(actions, "merge", "fold a LoRA adapter into the base weights", _cmd_adapters_merge)
+    merge.add_argument("adapter_id")
+    _client_command(actions, "unmerge", "restore the base weights exactly", _cmd_adapters_unmerge)
     unload = _client_command(actions, "unload", "unload an adapter", _cmd_adapters_unload)
     unload.add_argument("adapter_id")
     _client_command(actions, "list", "list loaded adapters", _cmd_adapters_list)
@@ -219,6 +224,14 @@ def _cmd_info(client: Client, args: argparse.Namespace) -> None:
 def _cmd_adapters_load(client: Client, args: argparse.Namespace) -> None:
     info = client.load_adapter(args.adapter_id, os.path.abspath(args.dir), replace=args.replace, pin=args.pin)
     print(_adapter_table([info]))
+
+
+def _cmd_adapters_merge(client: Client, args: argparse.Namespace) -> None:
+    print(_adapter_table([client.merge_adapter(args.adapter_id)]))
+
+
+def _cmd_adapters_unmerge(client: Client, args: argparse.Namespace) -> None:
+    print(f"unmerged {client.unmerge_adapter()}; base weights restored")
 
 
 def _cmd_adapters_pin(client: Client, args: argparse.Namespace) -> None:

@@ -239,6 +239,18 @@ class Client(_ClientBase):
         with translate_rpc_errors():
             return AdapterInfo.from_proto(self._adapters.LoadAdapter(request, **self._call_options(timeout)))
 
+    def merge_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
+        """Fold a LoRA adapter into the base weights (zero-overhead serving of it)."""
+        request = pb.MergeAdapterRequest(adapter_id=adapter_id)
+        with translate_rpc_errors():
+            return AdapterInfo.from_proto(self._adapters.MergeAdapter(request, **self._call_options(timeout)))
+
+    def unmerge_adapter(self, *, timeout: float | None = None) -> str:
+        """Restore the base weights exactly; returns the adapter that was merged."""
+        with translate_rpc_errors():
+            response = self._adapters.UnmergeAdapter(pb.UnmergeAdapterRequest(), **self._call_options(timeout))
+        return response.adapter_id
+
     def pin_adapter(self, adapter_id: str, pinned: bool = True, *, timeout: float | None = None) -> AdapterInfo:
         """Pin (keep on the device, never evict) or unpin an adapter."""
         request = pb.PinAdapterRequest(adapter_id=adapter_id, pinned=pinned)
@@ -346,6 +358,19 @@ class AsyncClient(_ClientBase):
         with translate_rpc_errors():
             response = await self._adapters.LoadAdapter(request, **self._call_options(timeout))
         return AdapterInfo.from_proto(response)
+
+    async def merge_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
+        """Async form of Client.merge_adapter."""
+        request = pb.MergeAdapterRequest(adapter_id=adapter_id)
+        with translate_rpc_errors():
+            response = await self._adapters.MergeAdapter(request, **self._call_options(timeout))
+        return AdapterInfo.from_proto(response)
+
+    async def unmerge_adapter(self, *, timeout: float | None = None) -> str:
+        """Async form of Client.unmerge_adapter."""
+        with translate_rpc_errors():
+            response = await self._adapters.UnmergeAdapter(pb.UnmergeAdapterRequest(), **self._call_options(timeout))
+        return response.adapter_id
 
     async def pin_adapter(self, adapter_id: str, pinned: bool = True, *, timeout: float | None = None) -> AdapterInfo:
         """Async form of Client.pin_adapter."""

@@ -127,6 +127,7 @@ class ModelInfo:
     adapter_kinds: list[str]
     version: str
     default_max_new_tokens: int
+    merged_adapter_id: str
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfoResponse) -> Self:

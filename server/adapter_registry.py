@@ -31,6 +31,7 @@ from deltaserve.server.errors import (
     AdapterNotFoundError,
     CapacityError,
     InvalidRequestError,
+    MergeError,
 )
 from deltaserve.server.layers import AdapterLinear
 
@@ -61,6 +62,8 @@ class AdapterRecord:
     size_bytes: int = 0
     target_modules: list[str] = field(default_factory=list)
     load_error: BaseException | None = None  # set when the residency thread could not bring it back
+    merged: bool = False  # folded into the base weights (pinned meanwhile; cannot be unloaded or replaced)
+    pinned_for_merge: bool = False  # the pin was taken by the merge, so unmerging lifts it
 
     def describe(self, adapter: ParsedAdapter) -> None:
         self.kind = adapter.kind.value
@@ -167,6 +170,7 @@ class AdapterRegistry:
         with self._cv:
             if pin:
                 self._check_pin_room(adapter_id)
+            self._refuse_if_merged(adapter_id)
             if adapter_id in self._by_id and not replace:
                 raise AdapterExistsError(
                     f"adapter {adapter_id!r} is already loaded; unload it first or load with replace"
@@ -211,6 +215,7 @@ class AdapterRegistry:
         """Hide the adapter; returns how many in-flight requests still finish with it."""
         with self._cv:
             record = self._visible(adapter_id)
+            self._refuse_if_merged(adapter_id)
             del self._by_id[adapter_id]
             self._retire(record)
             return record.active_requests
@@ -219,6 +224,8 @@ class AdapterRegistry:
         """Pin (bring to the device now and never evict) or unpin an adapter."""
         with self._cv:
             record = self._visible(adapter_id)
+            if not pinned and record.merged:
+                raise MergeError(f"adapter {adapter_id!r} is merged into the base and stays pinned; unmerge it first")
             if pinned and not record.pinned:
                 self._check_pin_room(adapter_id)
             was_pinned, record.pinned = record.pinned, pinned  # pinned first: it must not be evicted meanwhile
@@ -234,6 +241,29 @@ class AdapterRegistry:
         if slot >= 0:
             self._fill_slot(record, slot)
         return record
+
+    def set_merged(self, adapter_id: str, merged: bool) -> AdapterRecord:
+        """Mark an adapter merged (pinning it on the device first) or no longer merged."""
+        if merged:
+            with self._cv:
+                already_pinned = self._visible(adapter_id).pinned
+            record = self.set_pinned(adapter_id, True)
+            with self._cv:
+                record.merged = True
+                record.pinned_for_merge = not already_pinned
+            return record
+        with self._cv:
+            record = self._by_id[adapter_id]
+            record.merged = False
+            if record.pinned_for_merge:
+                record.pinned, record.pinned_for_merge = False, False
+            self._cv.notify_all()
+            return record
+
+    def _refuse_if_merged(self, adapter_id: str) -> None:
+        record = self._by_id.get(adapter_id)
+        if record is not None and record.merged:
+            raise MergeError(f"adapter {adapter_id!r} is merged into the base; unmerge it first")
 
     def _check_pin_room(self, adapter_id: str) -> None:
         """At least one slot must stay unpinned, or requests for any other adapter could never run."""

@@ -30,8 +30,10 @@ from deltaserve.server.errors import (
     CapacityError,
     EngineStoppedError,
     InvalidRequestError,
+    MergeError,
     PermissionDeniedError,
 )
+from deltaserve.server.merge import MergeController
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.sampling import SamplingParams
 
@@ -44,6 +46,7 @@ _STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (UnsupportedAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (MergeError, grpc.StatusCode.FAILED_PRECONDITION),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdapterLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
@@ -208,7 +211,7 @@ def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
 
 # ---- services -------------------------------------------------------------------------------------
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, engine: Engine, builder: RequestBuilder, model_info: pb.ModelInfoResponse) -> None:
+    def __init__(self, engine: Engine, builder: RequestBuilder, model_info: Callable[[], pb.ModelInfoResponse]) -> None:
         self.engine = engine
         self.builder = builder
         self.model_info = model_info
@@ -273,7 +276,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_unary_errors
     async def ModelInfo(self, request, context):
-        return self.model_info
+        return self.model_info()
 
 
 _LOAD_RESULT = {
@@ -294,13 +297,17 @@ def _declared_kind(path: str) -> str:
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
-    pinned_on_device = record.pinned and record.state is AdapterState.DEVICE
+    state = _STATE_TO_PROTO[record.state]
+    if record.merged:
+        state = pb.ADAPTER_STATE_MERGED
+    elif record.pinned and record.state is AdapterState.DEVICE:
+        state = pb.ADAPTER_STATE_PINNED
     return pb.AdapterInfo(
         adapter_id=record.adapter_id,
         kind=record.kind,
         rank=record.rank,
         size_bytes=record.size_bytes,
-        state=pb.ADAPTER_STATE_PINNED if pinned_on_device else _STATE_TO_PROTO[record.state],
+        state=state,
         path=record.path,
         target_modules=record.target_modules,
         requests_served=record.requests_served,
@@ -311,9 +318,10 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
 
 
 class AdaptersService(pb_grpc.AdaptersServicer):
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, merges: MergeController) -> None:
         self.registry = engine.registry
         self.metrics = metrics
+        self.merges = merges
 
     @_unary_errors
     async def LoadAdapter(self, request, context):
@@ -344,6 +352,15 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         draining = await asyncio.to_thread(self.registry.unload, request.adapter_id)
         log.info("unloaded adapter %r (%d requests still finishing)", request.adapter_id, draining)
         return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, draining_requests=draining)
+
+    @_unary_errors
+    async def MergeAdapter(self, request, context):
+        record = await asyncio.to_thread(self.merges.merge, request.adapter_id)
+        return adapter_info(record)
+
+    @_unary_errors
+    async def UnmergeAdapter(self, request, context):
+        return pb.UnmergeAdapterResponse(adapter_id=await asyncio.to_thread(self.merges.unmerge))
 
     @_unary_errors
     async def PinAdapter(self, request, context):

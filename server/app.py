@@ -17,6 +17,7 @@ from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots, Regis
 from deltaserve.server.api import AdaptersService, GenerationService, RequestBuilder
 from deltaserve.server.engine import Engine, EngineConfig
 from deltaserve.server.errors import ModelLoadError
+from deltaserve.server.merge import MergeController
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model_loader import LoadedModel, load_model
 from deltaserve.server.runner import ModelRunner
@@ -126,6 +127,7 @@ class Server:
             config.max_batch_size, max_seq_len, _eos_token_ids(loaded), max(config.max_prefill_tokens, max_seq_len)
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
+        self.merges = MergeController(self.engine, self.registry, self.runner, self.metrics)
         self.registry.on_resident = self.engine.wake
         self.registry.on_evict = self.metrics.adapter_evictions.inc
         self._bind_metrics(slots)
@@ -172,6 +174,7 @@ class Server:
             adapter_kinds=served_kinds(),
             version=VERSION,
             default_max_new_tokens=self.config.default_max_new_tokens,
+            merged_adapter_id=self.merges.merged_adapter_id,
         )
 
     def warm_up(self) -> None:
@@ -196,8 +199,8 @@ class Server:
         builder = RequestBuilder(
             self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
         )
-        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.engine, builder, self.model_info()), server)
-        pb_grpc.add_AdaptersServicer_to_server(AdaptersService(self.engine, self.metrics), server)
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.engine, builder, self.model_info), server)
+        pb_grpc.add_AdaptersServicer_to_server(AdaptersService(self.engine, self.metrics, self.merges), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             pb.DESCRIPTOR.services_by_name["Generation"].full_name,

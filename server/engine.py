@@ -8,6 +8,7 @@ Other threads talk to the engine only through `submit`, `Request.cancel` and eac
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import logging
 import threading
@@ -20,7 +21,7 @@ import torch
 from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
 from deltaserve.server.detokenizer import IncrementalDetokenizer
 from deltaserve.server.errors import EngineStoppedError
-from deltaserve.server.layers import build_lora_batch
+from deltaserve.server.layers import PAD_SLOT, build_lora_batch
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.runner import ModelRunner
 from deltaserve.server.sampling import RowState, SamplingParams, make_generator, sample
@@ -123,6 +124,8 @@ class Engine:
         self._running: list[Request] = []
         self._accepting = True
         self._abort_at: float | None = None  # monotonic time after which unfinished work is aborted
+        self._commands: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
+        self.merged: AdapterRecord | None = None  # the adapter folded into the base weights, if any
         self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------
@@ -136,6 +139,21 @@ class Engine:
             self._waiting.append(request)
             self.metrics.requests_waiting.set(len(self._waiting))
             self._cv.notify()
+
+    def call(self, command: Callable[[], object], timeout: float | None = None) -> object:
+        """Run `command` on the engine thread between two steps (e.g. changing the base weights); returns
+        its result or raises its exception. Blocking: call it off the event loop."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            self._commands.append((command, future))
+            self._cv.notify()
+        return future.result(timeout)
+
+    @property
+    def merged_slot(self) -> int:
+        return self.merged.slot if self.merged is not None else -1
 
     def wake(self) -> None:
         """Make the loop look at its requests now (after a cancel), instead of at its next step."""
@@ -163,18 +181,23 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._running and self._accepting:
+                while not self._waiting and not self._running and not self._commands and self._accepting:
                     self._cv.wait()
+                commands, self._commands = self._commands, []
                 if self._abort_at is not None and (
                     time.monotonic() >= self._abort_at or not (self._waiting or self._running)
                 ):
+                    self._cancel_commands(commands)
                     break
                 admitted = self._take_admissible()
-                if not admitted and not self._running:
-                    # Everything queued waits for its adapter to reach the device: sleep until the
-                    # residency thread (or a submit/cancel) wakes the loop.
-                    self._cv.wait(timeout=0.5)
-                    continue
+            self._run_commands(commands)
+            if not admitted and not self._running:
+                with self._cv:
+                    if not self._commands:
+                        # Everything queued waits for its adapter to reach the device: sleep until the
+                        # residency thread (or a submit, cancel or command) wakes the loop.
+                        self._cv.wait(timeout=0.5)
+                continue
             try:
                 self._step(admitted)
             except Exception as err:  # a bug or device failure: fail what was in flight, keep serving
@@ -184,6 +207,19 @@ class Engine:
                         self._finish(request, None, error=err)
                 self._running.clear()
         self._abort_all()
+
+    @staticmethod
+    def _run_commands(commands: list[tuple[Callable[[], object], concurrent.futures.Future]]) -> None:
+        for command, future in commands:
+            try:
+                future.set_result(command())
+            except Exception as err:
+                future.set_exception(err)
+
+    @staticmethod
+    def _cancel_commands(commands: list[tuple[Callable[[], object], concurrent.futures.Future]]) -> None:
+        for _, future in commands:
+            future.set_exception(EngineStoppedError("the server is shutting down"))
 
     def _take_admissible(self) -> list[Request]:
         """Queued requests that can run now, in arrival order: their adapter holds a device slot (others keep
@@ -236,9 +272,12 @@ class Engine:
         """Prefill a group of new requests in one forward, give each its own cache row and first token."""
         device, dtype, slots = self.runner.device, self.runner.dtype, self.registry.num_slots
         span = max(len(r.prompt_ids) for r in group)
-        token_slots = [slot for r in group for slot in [r.slot] * len(r.prompt_ids) + [-1] * (span - len(r.prompt_ids))]
-        lora = build_lora_batch(token_slots, self.registry.slot_ranks, device, dtype, slots)
-        head_lora = build_lora_batch([r.slot for r in group], self.registry.slot_ranks, device, dtype, slots)
+        token_slots = [
+            slot for r in group for slot in [r.slot] * len(r.prompt_ids) + [PAD_SLOT] * (span - len(r.prompt_ids))
+        ]
+        merged = self.merged_slot
+        lora = build_lora_batch(token_slots, self.registry.slot_ranks, device, dtype, slots, merged)
+        head_lora = build_lora_batch([r.slot for r in group], self.registry.slot_ranks, device, dtype, slots, merged)
         rows = list(range(len(self._running), len(self._running) + len(group)))
         logits = self.runner.prefill(rows, [r.prompt_ids for r in group], lora, head_lora)
         now = time.monotonic()

@@ -23,6 +23,10 @@ class PermissionDeniedError(DeltaserveServerError):
     """An adapter path outside every --adapter-root (PERMISSION_DENIED)."""
 
 
+class MergeError(DeltaserveServerError):
+    """A merge or unmerge that cannot be done in the current state (FAILED_PRECONDITION)."""
+
+
 class CapacityError(DeltaserveServerError):
     """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED)."""
 

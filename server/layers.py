@@ -23,6 +23,11 @@ class LoraBatch:
       column_slots [C]      the slots gathered from the stacks, or None for all S slots in order
       slot_mask    [M, r*C] 1 at columns k*C + c where column c is row m's slot, else 0 (rank-major)
     `single_slot` is set when every token of the forward uses one slot (a prefill): a dense path.
+    `rank` 0 means no token has an adapter of its own (only the merged adapter's correction below).
+
+    While an adapter is merged into the base weights (`unmerge_slot` >= 0, its device slot), tokens of the
+    base or of other adapters subtract its delta again: y -= (x A_m^T) B_m on `unmerge_index` [K] (None:
+    every token). Tokens of the merged adapter itself need nothing.
     """
 
     token_index: torch.Tensor | None
@@ -30,6 +35,9 @@ class LoraBatch:
     slot_mask: torch.Tensor | None
     rank: int
     single_slot: int | None = None
+    unmerge_slot: int = -1
+    unmerge_rank: int = 0
+    unmerge_index: torch.Tensor | None = None
 
 
 class ForwardContext:
@@ -82,28 +90,40 @@ class AdapterLinear(nn.Module):
         lora = self._context.lora
         if lora is None or self.lora_a is None:
             return y
-        return self._add_lora(x, y, lora)
-
-    def _add_lora(self, x: torch.Tensor, y: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        # y is the base layer's fresh output, so the delta is added in place (addmm_/index_add_).
+        # y is the base layer's fresh output, so deltas are added in place (addmm_/index_add_).
         x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
         y2 = y.view(-1, self.out_features)
+        if lora.unmerge_slot >= 0:
+            self._subtract_merged(x2, y2, lora)
+        if lora.rank > 0:
+            self._add_lora(x2, y2, lora)
+        return y
+
+    def _subtract_merged(self, x2: torch.Tensor, y2: torch.Tensor, lora: LoraBatch) -> None:
+        a = self.lora_a[: lora.unmerge_rank, lora.unmerge_slot]  # [r, in]
+        b = self.lora_b[: lora.unmerge_rank, lora.unmerge_slot].to(y2.dtype)  # [r, out]
+        if lora.unmerge_index is None:
+            y2.addmm_(x2 @ a.t(), b, alpha=-1)
+        else:
+            rows = x2.index_select(0, lora.unmerge_index)
+            y2.index_add_(0, lora.unmerge_index, (rows @ a.t()) @ b, alpha=-1)
+
+    def _add_lora(self, x2: torch.Tensor, y2: torch.Tensor, lora: LoraBatch) -> None:
         if lora.single_slot is not None:
             # y += (x A^T) B^T for one adapter: two dense GEMMs at the adapter's own rank.
             a = self.lora_a[: lora.rank, lora.single_slot]  # [r, in]
             b = self.lora_b[: lora.rank, lora.single_slot]  # [r, out]
             y2.addmm_(x2 @ a.t(), b.to(y2.dtype))
-            return y
+            return
         # Mixed slots: project every adapter row through all used slots' A at once, keep each row's own
         # block with the mask, and project back through the stacked B — two GEMMs, no loop over adapters.
         a, b = self._slot_columns(lora)  # [r*C, in], [r*C, out]
         if lora.token_index is None:  # every token carries an adapter (a decode step of adapter rows)
             y2.addmm_((x2 @ a.t()) * lora.slot_mask, b.to(y2.dtype))
-            return y
+            return
         rows = x2.index_select(0, lora.token_index)  # [M, in]
         delta = ((rows @ a.t()) * lora.slot_mask) @ b  # [M, out]
         y2.index_add_(0, lora.token_index, delta.to(y2.dtype))
-        return y
 
     def _slot_columns(self, lora: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_a[: lora.rank], self.lora_b[: lora.rank]  # contiguous views [r, S, *]
@@ -125,22 +145,41 @@ def wrap_linear_layers(model: nn.Module, context: ForwardContext) -> dict[str, A
     return wrapped
 
 
+PAD_SLOT = -2  # padding tokens of a prefill: no work at all
+
+
 def build_lora_batch(
-    token_slots: list[int], slot_ranks: list[int], device: torch.device, dtype: torch.dtype, num_slots: int
+    token_slots: list[int],
+    slot_ranks: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    num_slots: int,
+    merged_slot: int = -1,
 ) -> LoraBatch | None:
-    """Describe a forward's adapter tokens (slot -1 = no adapter); None when no token has one.
+    """Describe a forward's adapter tokens (slot -1 = no adapter, PAD_SLOT = padding); None when no
+    token needs adapter work. `merged_slot` is the slot of the adapter merged into the base, if any.
 
     When at least half of the slots are in use, the layers read all S slots in place (extra compute on the
     unused ones, no copy); otherwise they gather only the used slots.
     """
-    index = [i for i, slot in enumerate(token_slots) if slot >= 0]
+    index = [i for i, slot in enumerate(token_slots) if slot >= 0 and slot != merged_slot]
+    unmerge = [i for i, slot in enumerate(token_slots) if slot != merged_slot and slot != PAD_SLOT]
+    if merged_slot < 0 or not unmerge:
+        correction = {}
+    else:
+        every = len(unmerge) == len(token_slots)
+        correction = dict(
+            unmerge_slot=merged_slot,
+            unmerge_rank=slot_ranks[merged_slot],
+            unmerge_index=None if every else torch.tensor(unmerge, device=device),
+        )
     if not index:
-        return None
+        return LoraBatch(None, None, None, rank=0, **correction) if correction else None
     slots = [token_slots[i] for i in index]
     active = sorted(set(slots))
     rank = max(slot_ranks[s] for s in active)
     if len(active) == 1 and len(index) == len(token_slots):
-        return LoraBatch(None, None, None, rank=rank, single_slot=active[0])
+        return LoraBatch(None, None, None, rank=rank, single_slot=active[0], **correction)
     gather = 2 * len(active) < num_slots
     columns = active if gather else list(range(num_slots))
     position = {slot: c for c, slot in enumerate(columns)}
@@ -151,4 +190,5 @@ def build_lora_batch(
         column_slots=torch.tensor(active, device=device) if gather else None,
         slot_mask=one_hot.repeat(1, rank).to(device=device, dtype=dtype),  # column k*C + c
         rank=rank,
+        **correction,
     )

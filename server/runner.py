@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from deltaserve.adapters import BaseModelSpec, LinearShape
-from deltaserve.server.errors import ModelLoadError
+from deltaserve.server.errors import MergeError, ModelLoadError
 from deltaserve.server.layers import AdapterLinear, ForwardContext, LoraBatch, wrap_linear_layers
 from torch import nn
 
@@ -66,6 +66,7 @@ class ModelRunner:
         shape = (max_batch_size, self.num_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self._saved_weights: dict[str, torch.Tensor] = {}  # original weights of merged modules
 
     # ---- description -----------------------------------------------------------------------------
     def base_spec(self) -> BaseModelSpec:
@@ -82,6 +83,31 @@ class ModelRunner:
         base = self.adapter_layers[name].base
         quantized = type(base) is not nn.Linear  # bitsandbytes layers hold packed weights
         return None if quantized else base.weight.detach()
+
+    # ---- merging one adapter into the base ---------------------------------------------------------
+    def merge_weights(self, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """W += B_scaled @ A for each module (computed in fp32), keeping the original weights so that
+        `restore_weights` puts them back bit for bit. Refuses what cannot be merged exactly."""
+        for name in deltas:
+            base = self.adapter_layers[name].base
+            if type(base) is not nn.Linear:
+                raise MergeError(
+                    f"{name} is a quantized layer ({type(base).__name__}); merging into it would be lossy, so "
+                    "deltaserve refuses it (serve the adapter unmerged)"
+                )
+            if base.weight.data_ptr() == self.embed_tokens.weight.data_ptr():
+                raise MergeError(f"{name} shares its weight with the input embeddings; merging would change both")
+        for name, (lora_a, lora_b_scaled) in deltas.items():
+            weight = self.adapter_layers[name].base.weight
+            self._saved_weights[name] = weight.detach().clone()
+            delta = lora_b_scaled.to(self.device, torch.float32) @ lora_a.to(self.device, torch.float32)
+            weight.data.copy_((weight.float() + delta).to(weight.dtype))
+
+    def restore_weights(self) -> None:
+        """Put back the weights saved by `merge_weights` (an exact copy, not a subtraction)."""
+        for name, original in self._saved_weights.items():
+            self.adapter_layers[name].base.weight.data.copy_(original)
+        self._saved_weights.clear()
 
     @property
     def kv_cache_bytes(self) -> int:

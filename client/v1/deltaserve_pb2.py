@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64\x65ltaserve/v1/deltaserve.proto\x12\rdeltaserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe1\x02\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.deltaserve.v1.ChatMessage\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xe9\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x15\n\rstop_sequence\x18\t \x01(\t\"M\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.deltaserve.v1.ChatMessage\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xbf\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x14\n\x0cmax_adapters\x18\n \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0b \x01(\r\x12\x15\n\radapter_kinds\x18\x0c \x03(\t\x12\x0f\n\x07version\x18\r \x01(\t\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x0e \x01(\r\"T\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0b\n\x03pin\x18\x04 \x01(\x08\"7\n\x11PinAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\xfd\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.deltaserve.v1.AdapterState\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\r\x12\x0e\n\x06pinned\x18\n \x01(\x08\x12\x16\n\x0elast_used_unix\x18\x0b \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"F\n\x15UnloadAdapterResponse\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x19\n\x11\x64raining_requests\x18\x02 \x01(\r\"\x15\n\x13ListAdaptersRequest\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.deltaserve.v1.AdapterInfo*\xb7\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x05*\xe3\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x18\n\x14\x41\x44\x41PTER_STATE_PINNED\x10\x04\x12\x18\n\x14\x41\x44\x41PTER_STATE_MERGED\x10\x05\x12\x1b\n\x17\x41\x44\x41PTER_STATE_UNLOADING\x10\x06\x12\x16\n\x12\x41\x44\x41PTER_STATE_DISK\x10\x07\x32\xcb\x02\n\nGeneration\x12K\n\x08Generate\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.deltaserve.v1.TokenizeRequest\x1a\x1f.deltaserve.v1.TokenizeResponse\x12N\n\tModelInfo\x12\x1f.deltaserve.v1.ModelInfoRequest\x1a .deltaserve.v1.ModelInfoResponse2\xd9\x02\n\x08\x41\x64\x61pters\x12L\n\x0bLoadAdapter\x12!.deltaserve.v1.LoadAdapterRequest\x1a\x1a.deltaserve.v1.AdapterInfo\x12Z\n\rUnloadAdapter\x12#.deltaserve.v1.UnloadAdapterRequest\x1a$.deltaserve.v1.UnloadAdapterResponse\x12W\n\x0cListAdapters\x12\".deltaserve.v1.ListAdaptersRequest\x1a#.deltaserve.v1.ListAdaptersResponse\x12J\n\nPinAdapter\x12 .deltaserve.v1.PinAdapterRequest\x1a\x1a.deltaserve.v1.AdapterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64\x65ltaserve/v1/deltaserve.proto\x12\rdeltaserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe1\x02\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.deltaserve.v1.ChatMessage\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xe9\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x15\n\rstop_sequence\x18\t \x01(\t\"M\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.deltaserve.v1.ChatMessage\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xda\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x14\n\x0cmax_adapters\x18\n \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0b \x01(\r\x12\x15\n\radapter_kinds\x18\x0c \x03(\t\x12\x0f\n\x07version\x18\r \x01(\t\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x0e \x01(\r\x12\x19\n\x11merged_adapter_id\x18\x0f \x01(\t\")\n\x13MergeAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnmergeAdapterRequest\",\n\x16UnmergeAdapterResponse\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"T\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0b\n\x03pin\x18\x04 \x01(\x08\"7\n\x11PinAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\xfd\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.deltaserve.v1.AdapterState\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\r\x12\x0e\n\x06pinned\x18\n \x01(\x08\x12\x16\n\x0elast_used_unix\x18\x0b \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"F\n\x15UnloadAdapterResponse\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x19\n\x11\x64raining_requests\x18\x02 \x01(\r\"\x15\n\x13ListAdaptersRequest\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.deltaserve.v1.AdapterInfo*\xb7\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x05*\xe3\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x16\n\x12\x41\x44\x41PTER_STATE_HOST\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x18\n\x14\x41\x44\x41PTER_STATE_PINNED\x10\x04\x12\x18\n\x14\x41\x44\x41PTER_STATE_MERGED\x10\x05\x12\x1b\n\x17\x41\x44\x41PTER_STATE_UNLOADING\x10\x06\x12\x16\n\x12\x41\x44\x41PTER_STATE_DISK\x10\x07\x32\xcb\x02\n\nGeneration\x12K\n\x08Generate\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.deltaserve.v1.TokenizeRequest\x1a\x1f.deltaserve.v1.TokenizeResponse\x12N\n\tModelInfo\x12\x1f.deltaserve.v1.ModelInfoRequest\x1a .deltaserve.v1.ModelInfoResponse2\x88\x04\n\x08\x41\x64\x61pters\x12L\n\x0bLoadAdapter\x12!.deltaserve.v1.LoadAdapterRequest\x1a\x1a.deltaserve.v1.AdapterInfo\x12Z\n\rUnloadAdapter\x12#.deltaserve.v1.UnloadAdapterRequest\x1a$.deltaserve.v1.UnloadAdapterResponse\x12W\n\x0cListAdapters\x12\".deltaserve.v1.ListAdaptersRequest\x1a#.deltaserve.v1.ListAdaptersResponse\x12J\n\nPinAdapter\x12 .deltaserve.v1.PinAdapterRequest\x1a\x1a.deltaserve.v1.AdapterInfo\x12N\n\x0cMergeAdapter\x12\".deltaserve.v1.MergeAdapterRequest\x1a\x1a.deltaserve.v1.AdapterInfo\x12]\n\x0eUnmergeAdapter\x12$.deltaserve.v1.UnmergeAdapterRequest\x1a%.deltaserve.v1.UnmergeAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deltaserve.v1.deltaserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1772
-  _globals['_FINISHREASON']._serialized_end=1955
-  _globals['_ADAPTERSTATE']._serialized_start=1958
-  _globals['_ADAPTERSTATE']._serialized_end=2185
+  _globals['_FINISHREASON']._serialized_start=1913
+  _globals['_FINISHREASON']._serialized_end=2096
+  _globals['_ADAPTERSTATE']._serialized_start=2099
+  _globals['_ADAPTERSTATE']._serialized_end=2326
   _globals['_CHATMESSAGE']._serialized_start=49
   _globals['_CHATMESSAGE']._serialized_end=93
   _globals['_GENERATEREQUEST']._serialized_start=96
@@ -48,23 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFOREQUEST']._serialized_start=821
   _globals['_MODELINFOREQUEST']._serialized_end=839
   _globals['_MODELINFORESPONSE']._serialized_start=842
-  _globals['_MODELINFORESPONSE']._serialized_end=1161
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1163
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1247
-  _globals['_PINADAPTERREQUEST']._serialized_start=1249
-  _globals['_PINADAPTERREQUEST']._serialized_end=1304
-  _globals['_ADAPTERINFO']._serialized_start=1307
-  _globals['_ADAPTERINFO']._serialized_end=1560
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1562
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1604
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1606
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1676
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1678
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1699
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1701
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1769
-  _globals['_GENERATION']._serialized_start=2188
-  _globals['_GENERATION']._serialized_end=2519
-  _globals['_ADAPTERS']._serialized_start=2522
-  _globals['_ADAPTERS']._serialized_end=2867
+  _globals['_MODELINFORESPONSE']._serialized_end=1188
+  _globals['_MERGEADAPTERREQUEST']._serialized_start=1190
+  _globals['_MERGEADAPTERREQUEST']._serialized_end=1231
+  _globals['_UNMERGEADAPTERREQUEST']._serialized_start=1233
+  _globals['_UNMERGEADAPTERREQUEST']._serialized_end=1256
+  _globals['_UNMERGEADAPTERRESPONSE']._serialized_start=1258
+  _globals['_UNMERGEADAPTERRESPONSE']._serialized_end=1302
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1304
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1388
+  _globals['_PINADAPTERREQUEST']._serialized_start=1390
+  _globals['_PINADAPTERREQUEST']._serialized_end=1445
+  _globals['_ADAPTERINFO']._serialized_start=1448
+  _globals['_ADAPTERINFO']._serialized_end=1701
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1703
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1745
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1747
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1817
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1819
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1840
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1842
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1910
+  _globals['_GENERATION']._serialized_start=2329
+  _globals['_GENERATION']._serialized_end=2660
+  _globals['_ADAPTERS']._serialized_start=2663
+  _globals['_ADAPTERS']._serialized_end=3183
 # @@protoc_insertion_point(module_scope)

@@ -120,7 +120,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "architecture", "dtype", "device", "quantization", "max_seq_len", "max_batch_size", "vocab_size", "eos_token_ids", "max_adapters", "max_lora_rank", "adapter_kinds", "version", "default_max_new_tokens")
+    __slots__ = ("model_name", "architecture", "dtype", "device", "quantization", "max_seq_len", "max_batch_size", "vocab_size", "eos_token_ids", "max_adapters", "max_lora_rank", "adapter_kinds", "version", "default_max_new_tokens", "merged_adapter_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class ModelInfoResponse(_message.Message):
     ADAPTER_KINDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     dtype: str
@@ -149,7 +150,24 @@ class ModelInfoResponse(_message.Message):
     adapter_kinds: _containers.RepeatedScalarFieldContainer[str]
     version: str
     default_max_new_tokens: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_adapters: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., adapter_kinds: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
+    merged_adapter_id: str
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_adapters: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., adapter_kinds: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., default_max_new_tokens: _Optional[int] = ..., merged_adapter_id: _Optional[str] = ...) -> None: ...
+
+class MergeAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class UnmergeAdapterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnmergeAdapterResponse(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "replace", "pin")

@@ -275,6 +275,16 @@ class AdaptersStub:
                 request_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.PinAdapterRequest.SerializeToString,
                 response_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.FromString,
                 _registered_method=True)
+        self.MergeAdapter = channel.unary_unary(
+                '/deltaserve.v1.Adapters/MergeAdapter',
+                request_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.MergeAdapterRequest.SerializeToString,
+                response_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.UnmergeAdapter = channel.unary_unary(
+                '/deltaserve.v1.Adapters/UnmergeAdapter',
+                request_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.UnmergeAdapterRequest.SerializeToString,
+                response_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.UnmergeAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdaptersServicer:
@@ -312,6 +322,22 @@ class AdaptersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapter(self, request, context):
+        """Folds a LoRA adapter into the base weights: its requests then run with no adapter work. Requests for
+        the base and other adapters stay correct (their rows subtract the merged delta). Merging another
+        adapter unmerges the current one first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmergeAdapter(self, request, context):
+        """Restores the base weights exactly (a saved copy, not a subtraction).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaptersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -334,6 +360,16 @@ def add_AdaptersServicer_to_server(servicer, server):
                     servicer.PinAdapter,
                     request_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.PinAdapterRequest.FromString,
                     response_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.SerializeToString,
+            ),
+            'MergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapter,
+                    request_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.MergeAdapterRequest.FromString,
+                    response_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.SerializeToString,
+            ),
+            'UnmergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmergeAdapter,
+                    request_deserializer=deltaserve_dot_v1_dot_deltaserve__pb2.UnmergeAdapterRequest.FromString,
+                    response_serializer=deltaserve_dot_v1_dot_deltaserve__pb2.UnmergeAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +485,60 @@ class Adapters:
             '/deltaserve.v1.Adapters/PinAdapter',
             deltaserve_dot_v1_dot_deltaserve__pb2.PinAdapterRequest.SerializeToString,
             deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltaserve.v1.Adapters/MergeAdapter',
+            deltaserve_dot_v1_dot_deltaserve__pb2.MergeAdapterRequest.SerializeToString,
+            deltaserve_dot_v1_dot_deltaserve__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltaserve.v1.Adapters/UnmergeAdapter',
+            deltaserve_dot_v1_dot_deltaserve__pb2.UnmergeAdapterRequest.SerializeToString,
+            deltaserve_dot_v1_dot_deltaserve__pb2.UnmergeAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

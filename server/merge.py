@@ -1,0 +1,79 @@
+"""The merge path: fold one LoRA adapter into the base weights (W + s·BA) for zero-overhead serving of it.
+
+While an adapter is merged its own requests run with no adapter work at all. Requests for the base or for
+other adapters stay correct because their rows subtract the merged delta again, y -= (x A_m^T) B_m, from the
+merged adapter's device slot (`LoraBatch.unmerge_*`). That suits the workload the merge is for — one adapter
+carrying nearly all traffic: the majority pays nothing, the few other rows pay one low-rank product, and a
+change in the mix never forces a weight copy between steps. The original weights of every merged module are
+kept, so unmerging copies them back bit for bit instead of subtracting.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from deltaserve.adapters import LoraAdapter
+from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
+from deltaserve.server.engine import Engine
+from deltaserve.server.errors import MergeError
+from deltaserve.server.metrics import Metrics
+from deltaserve.server.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class MergeController:
+    def __init__(self, engine: Engine, registry: AdapterRegistry, runner: ModelRunner, metrics: Metrics) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.runner = runner
+        self.metrics = metrics
+
+    @property
+    def merged_adapter_id(self) -> str:
+        merged = self.engine.merged
+        return merged.adapter_id if merged is not None else ""
+
+    def merge(self, adapter_id: str) -> AdapterRecord:
+        """Merge `adapter_id` (unmerging another one first). Blocking: call it off the event loop."""
+        record = self.registry.set_merged(adapter_id, True)  # pinned on the device, cannot be unloaded
+        try:
+            self.engine.call(lambda: self._merge_on_engine(record))
+        except BaseException:
+            if self.engine.merged is not record:
+                self.registry.set_merged(adapter_id, False)
+            raise
+        return record
+
+    def unmerge(self) -> str:
+        """Restore the base weights exactly; returns the adapter that was merged."""
+        merged = self.engine.merged
+        if merged is None:
+            raise MergeError("no adapter is merged")
+        self.engine.call(self._unmerge_on_engine)
+        return merged.adapter_id
+
+    def _merge_on_engine(self, record: AdapterRecord) -> None:
+        if self.engine.merged is record:
+            return
+        adapter = record.adapter
+        if not isinstance(adapter, LoraAdapter):
+            raise MergeError(f"adapter {record.adapter_id!r} ({record.kind}) cannot be merged into the base")
+        if self.engine.merged is not None:
+            self._unmerge_on_engine()
+        self.runner.merge_weights({name: (w.lora_a, w.lora_b_scaled) for name, w in adapter.modules.items()})
+        self.engine.merged = record
+        self.metrics.merge_switches.inc()
+        self.metrics.merged_adapter.labels(record.adapter_id).set(1)
+        log.info("merged adapter %r into the base (%d modules)", record.adapter_id, len(adapter.modules))
+
+    def _unmerge_on_engine(self) -> None:
+        record = self.engine.merged
+        if record is None:
+            return
+        self.runner.restore_weights()
+        self.engine.merged = None
+        self.registry.set_merged(record.adapter_id, False)
+        self.metrics.merge_switches.inc()
+        self.metrics.merged_adapter.remove(record.adapter_id)
+        log.info("unmerged adapter %r: base weights restored", record.adapter_id)
