@@ -307,6 +307,7 @@ class Engine:
             device,
             self.runner.dtype,
             self.registry.num_slots,
+            self.merged_slot,
         )
         logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), lora)
         self.metrics.batch_size.observe(len(running))
