@@ -17,7 +17,7 @@ from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots, Regis
 from deltaserve.server.api import AdaptersService, GenerationService, RequestBuilder
 from deltaserve.server.engine import Engine, EngineConfig
 from deltaserve.server.errors import ModelLoadError
-from deltaserve.server.merge import MergeController
+from deltaserve.server.merge import AutoMergePolicy, MergeController
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model_loader import LoadedModel, load_model
 from deltaserve.server.runner import ModelRunner
@@ -54,6 +54,8 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_request_bytes: int = 4 * 1024 * 1024
+    merge_policy: str = "off"  # "auto": merge the adapter that carries nearly all traffic (server/merge.py)
+    merge_window_requests: int = 32
     shutdown_grace_seconds: float = 30.0
     metrics_max_adapters: int = 64
 
@@ -128,6 +130,10 @@ class Server:
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.merges = MergeController(self.engine, self.registry, self.runner, self.metrics)
+        if config.merge_policy == "auto":
+            self.engine.admission_observer = AutoMergePolicy(self.merges, window=config.merge_window_requests).observe
+        elif config.merge_policy != "off":
+            raise ModelLoadError(f"unknown --merge-policy {config.merge_policy!r}; use off or auto")
         self.registry.on_resident = self.engine.wake
         self.registry.on_evict = self.metrics.adapter_evictions.inc
         self._bind_metrics(slots)

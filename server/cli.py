@@ -124,6 +124,18 @@ def add_serve_subcommand(subparsers) -> None:
         help="largest request message accepted (RESOURCE_EXHAUSTED above)",
     )
     serve.add_argument(
+        "--merge-policy",
+        choices=("off", "auto"),
+        default="off",
+        help="auto: merge the adapter that carries nearly all traffic, unmerge when the mix changes",
+    )
+    serve.add_argument(
+        "--merge-window-steps",
+        type=int,
+        default=32,
+        help="decode steps the auto merge policy looks back over (and waits after a switch)",
+    )
+    serve.add_argument(
         "--shutdown-grace",
         type=float,
         default=30.0,

@@ -126,6 +126,7 @@ class Engine:
         self._abort_at: float | None = None  # monotonic time after which unfinished work is aborted
         self._commands: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
         self.merged: AdapterRecord | None = None  # the adapter folded into the base weights, if any
+        self.admission_observer: Callable[[str], None] | None = None  # sees each admitted request's adapter
         self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------
@@ -251,6 +252,9 @@ class Engine:
                 runnable.append(request)
         for group in self._prefill_groups(runnable):
             self._prefill(group)
+            if self.admission_observer is not None:  # between forwards: it may merge or unmerge
+                for request in group:
+                    self.admission_observer(request.adapter_id)
         if self._running:
             self._decode()
         self.metrics.requests_running.set(len(self._running))

@@ -11,11 +11,12 @@ kept, so unmerging copies them back bit for bit instead of subtracting.
 from __future__ import annotations
 
 import logging
+from collections import Counter, deque
 
 from deltaserve.adapters import LoraAdapter
 from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
 from deltaserve.server.engine import Engine
-from deltaserve.server.errors import MergeError
+from deltaserve.server.errors import DeltaserveServerError, MergeError
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.runner import ModelRunner
 
@@ -77,3 +78,65 @@ class MergeController:
         self.metrics.merge_switches.inc()
         self.metrics.merged_adapter.remove(record.adapter_id)
         log.info("unmerged adapter %r: base weights restored", record.adapter_id)
+
+
+class AutoMergePolicy:
+    """`--merge-policy auto` (dLoRA's idea): merge the adapter that carries nearly all traffic, unmerge when
+    the mix changes.
+
+    It looks at the adapters named by the last `window` admitted requests. With nothing merged, an adapter
+    named by at least `merge_share` of them is merged; a merged adapter whose share falls below
+    `unmerge_share` is unmerged. Two thresholds, and a dwell of `window` new requests after every switch,
+    keep it from flapping. Counting requests rather than decode steps means that one long request does not
+    look like a traffic shift. It runs on the engine thread between forwards, so it changes the weights
+    directly.
+    """
+
+    def __init__(
+        self, controller: MergeController, window: int = 32, merge_share: float = 0.95, unmerge_share: float = 0.8
+    ) -> None:
+        self.controller = controller
+        self.window = window
+        self.merge_share = merge_share
+        self.unmerge_share = unmerge_share
+        self._recent: deque[str] = deque(maxlen=window)
+        self._since_switch = 0
+        self._refused: set[str] = set()  # adapters that cannot be merged (quantized base, tied lm_head, ...)
+
+    def observe(self, adapter_id: str) -> None:
+        """Called for every admitted request with its adapter id ("" for the base)."""
+        self._recent.append(adapter_id)
+        self._since_switch += 1
+        if self._since_switch < self.window:
+            return
+        counts = Counter(self._recent)
+        merged = self.controller.engine.merged
+        if merged is not None:
+            share = counts[merged.adapter_id] / len(self._recent)
+            if share < self.unmerge_share:
+                self.controller._unmerge_on_engine()
+                self._switched(f"{merged.adapter_id!r} was named by {share:.0%} of the requests")
+            return
+        candidate, count = counts.most_common(1)[0]
+        if candidate and candidate not in self._refused and count >= self.merge_share * len(self._recent):
+            self._merge(candidate, count / len(self._recent))
+
+    def _merge(self, adapter_id: str, share: float) -> None:
+        registry = self.controller.registry
+        try:
+            record = registry.set_merged(adapter_id, True)
+        except (DeltaserveServerError, KeyError):  # unloaded meanwhile, or no slot can be pinned
+            self._refused.add(adapter_id)
+            return
+        try:
+            self.controller._merge_on_engine(record)
+        except MergeError as err:
+            registry.set_merged(adapter_id, False)
+            self._refused.add(adapter_id)
+            log.info("auto merge: %r cannot be merged (%s)", adapter_id, err)
+            return
+        self._switched(f"{adapter_id!r} was named by {share:.0%} of the requests")
+
+    def _switched(self, why: str) -> None:
+        self._since_switch = 0
+        log.info("auto merge policy switched: %s (last %d)", why, self.window)

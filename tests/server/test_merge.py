@@ -135,3 +135,31 @@ def test_quantized_base_refuses_to_merge(tiny_dir, lora_dirs):
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "lossy" in info.value.message
         assert client.generate(PROMPTS[0], max_new_tokens=6, logprobs=True).logprobs == before
         assert {a.adapter_id: a.state for a in client.list_adapters()}["qv8"] == "device"
+
+
+def test_auto_policy_merges_single_adapter_traffic_and_unmerges_mixed(tiny_dir, lora_dirs, references):
+    config = ServerConfig(
+        model=tiny_dir,
+        max_batch_size=6,
+        max_seq_len=256,
+        max_adapters=4,
+        max_lora_rank=16,
+        merge_policy="auto",
+        merge_window_requests=4,
+    )
+    with ServerThread(config) as server, Client(server.target, timeout=120) as client:
+        for name in ("qv8", MERGED):
+            client.load_adapter(name, lora_dirs[name])
+        switches = lambda: server.server.metrics.registry.get_sample_value("deltaserve_merge_switches_total")  # noqa: E731
+        # Single-adapter traffic: merged after one window of requests, then stays merged (no flapping).
+        for i in range(6):
+            result = _generate(server.target, MERGED, i % 3)
+            assert result.token_ids == references[MERGED, i % 3].token_ids
+        assert client.model_info().merged_adapter_id == MERGED
+        assert switches() == 1
+        # Mixed traffic: unmerged, and outputs stay equal to their references throughout.
+        jobs = [(adapter, i % 3) for i, adapter in enumerate(["", "qv8", MERGED] * 4)]
+        for job in jobs:
+            assert _generate(server.target, *job).token_ids == references[job].token_ids, job
+        assert client.model_info().merged_adapter_id == ""
+        assert switches() == 2

@@ -1,0 +1,866 @@
+"""Merging a LoRA adapter into the base: decode speed merged vs unmerged vs the base, the cost of a merge, and
+the automatic merge policy on a traffic trace.
+
+On the embedded SmolLM2-135M-Instruct in fp32 on the CPU, with the real deltaserve gRPC server in-process on
+127.0.0.1 and one real PEFT LoRA adapter "a" (rank `--rank`, target_modules="all-linear", random non-zero
+weights):
+
+  1. decode speed  greedy streams with min_new_tokens = max_new_tokens, so every run generates the same
+                   count: single stream (1 request, `--stream-tokens` tokens) and batched (`--batch` concurrent
+                   requests of the same target, `--batch-tokens` tokens each), for three conditions:
+                     base       no adapter, nothing merged
+                     unmerged   adapter "a", served as a LoRA delta on every layer
+                     merged     adapter "a" after MergeAdapter (its delta folded into the base weights);
+                                UnmergeAdapter again right after the condition
+                   The conditions take turns for `--rounds` rounds (the order rotates every round), after one
+                   untimed warm-up of each, so machine noise hits all of them alike. Decode tokens/s is
+                   counted from the client-side arrival time of every streamed chunk: the tokens after each
+                   stream's first one, over the time from the first stream's first token to the last
+                   stream's last (the prefill and time to first token are left out; end-to-end tokens/s is
+                   kept in the JSON too). Reported: best and median over the rounds, their ratios to the base,
+                   and the median of the per-round ratios (each round's pair measured seconds apart). The
+                   merged and unmerged greedy outputs are compared token for token, every row of every round.
+  2. merge cost    MergeAdapter and UnmergeAdapter latency as the client sees it, on the idle server,
+                   `--merge-repeats` times each (p50/p95).
+  3. auto policy   a server with merge_policy="auto" and 4 adapters (a, b, c, d): phase A, `--phase-a`
+                   seconds of `--clients` concurrent clients looping over short greedy requests
+                   (`--auto-tokens` tokens) all on "a"; then phase B, `--phase-b` seconds of the same clients
+                   spread over a, b, c, d and the base (each client cycles through the five, offset by its
+                   index). Every `--sample-every` seconds: ModelInfo's merged_adapter_id and the
+                   deltaserve_merge_switches_total counter. Reported: time from each phase's start until the
+                   adapter is merged (A) / unmerged (B), the number of switches (a merge and an unmerge is 2;
+                   more means flapping), and tokens/s per phase (phase A also split into before and after
+                   the merge). `--merge-window` sets the policy's look-back window (ServerConfig's
+                   merge_window_* field; default: the server's own). No warm-up requests on this server, so the
+                   policy's window holds only the trace. Skipped with a note when this server's ServerConfig
+                   has no merge_policy.
+
+Run:  python benchmarks/merge.py          (64-token streams, batch 8, 6 rounds, 10 merges, 30 s + 30 s trace;
+                                         10-15 minutes on 2 cores)
+      python benchmarks/merge.py --quick  (16-token streams, batch 4, 1 round, 3 merges, 10 s + 10 s trace
+                                         with an 8-request policy window; a smoke run)
+Writes benchmarks/results/merge-cpu.json (…-quick.json for --quick) and a PNG next to it
+(skipped with a warning when matplotlib is missing: pip install matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import transformers
+from common import CHAT_PROMPTS as PROMPTS
+from common import RESULTS, import_test_helpers, log, machine_info, write_json
+from deltaserve.client import AsyncClient, Client
+from deltaserve.server.app import ServerConfig
+from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+CALL_TIMEOUT_S = 600.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark
+ADAPTER = "a"
+CONDITIONS = ("base", "unmerged", "merged")
+SHAPES = ("single", "batched")
+AUTO_ADAPTERS = ("a", "b", "c", "d")
+PHASE_B_TARGETS = ("a", "b", "c", "d", "")  # "" is the base
+SWITCH_METRIC = "deltaserve_merge_switches_total"
+TARGET_RATIO = 0.95  # the issue's target: merged >= 0.95x base, single stream
+
+
+@dataclass(frozen=True)
+class Settings:
+    rank: int
+    stream_tokens: int
+    batch: int
+    batch_tokens: int
+    rounds: int
+    merge_repeats: int
+    clients: int
+    auto_tokens: int
+    phase_a: float
+    phase_b: float
+    sample_every: float
+    merge_window: int | None
+    out: Path
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, batch 4, 1 round, short trace")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--stream-tokens", type=int, default=None, help="tokens of the single stream (default 64)")
+    parser.add_argument("--batch", type=int, default=None, help="concurrent requests when batched (default 8)")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per batched request (default 64)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the three conditions (default 6)")
+    parser.add_argument("--merge-repeats", type=int, default=None, help="timed merges/unmerges (default 10)")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients in the trace (default 4)")
+    parser.add_argument("--auto-tokens", type=int, default=16, help="tokens per trace request (default 16)")
+    parser.add_argument("--phase-a", type=float, default=None, help="seconds of single-adapter traffic (def. 30)")
+    parser.add_argument("--phase-b", type=float, default=None, help="seconds of mixed traffic (default 30)")
+    parser.add_argument("--sample-every", type=float, default=0.5, help="trace sampling period, s (default 0.5)")
+    parser.add_argument(
+        "--merge-window", type=int, default=None, help="the auto policy's window (default: the server's; --quick 8)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
+    args = parser.parse_args(argv)
+    defaults = (16, 4, 16, 1, 3, 10.0, 10.0) if args.quick else (64, 8, 64, 6, 10, 30.0, 30.0)
+    given = (
+        args.stream_tokens,
+        args.batch,
+        args.batch_tokens,
+        args.rounds,
+        args.merge_repeats,
+        args.phase_a,
+        args.phase_b,
+    )
+    stream_tokens, batch, batch_tokens, rounds, merge_repeats, phase_a, phase_b = (
+        d if g is None else g for g, d in zip(given, defaults, strict=True)
+    )
+    if min(args.rank, stream_tokens, batch, batch_tokens, rounds, merge_repeats, args.clients, args.auto_tokens) < 1:
+        parser.error("--rank, token counts, --batch, --rounds, --merge-repeats and --clients must be at least 1")
+    if min(stream_tokens, batch_tokens) < 2:
+        parser.error("--stream-tokens and --batch-tokens must be at least 2 (decode rate needs a second token)")
+    if min(phase_a, phase_b, args.sample_every) <= 0:
+        parser.error("--phase-a, --phase-b and --sample-every must be positive")
+    if args.merge_window is not None and args.merge_window < 1:
+        parser.error("--merge-window must be at least 1")
+    out = args.out or RESULTS / ("merge-cpu-quick.json" if args.quick else "merge-cpu.json")
+    return Settings(
+        rank=args.rank,
+        stream_tokens=stream_tokens,
+        batch=batch,
+        batch_tokens=batch_tokens,
+        rounds=rounds,
+        merge_repeats=merge_repeats,
+        clients=args.clients,
+        auto_tokens=args.auto_tokens,
+        phase_a=phase_a,
+        phase_b=phase_b,
+        sample_every=args.sample_every,
+        merge_window=8 if args.quick and args.merge_window is None else args.merge_window,
+        out=out,
+    )
+
+
+def make_adapter(helpers: ModuleType, model_dir: str, root: str, name: str, rank: int, seed: int) -> str:
+    """A random, non-zero all-linear LoRA adapter saved with PEFT's save_pretrained."""
+    return helpers.make_lora(
+        model_dir, os.path.join(root, name), seed=seed, r=rank, lora_alpha=2 * rank, target_modules="all-linear"
+    )
+
+
+def has_merge_policy() -> bool:
+    return any(f.name == "merge_policy" for f in dataclasses.fields(ServerConfig))
+
+
+def policy_window_field() -> str | None:
+    """The ServerConfig field of the auto policy's look-back window (merge_window_*), if there is one."""
+    return next((f.name for f in dataclasses.fields(ServerConfig) if f.name.startswith("merge_window")), None)
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linearly interpolated between order statistics (numpy's default)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ms_summary(seconds: list[float]) -> dict[str, float]:
+    return {
+        "n": len(seconds),
+        "p50": percentile(seconds, 50) * 1e3,
+        "p95": percentile(seconds, 95) * 1e3,
+        "max": max(seconds) * 1e3 if seconds else math.nan,
+        "min": min(seconds) * 1e3 if seconds else math.nan,
+    }
+
+
+# ---- streams --------------------------------------------------------------------------------------
+@dataclass
+class StreamBatch:
+    """Concurrent greedy streams started together: per stream, (arrival time, tokens) of every chunk."""
+
+    start: float
+    chunks: list[list[tuple[float, int]]]
+    token_ids: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+    @property
+    def end(self) -> float:
+        return max(chunks[-1][0] for chunks in self.chunks)
+
+    def first_token_times(self) -> list[float]:
+        return [next(t for t, n in chunks if n > 0) for chunks in self.chunks]
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens after each stream's first, over the first stream's first token to the last stream's last."""
+        firsts = self.first_token_times()
+        after_first = sum(
+            sum(n for t, n in chunks if t > first) for chunks, first in zip(self.chunks, firsts, strict=True)
+        )
+        return after_first / (self.end - min(firsts))
+
+    @property
+    def e2e_rate(self) -> float:
+        return self.tokens / (self.end - self.start)
+
+
+async def _streams(client: AsyncClient, jobs: list[tuple[str, str]], tokens: int) -> StreamBatch:
+    """Run one greedy stream per (adapter id, user message) concurrently."""
+
+    async def one(adapter_id: str, message: str) -> tuple[list[tuple[float, int]], list[int]]:
+        chunks, ids = [], []
+        async for chunk in client.generate_stream(
+            messages=[{"role": "user", "content": message}],
+            adapter_id=adapter_id,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            temperature=0.0,
+        ):
+            chunks.append((time.perf_counter(), len(chunk.token_ids)))
+            ids.extend(chunk.token_ids)
+        return chunks, ids
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(adapter_id, message) for adapter_id, message in jobs))
+    batch = StreamBatch(start, [c for c, _ in results], [ids for _, ids in results])
+    for i, ids in enumerate(batch.token_ids):
+        if len(ids) != tokens:
+            raise RuntimeError(f"stream {i} ({jobs[i][0] or 'base'}) generated {len(ids)} tokens, expected {tokens}")
+    return batch
+
+
+# ---- part 1: decode speed -------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One condition x shape: every round's batch."""
+
+    condition: str
+    shape: str
+    runs: list[StreamBatch] = field(default_factory=list)
+
+    def decode_rates(self) -> list[float]:
+        return [run.decode_rate for run in self.runs]
+
+    def e2e_rates(self) -> list[float]:
+        return [run.e2e_rate for run in self.runs]
+
+    @property
+    def best(self) -> float:
+        return max(self.decode_rates())
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.decode_rates())
+
+
+async def _condition(
+    client: AsyncClient, condition: str, settings: Settings, merge_times: list[tuple[float, float]]
+) -> dict[str, StreamBatch]:
+    """Both shapes of one condition; merged runs are bracketed by MergeAdapter / UnmergeAdapter."""
+    adapter_id = "" if condition == "base" else ADAPTER
+    if condition == "merged":
+        start = time.perf_counter()
+        await client.merge_adapter(ADAPTER)
+        merged_at = time.perf_counter()
+    expected = ADAPTER if condition == "merged" else ""
+    merged_now = (await client.model_info()).merged_adapter_id
+    if merged_now != expected:
+        raise RuntimeError(f"{condition}: the server reports merged adapter {merged_now!r}, expected {expected!r}")
+    try:
+        single = await _streams(client, [(adapter_id, PROMPTS[0])], settings.stream_tokens)
+        jobs = [(adapter_id, PROMPTS[i % len(PROMPTS)]) for i in range(settings.batch)]
+        batched = await _streams(client, jobs, settings.batch_tokens)
+    finally:
+        if condition == "merged":
+            before_unmerge = time.perf_counter()
+            await client.unmerge_adapter()
+            merge_times.append((merged_at - start, time.perf_counter() - before_unmerge))
+    return {"single": single, "batched": batched}
+
+
+async def _measure_speed(target: str, settings: Settings) -> tuple[dict[tuple[str, str], Cell], list, list]:
+    """Every condition x shape over the rounds; also each merged condition's (merge, unmerge) seconds and the
+    1-minute load average after each round (the machine is shared: a load above the core count means another
+    process competed)."""
+    cells = {(c, s): Cell(c, s) for c in CONDITIONS for s in SHAPES}
+    merge_times: list[tuple[float, float]] = []
+    loads: list[float] = []
+    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
+        await client.model_info()  # connect before the clock starts
+        log("decode speed: warm-up of every condition")
+        for condition in CONDITIONS:
+            await _condition(client, condition, settings, merge_times)
+        merge_times.clear()
+        for round_ in range(settings.rounds):
+            k = round_ % len(CONDITIONS)
+            order = CONDITIONS[k:] + CONDITIONS[:k]
+            for condition in order:
+                for shape, run in (await _condition(client, condition, settings, merge_times)).items():
+                    cells[condition, shape].runs.append(run)
+            loads.append(os.getloadavg()[0])
+            log(
+                f"decode round {round_ + 1}/{settings.rounds} ({', '.join(order)}): "
+                + "; ".join(
+                    f"{s} " + ", ".join(f"{c} {cells[c, s].runs[-1].decode_rate:.1f}" for c in CONDITIONS)
+                    for s in SHAPES
+                )
+                + f" tok/s; load average {loads[-1]:.2f}"
+            )
+    return cells, merge_times, loads
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (None if identical)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_outputs(cells: dict[tuple[str, str], Cell], shape: str, left: str, right: str) -> dict[str, object]:
+    """Rows of `left` and `right` (every round) compared token for token."""
+    rows, identical, differences = 0, 0, []
+    for round_, (a, b) in enumerate(zip(cells[left, shape].runs, cells[right, shape].runs, strict=True)):
+        for row, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+            rows += 1
+            at = first_difference(x, y)
+            if at is None:
+                identical += 1
+            else:
+                differences.append({"round": round_, "row": row, "first_differing_token": at})
+    return {"rows": rows, "identical": identical, "differences": differences}
+
+
+def speed_summary(cells: dict[tuple[str, str], Cell], merge_times: list) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for shape in SHAPES:
+        base = cells["base", shape]
+        entry: dict[str, object] = {}
+        for condition in CONDITIONS:
+            cell = cells[condition, shape]
+            per_round = [r / b for r, b in zip(cell.decode_rates(), base.decode_rates(), strict=True)]
+            entry[condition] = {
+                "best_decode_tokens_per_s": cell.best,
+                "median_decode_tokens_per_s": cell.median,
+                "decode_tokens_per_s": cell.decode_rates(),
+                "e2e_tokens_per_s": cell.e2e_rates(),
+                "median_e2e_tokens_per_s": statistics.median(cell.e2e_rates()),
+                "best_over_base": cell.best / base.best,
+                "median_over_base": cell.median / base.median,
+                "per_round_over_base": per_round,
+                "median_of_per_round_over_base": statistics.median(per_round),
+            }
+        entry["merged_vs_unmerged_tokens"] = compare_outputs(cells, shape, "merged", "unmerged")
+        entry["unmerged_vs_base_tokens"] = compare_outputs(cells, shape, "unmerged", "base")
+        out[shape] = entry
+    out["merge_unmerge_between_conditions_ms"] = {
+        "merge": ms_summary([m for m, _ in merge_times]),
+        "unmerge": ms_summary([u for _, u in merge_times]),
+    }
+    single = out["single"]["merged"]
+    out["target"] = {
+        "statement": f"merged >= {TARGET_RATIO}x base decode tokens/s, single stream",
+        "best_over_base": single["best_over_base"],
+        "median_over_base": single["median_over_base"],
+        "median_of_per_round_over_base": single["median_of_per_round_over_base"],
+        "met_on_best": single["best_over_base"] >= TARGET_RATIO,
+        "met_on_median": single["median_over_base"] >= TARGET_RATIO,
+    }
+    return out
+
+
+# ---- part 2: the cost of a merge ------------------------------------------------------------------
+def measure_merge_cost(target: str, settings: Settings) -> dict[str, object]:
+    merges, unmerges = [], []
+    with Client(target, timeout=CALL_TIMEOUT_S) as client:
+        if client.model_info().merged_adapter_id:
+            raise RuntimeError("an adapter is still merged before the merge-cost measurement")
+        for rep in range(settings.merge_repeats):
+            start = time.perf_counter()
+            info = client.merge_adapter(ADAPTER)
+            merged = time.perf_counter()
+            if info.state != "merged":
+                raise RuntimeError(f"MergeAdapter returned state {info.state!r}")
+            unmerged_id = client.unmerge_adapter()
+            merges.append(merged - start)
+            unmerges.append(time.perf_counter() - merged)
+            if unmerged_id != ADAPTER:
+                raise RuntimeError(f"UnmergeAdapter returned {unmerged_id!r}, expected {ADAPTER!r}")
+            log(
+                f"merge cost {rep + 1}/{settings.merge_repeats}: {merges[-1] * 1e3:.0f} ms merge, "
+                f"{unmerges[-1] * 1e3:.0f} ms unmerge"
+            )
+    return {
+        "merge_seconds": merges,
+        "unmerge_seconds": unmerges,
+        "merge_ms": ms_summary(merges),
+        "unmerge_ms": ms_summary(unmerges),
+    }
+
+
+# ---- part 3: the auto policy ----------------------------------------------------------------------
+@dataclass
+class Trace:
+    start: float = 0.0
+    phase_b_start: float = 0.0
+    end: float = 0.0
+    samples: list[tuple[float, str, float]] = field(default_factory=list)  # (time, merged id, switches)
+    chunks: list[tuple[float, int, str]] = field(default_factory=list)  # (arrival, tokens, target)
+    requests: list[tuple[float, float, str]] = field(default_factory=list)  # (start, end, target)
+    errors: list[str] = field(default_factory=list)
+
+
+async def _trace(target: str, server: object, settings: Settings) -> Trace:
+    trace = Trace()
+    registry = server.server.metrics.registry
+
+    def switches() -> float:
+        return registry.get_sample_value(SWITCH_METRIC) or 0.0
+
+    async def client_loop(index: int, client: AsyncClient) -> None:
+        k = 0
+        while True:
+            now = time.perf_counter()
+            if now >= trace.end:
+                return
+            in_a = now < trace.phase_b_start
+            adapter_id = ADAPTER if in_a else PHASE_B_TARGETS[(index + k) % len(PHASE_B_TARGETS)]
+            message = PROMPTS[(index * 7 + k) % len(PROMPTS)]
+            k += 1
+            got = 0
+            async for chunk in client.generate_stream(
+                messages=[{"role": "user", "content": message}],
+                adapter_id=adapter_id,
+                max_new_tokens=settings.auto_tokens,
+                min_new_tokens=settings.auto_tokens,
+                temperature=0.0,
+            ):
+                trace.chunks.append((time.perf_counter(), len(chunk.token_ids), adapter_id))
+                got += len(chunk.token_ids)
+            trace.requests.append((now, time.perf_counter(), adapter_id))
+            if got != settings.auto_tokens:
+                trace.errors.append(f"client {index}: {adapter_id or 'base'} generated {got} tokens")
+
+    async def sampler(client: AsyncClient) -> None:
+        next_at = trace.start
+        while True:
+            now = time.perf_counter()
+            info = await client.model_info()
+            trace.samples.append((now, info.merged_adapter_id, switches()))
+            if now >= trace.end:
+                return
+            next_at += settings.sample_every
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+
+    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
+        await client.model_info()
+        trace.start = time.perf_counter()
+        trace.phase_b_start = trace.start + settings.phase_a
+        trace.end = trace.phase_b_start + settings.phase_b
+        await asyncio.gather(sampler(client), *(client_loop(i, client) for i in range(settings.clients)))
+    return trace
+
+
+def _rate(chunks: list[tuple[float, int, str]], start: float, end: float) -> float:
+    return sum(n for t, n, _ in chunks if start <= t < end) / (end - start) if end > start else math.nan
+
+
+def trace_summary(trace: Trace) -> dict[str, object]:
+    t0, tb, te = trace.start, trace.phase_b_start, trace.end
+    samples = trace.samples
+    merged_a = next((t for t, m, _ in samples if t0 <= t < tb and m == ADAPTER), None)
+    # The unmerge is only looked for when phase A did merge the adapter.
+    unmerged_b = next((t for t, m, _ in samples if t >= tb and m != ADAPTER), None) if merged_a is not None else None
+    transitions = []
+    for (_, m0, _), (t1, m1, _) in itertools.pairwise(samples):
+        if m1 != m0:
+            transitions.append({"t": t1 - t0, "from": m0, "to": m1})
+    start_switches, end_switches = samples[0][2], samples[-1][2]
+    phase_a_merged = {
+        "tokens_per_s": _rate(trace.chunks, t0, tb),
+        "before_merge_tokens_per_s": _rate(trace.chunks, t0, tb if merged_a is None else merged_a),
+        "after_merge_tokens_per_s": math.nan if merged_a is None else _rate(trace.chunks, merged_a, tb),
+    }
+    phase_b = {
+        "tokens_per_s": _rate(trace.chunks, tb, te),
+        "while_merged_tokens_per_s": _rate(trace.chunks, tb, te if unmerged_b is None else unmerged_b),
+        "after_unmerge_tokens_per_s": math.nan if unmerged_b is None else _rate(trace.chunks, unmerged_b, te),
+    }
+    merged_samples_b = [m for t, m, _ in samples if t >= tb]
+    return {
+        "time_to_merge_s": merged_a - t0 if merged_a is not None else None,
+        "time_to_unmerge_s": unmerged_b - tb if unmerged_b is not None else None,
+        "switches": end_switches - start_switches,
+        "switches_at_start": start_switches,
+        "sampled_transitions": transitions,
+        "merged_at_end": samples[-1][1],
+        "other_adapters_merged_in_phase_b": sorted({m for m in merged_samples_b if m and m != ADAPTER}),
+        "phase_a": phase_a_merged,
+        "phase_b": phase_b,
+        "requests": {
+            "phase_a": sum(1 for s, _, _ in trace.requests if s < tb),
+            "started_before_the_merge": (
+                sum(1 for s, _, _ in trace.requests if s < merged_a) if merged_a is not None else None
+            ),
+            "phase_b": sum(1 for s, _, _ in trace.requests if s >= tb),
+            "phase_b_by_target": {
+                (a or "base"): sum(1 for s, _, x in trace.requests if s >= tb and x == a) for a in PHASE_B_TARGETS
+            },
+        },
+        "errors": trace.errors,
+        "samples": [{"t": t - t0, "merged": m, "switches": s} for t, m, s in samples],
+        "chunks": [[round(t - t0, 4), n] for t, n, _ in trace.chunks],
+        "phase_b_start_s": tb - t0,
+        "end_s": te - t0,
+    }
+
+
+def measure_auto(
+    helpers: ModuleType, model_dir: str, root: str, settings: Settings, max_seq_len: int
+) -> dict[str, object]:
+    if not has_merge_policy():
+        return {"skipped": "this server's ServerConfig has no merge_policy field (the auto policy is not there yet)"}
+    paths = {
+        name: make_adapter(helpers, model_dir, root, f"auto-{name}", settings.rank, seed=10 + i)
+        for i, name in enumerate(AUTO_ADAPTERS)
+    }
+    config = ServerConfig(
+        model=model_dir,
+        dtype="float32",
+        device="cpu",
+        max_batch_size=max(settings.clients, 4),
+        max_seq_len=max_seq_len,
+        max_adapters=len(AUTO_ADAPTERS) + 1,  # every adapter stays on the device: no load in the trace
+        max_lora_rank=settings.rank,
+        merge_policy="auto",
+    )
+    window_field = policy_window_field()
+    if settings.merge_window is not None and window_field is not None:
+        setattr(config, window_field, settings.merge_window)
+    log("part 3: starting a server with merge_policy='auto'")
+    with helpers.ServerThread(config) as server:
+        with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
+            for name, path in paths.items():
+                client.load_adapter(name, path)
+            # No warm-up requests: the policy counts every admitted request, and its window should hold only
+            # the trace (the server warms the model up itself before it reports SERVING).
+            if client.model_info().merged_adapter_id:
+                log("warning: an adapter is merged before the trace starts")
+        log(f"auto policy: phase A {settings.phase_a:g} s on {ADAPTER!r}, then phase B {settings.phase_b:g} s mixed")
+        trace = asyncio.run(_trace(server.target, server, settings))
+    load_after = os.getloadavg()[0]
+    summary = trace_summary(trace)
+    summary["server"] = {
+        "merge_policy": "auto",
+        "max_adapters": config.max_adapters,
+        "max_batch_size": config.max_batch_size,
+    }
+    summary["load_average_after"] = load_after
+    summary["policy_fields"] = {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig) if "merge" in f.name
+    }
+    return summary
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+def speed_table(speed: dict[str, object], settings: Settings) -> str:
+    header = (
+        f"{'shape':<22} {'condition':<9} {'best tok/s':>10} {'median tok/s':>12} {'best/base':>9} "
+        f"{'median/base':>11} {'per-round/base':>14}"
+    )
+    lines = [header, "-" * len(header)]
+    shapes = {
+        "single": f"single ({settings.stream_tokens} tok)",
+        "batched": f"batched ({settings.batch}x{settings.batch_tokens} tok)",
+    }
+    for shape in SHAPES:
+        for condition in CONDITIONS:
+            c = speed[shape][condition]
+            lines.append(
+                f"{shapes[shape]:<22} {condition:<9} {c['best_decode_tokens_per_s']:>10.1f} "
+                f"{c['median_decode_tokens_per_s']:>12.1f} {c['best_over_base']:>8.2f}x "
+                f"{c['median_over_base']:>10.2f}x {c['median_of_per_round_over_base']:>13.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def merge_table(cost: dict[str, object], speed: dict[str, object]) -> str:
+    header = f"{'call':<36} {'n':>3} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
+    lines = [header, "-" * len(header)]
+    between = speed["merge_unmerge_between_conditions_ms"]
+    rows = [
+        ("MergeAdapter (idle server)", cost["merge_ms"]),
+        ("UnmergeAdapter (idle server)", cost["unmerge_ms"]),
+        ("MergeAdapter (between part-1 runs)", between["merge"]),
+        ("UnmergeAdapter (between part-1 runs)", between["unmerge"]),
+    ]
+    for name, s in rows:
+        lines.append(f"{name:<36} {s['n']:>3} {s['p50']:>8.1f} {s['p95']:>8.1f} {s['max']:>8.1f}")
+    return "\n".join(lines)
+
+
+def _fmt_s(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
+def auto_table(auto: dict[str, object]) -> str:
+    header = f"{'phase':<26} {'requests':>8} {'tok/s':>7} {'switch after':>12}"
+    lines = [header, "-" * len(header)]
+    a, b, req = auto["phase_a"], auto["phase_b"], auto["requests"]
+    lines.append(
+        f"{'A: all on a':<26} {req['phase_a']:>8} {a['tokens_per_s']:>7.1f} {_fmt_s(auto['time_to_merge_s']):>12}"
+    )
+    lines.append(f"{'  before the merge':<26} {'':>8} {a['before_merge_tokens_per_s']:>7.1f}")
+    lines.append(f"{'  after the merge':<26} {'':>8} {a['after_merge_tokens_per_s']:>7.1f}")
+    lines.append(
+        f"{'B: a, b, c, d, base':<26} {req['phase_b']:>8} {b['tokens_per_s']:>7.1f} "
+        f"{_fmt_s(auto['time_to_unmerge_s']):>12}"
+    )
+    lines.append(f"{'  while still merged':<26} {'':>8} {b['while_merged_tokens_per_s']:>7.1f}")
+    lines.append(f"{'  after the unmerge':<26} {'':>8} {b['after_unmerge_tokens_per_s']:>7.1f}")
+    return "\n".join(lines)
+
+
+def report(
+    settings: Settings,
+    speed: dict[str, object],
+    cost: dict[str, object],
+    auto: dict[str, object],
+    max_seq_len: int,
+    cells: dict[tuple[str, str], Cell],
+) -> dict[str, object]:
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+    return {
+        "benchmark": "merge",
+        "machine": machine_info(),
+        "model": EMBEDDED_NAME,
+        "device": "cpu",
+        "dtype": "float32",
+        "target_modules": "all-linear",
+        "settings": config,
+        "server": {
+            "max_seq_len": max_seq_len,
+            "parts_1_2": {"max_batch_size": settings.batch, "max_adapters": 2, "max_lora_rank": settings.rank},
+            "in_process": "the server runs in a thread of the benchmark process (tests/helpers.py ServerThread)",
+        },
+        "statistic": (
+            "decode tokens/s = tokens after each stream's first / (last stream's last chunk - first stream's first "
+            "token), client side; best and median over rounds; per-round ratio = condition / base of the same round; "
+            "latencies p50/p95 (linear interpolation)"
+        ),
+        "decode_speed": speed,
+        "merge_cost": cost,
+        "auto_policy": auto,
+        "greedy_token_ids": {
+            f"{condition}/{shape}": cells[condition, shape].runs[-1].token_ids
+            for condition in CONDITIONS
+            for shape in SHAPES
+        },
+    }
+
+
+def write_plot(data: dict[str, object], path: Path) -> bool:
+    """Decode tokens/s per condition, merge/unmerge latency, and the auto-policy trace."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+        return False
+    fig, (ax_speed, ax_cost, ax_auto) = plt.subplots(
+        1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 0.7, 1.6]}
+    )
+    speed = data["decode_speed"]
+    colors = {"base": "#8c8c8c", "unmerged": "#c44e52", "merged": "#55a868"}
+    width = 0.26
+    for i, condition in enumerate(CONDITIONS):
+        xs = [j + (i - 1) * width for j in range(len(SHAPES))]
+        best = [speed[s][condition]["best_decode_tokens_per_s"] for s in SHAPES]
+        bars = ax_speed.bar(xs, best, width, color=colors[condition], label=condition)
+        ax_speed.bar_label(bars, fmt="%.0f", fontsize=8)
+        for x, shape in zip(xs, SHAPES, strict=True):
+            rates = speed[shape][condition]["decode_tokens_per_s"]
+            ax_speed.plot([x] * len(rates), rates, "k.", markersize=3)
+    settings = data["settings"]
+    ax_speed.set_xticks(
+        range(len(SHAPES)), [f"single stream\n{settings['stream_tokens']} tok", f"batch {settings['batch']}"]
+    )
+    ax_speed.set_ylabel("decode tokens/s (bars: best; dots: every round)")
+    ax_speed.set_title(f"1. decode speed, rank-{settings['rank']} all-linear LoRA", fontsize=10)
+    ax_speed.legend(fontsize=8, loc="upper left")
+
+    cost = data["merge_cost"]
+    names = ["merge", "unmerge"]
+    p50 = [cost[f"{n}_ms"]["p50"] for n in names]
+    p95 = [cost[f"{n}_ms"]["p95"] for n in names]
+    bars = ax_cost.bar(
+        names, p50, color="#4c72b0", yerr=[[0, 0], [b - a for a, b in zip(p50, p95, strict=True)]], capsize=4
+    )
+    ax_cost.bar_label(bars, fmt="%.0f", label_type="center", color="white")
+    ax_cost.set_ylabel("call latency, ms (p50, whisker to p95)")
+    ax_cost.set_title(f"2. MergeAdapter / UnmergeAdapter ({cost['merge_ms']['n']}x)", fontsize=10)
+
+    auto = data["auto_policy"]
+    if "skipped" in auto:
+        ax_auto.text(0.5, 0.5, "3. auto policy skipped:\n" + auto["skipped"], ha="center", va="center", wrap=True)
+        ax_auto.set_axis_off()
+    else:
+        times = [s["t"] for s in auto["samples"]]
+        state = [1 if s["merged"] else 0 for s in auto["samples"]]
+        ax_auto.step(times, state, where="post", color="#55a868", label="an adapter merged")
+        ax_auto.set_ylim(-0.05, 1.6)
+        ax_auto.set_yticks([0, 1], ["unmerged", "merged"])
+        ax_auto.axvline(auto["phase_b_start_s"], color="k", linestyle="--", linewidth=0.8)
+        ax_auto.text(auto["phase_b_start_s"] / 2, 1.45, "A: all on a", ha="center", fontsize=8)
+        ax_auto.text(
+            (auto["phase_b_start_s"] + auto["end_s"]) / 2, 1.45, "B: a, b, c, d, base", ha="center", fontsize=8
+        )
+        ax_rate = ax_auto.twinx()
+        bin_s = 2.0
+        bins = max(1, math.ceil(auto["end_s"] / bin_s))
+        counts = [0] * bins
+        for t, n in auto["chunks"]:
+            if 0 <= t < auto["end_s"]:
+                counts[min(int(t / bin_s), bins - 1)] += n
+        ax_rate.plot([(i + 0.5) * bin_s for i in range(bins)], [c / bin_s for c in counts], color="#4c72b0", lw=1)
+        ax_rate.set_ylabel(f"tokens/s ({bin_s:g} s bins)", color="#4c72b0")
+        ax_rate.set_ylim(0, max(max(counts) / bin_s * 1.5, 1))
+        ax_auto.set_xlabel("seconds since the trace started")
+        ax_auto.set_title(
+            f"3. merge_policy=auto: {auto['switches']:.0f} switches, merged after "
+            f"{_fmt_s(auto['time_to_merge_s'])}, unmerged after {_fmt_s(auto['time_to_unmerge_s'])}",
+            fontsize=10,
+        )
+    fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def max_seq_len_for(tokenizer: PreTrainedTokenizerBase, settings: Settings) -> int:
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
+    return longest + max(settings.stream_tokens, settings.batch_tokens, settings.auto_tokens) + 16
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # keep the log readable
+    helpers = import_test_helpers()
+    model_dir = embedded_model_dir()
+    max_seq_len = max_seq_len_for(AutoTokenizer.from_pretrained(model_dir), settings)
+    with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
+        log(f"making a rank-{settings.rank} all-linear LoRA adapter")
+        path = make_adapter(helpers, model_dir, root, ADAPTER, settings.rank, seed=1)
+        config = ServerConfig(
+            model=model_dir,
+            dtype="float32",
+            device="cpu",
+            max_batch_size=settings.batch,
+            max_seq_len=max_seq_len,
+            max_adapters=2,
+            max_lora_rank=settings.rank,
+        )
+        log("parts 1-2: starting the server")
+        with helpers.ServerThread(config) as server:
+            with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
+                client.load_adapter(ADAPTER, path)
+            cells, merge_times, loads = asyncio.run(_measure_speed(server.target, settings))
+            cost = measure_merge_cost(server.target, settings)
+        speed = speed_summary(cells, merge_times)
+        speed["load_average_after_each_round"] = loads
+        auto = measure_auto(helpers, model_dir, root, settings, max_seq_len)
+    data = report(settings, speed, cost, auto, max_seq_len, cells)
+    write_json(data, settings.out)
+    plotted = write_plot(data, settings.out.with_suffix(".png"))
+
+    print(f"{EMBEDDED_NAME} fp32 CPU ({os.cpu_count()} cores), one rank-{settings.rank} all-linear LoRA adapter")
+    print()
+    print(
+        f"1. decode tokens/s (greedy, min_new_tokens = max_new_tokens), {settings.rounds} round(s), conditions "
+        "alternating; per-round/base = median of each round's ratio"
+    )
+    print(speed_table(speed, settings))
+    target = speed["target"]
+    verdict = "met" if target["met_on_best"] and target["met_on_median"] else "NOT met"
+    print(
+        f"target merged >= {TARGET_RATIO}x base (single stream): {verdict} "
+        f"(best {target['best_over_base']:.2f}x, median {target['median_over_base']:.2f}x, "
+        f"per-round median {target['median_of_per_round_over_base']:.2f}x)"
+    )
+    print(
+        "1-minute load average after each round: "
+        + ", ".join(f"{x:.2f}" for x in speed["load_average_after_each_round"])
+        + f" ({os.cpu_count()} cores)"
+    )
+    for shape in SHAPES:
+        same = speed[shape]["merged_vs_unmerged_tokens"]
+        differs = speed[shape]["unmerged_vs_base_tokens"]
+        firsts = sorted({d["first_differing_token"] for d in same["differences"]})
+        print(
+            f"{shape}: merged vs unmerged greedy rows identical token for token: {same['identical']}/{same['rows']}"
+            + (f" (first differing token at {firsts})" if firsts else "")
+            + f"; unmerged differs from base in {differs['rows'] - differs['identical']}/{differs['rows']} rows"
+        )
+    print()
+    print(f"2. MergeAdapter / UnmergeAdapter latency (client side), {settings.merge_repeats} each on the idle server")
+    print(merge_table(cost, speed))
+    print()
+    if "skipped" in auto:
+        print(f"3. auto merge policy: skipped: {auto['skipped']}")
+    else:
+        print(
+            f"3. merge_policy=auto: {settings.clients} clients x {settings.auto_tokens}-token requests; phase A "
+            f"{settings.phase_a:g} s all on {ADAPTER!r}, phase B {settings.phase_b:g} s over a, b, c, d and the base; "
+            f"sampled every {settings.sample_every:g} s; server "
+            + ", ".join(f"{k}={v}" for k, v in auto["policy_fields"].items())
+        )
+        print(auto_table(auto))
+        flapping = "" if auto["switches"] == 2 else "  <- expected exactly 2 (one merge, one unmerge)"
+        print(
+            f"switches ({SWITCH_METRIC}): {auto['switches']:.0f}{flapping}; sampled transitions: "
+            + (
+                ", ".join(
+                    f"{x['from'] or 'none'} -> {x['to'] or 'none'} at {x['t']:.1f} s"
+                    for x in auto["sampled_transitions"]
+                )
+                or "none"
+            )
+            + f"; merged at the end: {auto['merged_at_end'] or 'none'}; load average after "
+            f"{auto['load_average_after']:.2f}"
+        )
+        if auto["errors"]:
+            print(f"warning: {len(auto['errors'])} trace requests went wrong: {auto['errors'][:3]}")
+    print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
