@@ -51,6 +51,8 @@ class GenerateOptions(TypedDict, total=False):
     stop: Sequence[str] | None
     repetition_penalty: float | None
     logprobs: bool
+    adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None
+    mix_method: str
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -87,11 +89,15 @@ def build_generate_request(
     stop: Sequence[str] | None = None,
     repetition_penalty: float | None = None,
     logprobs: bool = False,
+    adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    mix_method: str = "",
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
 
     temperature 0 is greedy; top_k 0 disables top-k; a single stop string is accepted as well as a list.
+    adapter_mix ({adapter_id: weight} or pairs) asks for a weighted mix of loaded LoRA adapters instead of
+    adapter_id, combined by mix_method ("cat" by default, or "linear") as PEFT's add_weighted_adapter does.
     """
     _check_one_input(prompt, messages, "prompt")
     request = pb.GenerateRequest(
@@ -103,6 +109,11 @@ def build_generate_request(
         top_k=top_k,
         stop=[stop] if isinstance(stop, str) else list(stop or ()),
         logprobs=logprobs,
+        adapter_mix=[
+            pb.AdapterWeight(adapter_id=name, weight=weight)
+            for name, weight in (adapter_mix.items() if isinstance(adapter_mix, Mapping) else adapter_mix or ())
+        ],
+        mix_method=mix_method,
     )
     optional = {
         "max_new_tokens": max_new_tokens,

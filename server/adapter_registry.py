@@ -64,6 +64,7 @@ class AdapterRecord:
     load_error: BaseException | None = None  # set when the residency thread could not bring it back
     merged: bool = False  # folded into the base weights (pinned meanwhile; cannot be unloaded or replaced)
     pinned_for_merge: bool = False  # the pin was taken by the merge, so unmerging lifts it
+    components: tuple[str, ...] = ()  # for a weighted mix: the adapters it was built from
 
     def describe(self, adapter: ParsedAdapter) -> None:
         self.kind = adapter.kind.value
@@ -199,6 +200,7 @@ class AdapterRegistry:
             old = self._by_id.get(adapter_id)
             if old is not None and old is not record:
                 self._retire(old)
+                self._retire_mixes_of(adapter_id)
             self._by_id[adapter_id] = record
             self._trim_host_cache()
         return record
@@ -218,6 +220,7 @@ class AdapterRegistry:
             self._refuse_if_merged(adapter_id)
             del self._by_id[adapter_id]
             self._retire(record)
+            self._retire_mixes_of(adapter_id)
             return record.active_requests
 
     def set_pinned(self, adapter_id: str, pinned: bool) -> AdapterRecord:
@@ -279,6 +282,42 @@ class AdapterRegistry:
         if record is None or record.state is AdapterState.LOADING:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
         return record
+
+    def _retire_mixes_of(self, adapter_id: str) -> None:
+        """Cached weighted mixes built from `adapter_id` are stale once it is unloaded or replaced (lock held)."""
+        for mix in [r for r in self._by_id.values() if adapter_id in r.components and not r.merged]:
+            del self._by_id[mix.adapter_id]
+            self._retire(mix)
+
+    # ---- weighted mixes ----------------------------------------------------------------------------
+    def host_copy(self, adapter_id: str) -> ParsedAdapter:
+        """The parsed weights of a loaded adapter (read from disk again if the host copy was dropped)."""
+        with self._cv:
+            record = self._visible(adapter_id)
+        self._ensure_host_copy(record)
+        adapter = record.adapter
+        if adapter is None:  # unloaded meanwhile
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+        return adapter
+
+    def register_derived(self, adapter_id: str, adapter: ParsedAdapter, components: tuple[str, ...]) -> None:
+        """Register an adapter built in memory (a weighted mix); it is dropped, not written to disk, when the
+        host cache trims it, and retired when one of its components is unloaded or replaced."""
+        if adapter.rank > self._limits.max_rank:
+            raise AdapterMismatchError(
+                f"the mix has rank {adapter.rank}, above the server's --max-lora-rank {self._limits.max_rank}"
+            )
+        record = AdapterRecord(adapter_id, adapter_id, adapter, AdapterState.HOST, components=components)
+        record.describe(adapter)
+        with self._cv:
+            if adapter_id in self._by_id:
+                return  # built concurrently by another request
+            self._by_id[adapter_id] = record
+            slot = self._reserve_slot(record)
+        if slot >= 0:
+            self._fill_slot(record, slot)
+        with self._cv:
+            self._trim_host_cache()
 
     def _retire(self, record: AdapterRecord) -> None:
         """Take a record out of service (lock held): free now if idle, else when its last request leaves."""
@@ -360,6 +399,10 @@ class AdapterRegistry:
         """Drop the host copies of the least recently used host-only adapters beyond `max_host`."""
         host_only = [r for r in self._by_id.values() if r.state is AdapterState.HOST and r.active_requests == 0]
         for record in sorted(host_only, key=lambda r: r.last_used)[: max(0, len(host_only) - self._limits.max_host)]:
+            if record.components:  # a mix has no files to come back from: drop it (rebuilt on demand)
+                del self._by_id[record.adapter_id]
+                self._retire(record)
+                continue
             record.adapter = None
             record.state = AdapterState.DISK
 

@@ -17,7 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from deltaserve.adapters import AdapterFormatError, AdapterLimitError, AdapterMismatchError, UnsupportedAdapterError
+from deltaserve.adapters import (
+    AdapterFormatError,
+    AdapterLimitError,
+    AdapterMismatchError,
+    LoraAdapter,
+    UnsupportedAdapterError,
+)
 from deltaserve.adapters.peft_files import read_config
 from deltaserve.adapters.registry import kind_for
 from deltaserve.client.v1 import deltaserve_pb2 as pb
@@ -35,6 +41,7 @@ from deltaserve.server.errors import (
 )
 from deltaserve.server.merge import MergeController
 from deltaserve.server.metrics import Metrics
+from deltaserve.server.mixes import MixSpec, combine, mix_spec
 from deltaserve.server.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -221,7 +228,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     ) -> AsyncIterator[tuple[RequestOutput, Request]]:
         """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it."""
         prompt_ids, params = self.builder.build(request)
-        adapter = self.engine.registry.acquire(request.adapter_id) if request.adapter_id else None
+        adapter = await self._acquire_adapter(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -247,6 +254,30 @@ class GenerationService(pb_grpc.GenerationServicer):
             if not finished:
                 engine_request.cancel()
                 self.engine.wake()
+
+    async def _acquire_adapter(self, request: pb.GenerateRequest) -> AdapterRecord | None:
+        if request.adapter_mix:
+            if request.adapter_id:
+                raise InvalidRequestError("give adapter_id or adapter_mix, not both")
+            spec = mix_spec(request.mix_method, [(part.adapter_id, part.weight) for part in request.adapter_mix])
+            return await asyncio.to_thread(self._acquire_mix, spec)  # may read files and build the mix
+        if request.mix_method:
+            raise InvalidRequestError("mix_method needs adapter_mix")
+        return self.engine.registry.acquire(request.adapter_id) if request.adapter_id else None
+
+    def _acquire_mix(self, spec: MixSpec) -> AdapterRecord:
+        """The cached mix, or build it from the components' host copies and register it."""
+        registry = self.engine.registry
+        try:
+            return registry.acquire(spec.mix_id)
+        except AdapterNotFoundError:
+            pass
+        components = [registry.host_copy(adapter_id) for adapter_id in spec.components]
+        for adapter_id, adapter in zip(spec.components, components, strict=True):
+            if not isinstance(adapter, LoraAdapter):
+                raise MergeError(f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only LoRA can")
+        registry.register_derived(spec.mix_id, combine(spec, components), spec.components)
+        return registry.acquire(spec.mix_id)
 
     @_unary_errors
     async def Generate(self, request, context):
