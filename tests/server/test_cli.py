@@ -87,6 +87,10 @@ def test_cli_commands_and_graceful_sigterm(tiny_dir, lora_dirs):
         pinned = _cli(server.target, "adapters", "pin", "cli")
         assert pinned.returncode == 0 and "pinned" in pinned.stdout
         assert "device" in _cli(server.target, "adapters", "unpin", "cli").stdout
+        assert "merged" in _cli(server.target, "adapters", "merge", "cli").stdout
+        merged_text = _cli(server.target, "generate", PROMPTS[0], "--adapter", "cli", "--max-new-tokens", "8")
+        assert merged_text.stdout.rstrip("\n") == expected.text
+        assert "unmerged cli" in _cli(server.target, "adapters", "unmerge").stdout
         replaced = _cli(server.target, "adapters", "load", "cli", lora_dirs["qv8"], "--replace")
         assert replaced.returncode == 0, replaced.stderr
         exists = _cli(server.target, "adapters", "load", "cli", lora_dirs["qv8"])
