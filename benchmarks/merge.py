@@ -30,13 +30,14 @@ weights):
                    deltaserve_merge_switches_total counter. Reported: time from each phase's start until the
                    adapter is merged (A) / unmerged (B), the number of switches (a merge and an unmerge is 2;
                    more means flapping), and tokens/s per phase (phase A also split into before and after
-                   the merge). `--merge-window` sets the policy's look-back window (ServerConfig's
-                   merge_window_* field; default: the server's own). No warm-up requests on this server, so the
-                   policy's window holds only the trace. Skipped with a note when this server's ServerConfig
-                   has no merge_policy.
+                   the merge). The policy reacts after a number of admitted requests (its window), so in
+                   seconds its reaction time scales with the request rate: the trace runs once per window in
+                   `--merge-windows` (ServerConfig's merge_window_* field; default: the server's own default
+                   and 16), each on a fresh server with no warm-up requests, so the policy's window holds only
+                   the trace. Skipped with a note when this server's ServerConfig has no merge_policy.
 
-Run:  python benchmarks/merge.py          (64-token streams, batch 8, 6 rounds, 10 merges, 30 s + 30 s trace;
-                                         10-15 minutes on 2 cores)
+Run:  python benchmarks/merge.py          (64-token streams, batch 8, 6 rounds, 10 merges, two 30 s + 30 s
+                                         traces; about 12 minutes on 2 cores)
       python benchmarks/merge.py --quick  (16-token streams, batch 4, 1 round, 3 merges, 10 s + 10 s trace
                                          with an 8-request policy window; a smoke run)
 Writes benchmarks/results/merge-cpu.json (…-quick.json for --quick) and a PNG next to it
@@ -89,7 +90,7 @@ class Settings:
     phase_a: float
     phase_b: float
     sample_every: float
-    merge_window: int | None
+    merge_windows: tuple[int | None, ...]  # None: the server's default
     out: Path
 
 
@@ -109,7 +110,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--phase-b", type=float, default=None, help="seconds of mixed traffic (default 30)")
     parser.add_argument("--sample-every", type=float, default=0.5, help="trace sampling period, s (default 0.5)")
     parser.add_argument(
-        "--merge-window", type=int, default=None, help="the auto policy's window (default: the server's; --quick 8)"
+        "--merge-windows",
+        type=int,
+        nargs="+",
+        default=None,
+        help="auto-policy windows to trace, one run each (default: the server's default and 16; --quick 8)",
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
     args = parser.parse_args(argv)
@@ -132,8 +137,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         parser.error("--stream-tokens and --batch-tokens must be at least 2 (decode rate needs a second token)")
     if min(phase_a, phase_b, args.sample_every) <= 0:
         parser.error("--phase-a, --phase-b and --sample-every must be positive")
-    if args.merge_window is not None and args.merge_window < 1:
-        parser.error("--merge-window must be at least 1")
+    if args.merge_windows is not None and min(args.merge_windows) < 1:
+        parser.error("--merge-windows must be at least 1")
     out = args.out or RESULTS / ("merge-cpu-quick.json" if args.quick else "merge-cpu.json")
     return Settings(
         rank=args.rank,
@@ -147,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         phase_a=phase_a,
         phase_b=phase_b,
         sample_every=args.sample_every,
-        merge_window=8 if args.quick and args.merge_window is None else args.merge_window,
+        merge_windows=tuple(args.merge_windows or ((8,) if args.quick else (None, 16))),
         out=out,
     )
 
@@ -481,16 +486,24 @@ async def _trace(target: str, server: object, settings: Settings) -> Trace:
     return trace
 
 
-def _rate(chunks: list[tuple[float, int, str]], start: float, end: float) -> float:
-    return sum(n for t, n, _ in chunks if start <= t < end) / (end - start) if end > start else math.nan
+def _rate(chunks: list[tuple[float, int, str]], start: float | None, end: float | None) -> float | None:
+    """Tokens/s of the chunks that arrived in [start, end); None for an empty or missing interval (JSON null)."""
+    if start is None or end is None or end <= start:
+        return None
+    return sum(n for t, n, _ in chunks if start <= t < end) / (end - start)
 
 
 def trace_summary(trace: Trace) -> dict[str, object]:
     t0, tb, te = trace.start, trace.phase_b_start, trace.end
     samples = trace.samples
-    merged_a = next((t for t, m, _ in samples if t0 <= t < tb and m == ADAPTER), None)
-    # The unmerge is only looked for when phase A did merge the adapter.
-    unmerged_b = next((t for t, m, _ in samples if t >= tb and m != ADAPTER), None) if merged_a is not None else None
+    # The merge is looked for over the whole trace (a slow policy may merge only after phase A ended), the
+    # unmerge after both the merge and the start of phase B.
+    merged_a = next((t for t, m, _ in samples if m == ADAPTER), None)
+    unmerged_b = (
+        next((t for t, m, _ in samples if t >= max(tb, merged_a) and m != ADAPTER), None)
+        if merged_a is not None
+        else None
+    )
     transitions = []
     for (_, m0, _), (t1, m1, _) in itertools.pairwise(samples):
         if m1 != m0:
@@ -498,17 +511,22 @@ def trace_summary(trace: Trace) -> dict[str, object]:
     start_switches, end_switches = samples[0][2], samples[-1][2]
     phase_a_merged = {
         "tokens_per_s": _rate(trace.chunks, t0, tb),
-        "before_merge_tokens_per_s": _rate(trace.chunks, t0, tb if merged_a is None else merged_a),
-        "after_merge_tokens_per_s": math.nan if merged_a is None else _rate(trace.chunks, merged_a, tb),
+        "before_merge_tokens_per_s": _rate(trace.chunks, t0, tb if merged_a is None else min(merged_a, tb)),
+        "after_merge_tokens_per_s": _rate(trace.chunks, merged_a, tb),
     }
     phase_b = {
         "tokens_per_s": _rate(trace.chunks, tb, te),
-        "while_merged_tokens_per_s": _rate(trace.chunks, tb, te if unmerged_b is None else unmerged_b),
-        "after_unmerge_tokens_per_s": math.nan if unmerged_b is None else _rate(trace.chunks, unmerged_b, te),
+        "while_merged_tokens_per_s": (
+            None
+            if merged_a is None
+            else _rate(trace.chunks, max(tb, merged_a), te if unmerged_b is None else unmerged_b)
+        ),
+        "after_unmerge_tokens_per_s": _rate(trace.chunks, unmerged_b, te),
     }
     merged_samples_b = [m for t, m, _ in samples if t >= tb]
     return {
         "time_to_merge_s": merged_a - t0 if merged_a is not None else None,
+        "merged_within_phase_a": merged_a is not None and merged_a < tb,
         "time_to_unmerge_s": unmerged_b - tb if unmerged_b is not None else None,
         "switches": end_switches - start_switches,
         "switches_at_start": start_switches,
@@ -536,14 +554,9 @@ def trace_summary(trace: Trace) -> dict[str, object]:
 
 
 def measure_auto(
-    helpers: ModuleType, model_dir: str, root: str, settings: Settings, max_seq_len: int
+    helpers: ModuleType, paths: dict[str, str], model_dir: str, settings: Settings, max_seq_len: int, window: int | None
 ) -> dict[str, object]:
-    if not has_merge_policy():
-        return {"skipped": "this server's ServerConfig has no merge_policy field (the auto policy is not there yet)"}
-    paths = {
-        name: make_adapter(helpers, model_dir, root, f"auto-{name}", settings.rank, seed=10 + i)
-        for i, name in enumerate(AUTO_ADAPTERS)
-    }
+    """One trace on a fresh server with merge_policy="auto" and the given window (None: the server's default)."""
     config = ServerConfig(
         model=model_dir,
         dtype="float32",
@@ -555,9 +568,10 @@ def measure_auto(
         merge_policy="auto",
     )
     window_field = policy_window_field()
-    if settings.merge_window is not None and window_field is not None:
-        setattr(config, window_field, settings.merge_window)
-    log("part 3: starting a server with merge_policy='auto'")
+    if window is not None and window_field is not None:
+        setattr(config, window_field, window)
+    effective = getattr(config, window_field) if window_field is not None else None
+    log(f"part 3: starting a server with merge_policy='auto', window {effective}")
     with helpers.ServerThread(config) as server:
         with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
             for name, path in paths.items():
@@ -576,6 +590,8 @@ def measure_auto(
         "max_batch_size": config.max_batch_size,
     }
     summary["load_average_after"] = load_after
+    summary["window"] = effective
+    summary["window_is_server_default"] = window is None
     summary["policy_fields"] = {
         f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig) if "merge" in f.name
     }
@@ -623,22 +639,33 @@ def _fmt_s(value: float | None) -> str:
     return "never" if value is None else f"{value:.1f} s"
 
 
-def auto_table(auto: dict[str, object]) -> str:
-    header = f"{'phase':<26} {'requests':>8} {'tok/s':>7} {'switch after':>12}"
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def auto_table(run: dict[str, object]) -> str:
+    header = f"{'phase':<26} {'requests':>8} {'tok/s':>7} {'switch':>8} {'after':>16}"
     lines = [header, "-" * len(header)]
-    a, b, req = auto["phase_a"], auto["phase_b"], auto["requests"]
+    a, b, req = run["phase_a"], run["phase_b"], run["requests"]
+    merge_after = _fmt_s(run["time_to_merge_s"])
+    if run["time_to_merge_s"] is not None and not run["merged_within_phase_a"]:
+        merge_after += " (in B)"
     lines.append(
-        f"{'A: all on a':<26} {req['phase_a']:>8} {a['tokens_per_s']:>7.1f} {_fmt_s(auto['time_to_merge_s']):>12}"
+        f"{'A: all on a':<26} {req['phase_a']:>8} {_fmt_rate(a['tokens_per_s']):>7} {'merge':>8} {merge_after:>16}"
     )
-    lines.append(f"{'  before the merge':<26} {'':>8} {a['before_merge_tokens_per_s']:>7.1f}")
-    lines.append(f"{'  after the merge':<26} {'':>8} {a['after_merge_tokens_per_s']:>7.1f}")
+    lines.append(f"{'  before the merge':<26} {'':>8} {_fmt_rate(a['before_merge_tokens_per_s']):>7}")
+    lines.append(f"{'  after the merge':<26} {'':>8} {_fmt_rate(a['after_merge_tokens_per_s']):>7}")
     lines.append(
-        f"{'B: a, b, c, d, base':<26} {req['phase_b']:>8} {b['tokens_per_s']:>7.1f} "
-        f"{_fmt_s(auto['time_to_unmerge_s']):>12}"
+        f"{'B: a, b, c, d, base':<26} {req['phase_b']:>8} {_fmt_rate(b['tokens_per_s']):>7} {'unmerge':>8} "
+        f"{_fmt_s(run['time_to_unmerge_s']):>16}"
     )
-    lines.append(f"{'  while still merged':<26} {'':>8} {b['while_merged_tokens_per_s']:>7.1f}")
-    lines.append(f"{'  after the unmerge':<26} {'':>8} {b['after_unmerge_tokens_per_s']:>7.1f}")
+    lines.append(f"{'  while merged':<26} {'':>8} {_fmt_rate(b['while_merged_tokens_per_s']):>7}")
+    lines.append(f"{'  after the unmerge':<26} {'':>8} {_fmt_rate(b['after_unmerge_tokens_per_s']):>7}")
     return "\n".join(lines)
+
+
+def _window_label(run: dict[str, object]) -> str:
+    return f"window {run['window']}" + (" (server default)" if run["window_is_server_default"] else "")
 
 
 def report(
@@ -727,30 +754,40 @@ def write_plot(data: dict[str, object], path: Path) -> bool:
         ax_auto.text(0.5, 0.5, "3. auto policy skipped:\n" + auto["skipped"], ha="center", va="center", wrap=True)
         ax_auto.set_axis_off()
     else:
-        times = [s["t"] for s in auto["samples"]]
-        state = [1 if s["merged"] else 0 for s in auto["samples"]]
-        ax_auto.step(times, state, where="post", color="#55a868", label="an adapter merged")
-        ax_auto.set_ylim(-0.05, 1.6)
-        ax_auto.set_yticks([0, 1], ["unmerged", "merged"])
-        ax_auto.axvline(auto["phase_b_start_s"], color="k", linestyle="--", linewidth=0.8)
-        ax_auto.text(auto["phase_b_start_s"] / 2, 1.45, "A: all on a", ha="center", fontsize=8)
-        ax_auto.text(
-            (auto["phase_b_start_s"] + auto["end_s"]) / 2, 1.45, "B: a, b, c, d, base", ha="center", fontsize=8
-        )
+        # One band per traced window: merged state (step, left axis) and tokens/s in 2 s bins (right axis).
+        runs = auto["runs"]
         ax_rate = ax_auto.twinx()
+        palette = ["#55a868", "#dd8452", "#8172b3", "#937860"]
         bin_s = 2.0
-        bins = max(1, math.ceil(auto["end_s"] / bin_s))
-        counts = [0] * bins
-        for t, n in auto["chunks"]:
-            if 0 <= t < auto["end_s"]:
-                counts[min(int(t / bin_s), bins - 1)] += n
-        ax_rate.plot([(i + 0.5) * bin_s for i in range(bins)], [c / bin_s for c in counts], color="#4c72b0", lw=1)
-        ax_rate.set_ylabel(f"tokens/s ({bin_s:g} s bins)", color="#4c72b0")
-        ax_rate.set_ylim(0, max(max(counts) / bin_s * 1.5, 1))
+        peak = 1.0
+        for i, run in enumerate(runs):
+            color = palette[i % len(palette)]
+            level = 2.0 * (len(runs) - 1 - i)
+            times = [x["t"] for x in run["samples"]]
+            state = [level + (1 if x["merged"] else 0) for x in run["samples"]]
+            ax_auto.step(times, state, where="post", color=color, lw=2, label=f"merged, {_window_label(run)}")
+            bins = max(1, math.ceil(run["end_s"] / bin_s))
+            counts = [0] * bins
+            for t, n in run["chunks"]:
+                if 0 <= t < run["end_s"]:
+                    counts[min(int(t / bin_s), bins - 1)] += n
+            rates = [c / bin_s for c in counts]
+            peak = max(peak, *rates)
+            ax_rate.plot([(k + 0.5) * bin_s for k in range(bins)], rates, color=color, lw=0.8, linestyle=":")
+        ticks = [2.0 * k + d for k in range(len(runs)) for d in (0, 1)]
+        ax_auto.set_yticks(ticks, ["unmerged", "merged"] * len(runs), fontsize=8)
+        top = 2.0 * len(runs) - 0.4
+        ax_auto.set_ylim(-0.1, top)
+        phase_b, end = runs[0]["phase_b_start_s"], runs[0]["end_s"]
+        ax_auto.axvline(phase_b, color="k", linestyle="--", linewidth=0.8)
+        ax_auto.text(phase_b / 2, top - 0.3, "A: all on a", ha="center", fontsize=8)
+        ax_auto.text((phase_b + end) / 2, top - 0.3, "B: a, b, c, d, base", ha="center", fontsize=8)
+        ax_auto.legend(loc="center left", fontsize=7)
+        ax_rate.set_ylim(0, peak * 1.3)
+        ax_rate.set_ylabel(f"tokens/s, dotted ({bin_s:g} s bins)")
         ax_auto.set_xlabel("seconds since the trace started")
         ax_auto.set_title(
-            f"3. merge_policy=auto: {auto['switches']:.0f} switches, merged after "
-            f"{_fmt_s(auto['time_to_merge_s'])}, unmerged after {_fmt_s(auto['time_to_unmerge_s'])}",
+            "3. merge_policy=auto: " + "; ".join(f"w{run['window']}: {run['switches']:.0f} switches" for run in runs),
             fontsize=10,
         )
     fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
@@ -796,7 +833,17 @@ def main(argv: list[str] | None = None) -> int:
             cost = measure_merge_cost(server.target, settings)
         speed = speed_summary(cells, merge_times)
         speed["load_average_after_each_round"] = loads
-        auto = measure_auto(helpers, model_dir, root, settings, max_seq_len)
+        if has_merge_policy():
+            paths = {
+                name: make_adapter(helpers, model_dir, root, f"auto-{name}", settings.rank, seed=10 + i)
+                for i, name in enumerate(AUTO_ADAPTERS)
+            }
+            runs = [measure_auto(helpers, paths, model_dir, settings, max_seq_len, w) for w in settings.merge_windows]
+            auto: dict[str, object] = {"runs": runs}
+        else:
+            auto = {
+                "skipped": "this server's ServerConfig has no merge_policy field (the auto policy is not there yet)"
+            }
     data = report(settings, speed, cost, auto, max_seq_len, cells)
     write_json(data, settings.out)
     plotted = write_plot(data, settings.out.with_suffix(".png"))
@@ -839,25 +886,35 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"3. merge_policy=auto: {settings.clients} clients x {settings.auto_tokens}-token requests; phase A "
             f"{settings.phase_a:g} s all on {ADAPTER!r}, phase B {settings.phase_b:g} s over a, b, c, d and the base; "
-            f"sampled every {settings.sample_every:g} s; server "
-            + ", ".join(f"{k}={v}" for k, v in auto["policy_fields"].items())
+            f"sampled every {settings.sample_every:g} s; merge/unmerge times from the start of phase A / B"
         )
-        print(auto_table(auto))
-        flapping = "" if auto["switches"] == 2 else "  <- expected exactly 2 (one merge, one unmerge)"
+    for run in auto.get("runs", []):
+        print()
         print(
-            f"switches ({SWITCH_METRIC}): {auto['switches']:.0f}{flapping}; sampled transitions: "
+            f"{_window_label(run)}: "
+            + ", ".join(f"{k}={v}" for k, v in run["policy_fields"].items())
+            + (
+                "; never merged"
+                if run["requests"]["started_before_the_merge"] is None
+                else f"; {run['requests']['started_before_the_merge']} requests started before the merge"
+            )
+        )
+        print(auto_table(run))
+        flapping = "" if run["switches"] == 2 else "  <- expected exactly 2 (one merge, one unmerge)"
+        print(
+            f"switches ({SWITCH_METRIC}): {run['switches']:.0f}{flapping}; sampled transitions: "
             + (
                 ", ".join(
                     f"{x['from'] or 'none'} -> {x['to'] or 'none'} at {x['t']:.1f} s"
-                    for x in auto["sampled_transitions"]
+                    for x in run["sampled_transitions"]
                 )
                 or "none"
             )
-            + f"; merged at the end: {auto['merged_at_end'] or 'none'}; load average after "
-            f"{auto['load_average_after']:.2f}"
+            + f"; merged at the end: {run['merged_at_end'] or 'none'}; "
+            f"load average after {run['load_average_after']:.2f}"
         )
-        if auto["errors"]:
-            print(f"warning: {len(auto['errors'])} trace requests went wrong: {auto['errors'][:3]}")
+        if run["errors"]:
+            print(f"warning: {len(run['errors'])} trace requests went wrong: {run['errors'][:3]}")
     print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
     return 0
 
