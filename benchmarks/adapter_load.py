@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import math
 import os
 import tempfile
 import threading
@@ -46,11 +45,19 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import transformers
 from common import CHAT_PROMPTS as STREAM_PROMPTS
-from common import RESULTS, import_test_helpers, log, machine_info, write_json
+from common import (
+    RESULTS,
+    import_test_helpers,
+    log,
+    machine_info,
+    make_adapter,
+    ms_summary,
+    percentile,
+    write_json,
+)
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -127,45 +134,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
 
 
-def make_adapter(helpers: ModuleType, model_dir: str, root: str, name: str, rank: int, seed: int) -> str:
-    """A random, non-zero all-linear LoRA adapter saved with PEFT's save_pretrained."""
-    return helpers.make_lora(
-        model_dir, os.path.join(root, name), seed=seed, r=rank, lora_alpha=2 * rank, target_modules="all-linear"
-    )
-
-
 def dir_bytes(path: str) -> int:
     return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
 
 
 # ---- statistics -----------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile, linearly interpolated between order statistics (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "p99": percentile(values, 99),
-        "max": max(values) if values else math.nan,
-        "min": min(values) if values else math.nan,
-    }
-
-
-def ms_summary(seconds: list[float]) -> dict[str, float]:
-    """summary() of values in seconds, reported in milliseconds."""
-    return {k: (v if k == "n" else v * 1e3) for k, v in summary(seconds).items()}
-
-
 # ---- part 1: hot-load latency ---------------------------------------------------------------------
 @dataclass
 class RankLoads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -84,3 +85,37 @@ def write_json(data: dict[str, object], path: Path) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def make_adapter(helpers: ModuleType, model_dir: str, root: str, name: str, rank: int, seed: int) -> str:
+    """A random, non-zero all-linear LoRA adapter saved with PEFT's save_pretrained."""
+    return helpers.make_lora(
+        model_dir, os.path.join(root, name), seed=seed, r=rank, lora_alpha=2 * rank, target_modules="all-linear"
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linearly interpolated between order statistics (numpy's default)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else math.nan,
+        "min": min(values) if values else math.nan,
+    }
+
+
+def ms_summary(seconds: list[float]) -> dict[str, float]:
+    """summary() of values in seconds, reported in milliseconds."""
+    return {k: (v if k == "n" else v * 1e3) for k, v in summary(seconds).items()}

@@ -61,7 +61,7 @@ from types import ModuleType
 
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, import_test_helpers, log, machine_info, write_json
+from common import RESULTS, import_test_helpers, log, machine_info, make_adapter, ms_summary, write_json
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -157,13 +157,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
 
 
-def make_adapter(helpers: ModuleType, model_dir: str, root: str, name: str, rank: int, seed: int) -> str:
-    """A random, non-zero all-linear LoRA adapter saved with PEFT's save_pretrained."""
-    return helpers.make_lora(
-        model_dir, os.path.join(root, name), seed=seed, r=rank, lora_alpha=2 * rank, target_modules="all-linear"
-    )
-
-
 def has_merge_policy() -> bool:
     return any(f.name == "merge_policy" for f in dataclasses.fields(ServerConfig))
 
@@ -174,27 +167,6 @@ def policy_window_field() -> str | None:
 
 
 # ---- statistics -----------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile, linearly interpolated between order statistics (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def ms_summary(seconds: list[float]) -> dict[str, float]:
-    return {
-        "n": len(seconds),
-        "p50": percentile(seconds, 50) * 1e3,
-        "p95": percentile(seconds, 95) * 1e3,
-        "max": max(seconds) * 1e3 if seconds else math.nan,
-        "min": min(seconds) * 1e3 if seconds else math.nan,
-    }
-
-
 # ---- streams --------------------------------------------------------------------------------------
 @dataclass
 class StreamBatch:
