@@ -93,23 +93,21 @@ class LoraSlots:
         self._lock = threading.Lock()  # concurrent loads must not both allocate one layer's stacks
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy an adapter into `slot`, zeroing the slot in every layer the adapter does not target."""
         with self._lock:
-            self._write(slot, adapter)
-
-    def _write(self, slot: int, adapter: LoraAdapter) -> None:
-        for name in adapter.modules:
-            self.layers[name].allocate(self.num_slots, self.max_rank, self.dtype, self.device)
-        for name, layer in self.layers.items():
-            weights = adapter.modules.get(name)
-            if weights is None:
-                layer.write_slot(slot, None, None)
-            else:
-                layer.write_slot(
-                    slot,
-                    weights.lora_a.to(self.device, self.dtype),
-                    weights.lora_b_scaled.to(self.device, self.dtype),
-                )
-        self.ranks[slot] = adapter.rank
+            for name in adapter.modules:
+                self.layers[name].allocate(self.num_slots, self.max_rank, self.dtype, self.device)
+            for name, layer in self.layers.items():
+                weights = adapter.modules.get(name)
+                if weights is None:
+                    layer.write_slot(slot, None, None)
+                else:
+                    layer.write_slot(
+                        slot,
+                        weights.lora_a.to(self.device, self.dtype),
+                        weights.lora_b_scaled.to(self.device, self.dtype),
+                    )
+            self.ranks[slot] = adapter.rank
 
     @property
     def bytes_allocated(self) -> int:
@@ -122,12 +120,6 @@ class LoraSlots:
         )
 
 
-@dataclass(frozen=True)
-class RegistryLimits:
-    max_host: int = 32  # adapters kept parsed in host memory beyond those on the device
-    max_rank: int = 64
-
-
 AdapterLoader = Callable[[str, BaseModelSpec], ParsedAdapter]
 
 
@@ -136,13 +128,13 @@ class AdapterRegistry:
         self,
         spec: BaseModelSpec,
         slots: LoraSlots,
-        limits: RegistryLimits | None = None,
+        max_host: int = 32,
         loader: AdapterLoader = load_adapter,
         resolve_path: Callable[[str], str] = lambda path: path,
     ) -> None:
         self._spec = spec
         self._slots = slots
-        self._limits = limits or RegistryLimits(max_rank=slots.max_rank)
+        self._max_host = max_host  # adapters kept parsed in host memory besides those on the device
         self._loader = loader
         self._resolve_path = resolve_path
         self._cv = threading.Condition()
@@ -153,7 +145,6 @@ class AdapterRegistry:
         self.on_resident: Callable[[], None] = lambda: None  # the engine's wake-up
         self.on_evict: Callable[[], None] = lambda: None  # the evictions metric
         self._stopping = False
-        self._evictions = 0
         self._worker = threading.Thread(target=self._residency_loop, name="deltaserve-adapters", daemon=True)
         self._worker.start()
 
@@ -207,11 +198,15 @@ class AdapterRegistry:
 
     def _parse(self, path: str) -> ParsedAdapter:
         adapter = self._loader(path, self._spec)
-        if adapter.rank > self._limits.max_rank:
-            raise AdapterMismatchError(
-                f"adapter rank {adapter.rank} exceeds the server's --max-lora-rank {self._limits.max_rank}"
-            )
+        self._check_rank(adapter, "adapter")
         return adapter
+
+    def _check_rank(self, adapter: ParsedAdapter, what: str) -> None:
+        """A slot holds at most the server's max rank (--max-lora-rank)."""
+        if adapter.rank > self._slots.max_rank:
+            raise AdapterMismatchError(
+                f"{what} rank {adapter.rank} exceeds the server's --max-lora-rank {self._slots.max_rank}"
+            )
 
     def unload(self, adapter_id: str) -> int:
         """Hide the adapter; returns how many in-flight requests still finish with it."""
@@ -303,10 +298,7 @@ class AdapterRegistry:
     def register_derived(self, adapter_id: str, adapter: ParsedAdapter, components: tuple[str, ...]) -> None:
         """Register an adapter built in memory (a weighted mix); it is dropped, not written to disk, when the
         host cache trims it, and retired when one of its components is unloaded or replaced."""
-        if adapter.rank > self._limits.max_rank:
-            raise AdapterMismatchError(
-                f"the mix has rank {adapter.rank}, above the server's --max-lora-rank {self._limits.max_rank}"
-            )
+        self._check_rank(adapter, "the mix's")
         record = AdapterRecord(adapter_id, adapter_id, adapter, AdapterState.HOST, components=components)
         record.describe(adapter)
         with self._cv:
@@ -369,7 +361,6 @@ class AdapterRegistry:
             slot = victim.slot
             self._free_slot(victim)
             victim.state = AdapterState.HOST
-            self._evictions += 1
             self.on_evict()
             log.info("evicted adapter %r from device slot %d", victim.adapter_id, slot)
         self._owners[slot] = record  # reserved: record.slot stays -1 until the copy is done
@@ -398,7 +389,7 @@ class AdapterRegistry:
     def _trim_host_cache(self) -> None:
         """Drop the host copies of the least recently used host-only adapters beyond `max_host`."""
         host_only = [r for r in self._by_id.values() if r.state is AdapterState.HOST and r.active_requests == 0]
-        for record in sorted(host_only, key=lambda r: r.last_used)[: max(0, len(host_only) - self._limits.max_host)]:
+        for record in sorted(host_only, key=lambda r: r.last_used)[: max(0, len(host_only) - self._max_host)]:
             if record.components:  # a mix has no files to come back from: drop it (rebuilt on demand)
                 del self._by_id[record.adapter_id]
                 self._retire(record)
@@ -472,17 +463,9 @@ class AdapterRegistry:
             return sum(r.state is AdapterState.HOST for r in records)
 
     @property
-    def evictions(self) -> int:
-        return self._evictions
-
-    @property
     def slot_ranks(self) -> list[int]:
         return self._slots.ranks
 
     @property
     def num_slots(self) -> int:
         return self._slots.num_slots
-
-    @property
-    def max_rank(self) -> int:
-        return self._slots.max_rank

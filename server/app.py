@@ -13,7 +13,7 @@ import grpc
 from deltaserve.adapters import ReadOptions, load_adapter, served_kinds
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots, RegistryLimits
+from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots
 from deltaserve.server.api import AdaptersService, GenerationService, RequestBuilder
 from deltaserve.server.engine import Engine, EngineConfig
 from deltaserve.server.errors import ModelLoadError
@@ -121,7 +121,7 @@ class Server:
         self.registry = AdapterRegistry(
             self.runner.base_spec(),
             slots,
-            RegistryLimits(max_host=config.max_cpu_adapters, max_rank=config.max_lora_rank),
+            max_host=config.max_cpu_adapters,
             loader=functools.partial(load_adapter, options=read_options),
             resolve_path=self.path_policy.resolve,
         )

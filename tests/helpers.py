@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import threading
 
 import torch
@@ -99,12 +97,3 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def copy_dir(src: str, dst: str) -> str:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def env_with_cache() -> dict[str, str]:
-    return dict(os.environ)
