@@ -9,6 +9,7 @@ from deltaserve.adapters.base import (
     BaseModelSpec,
     LinearShape,
     UnsupportedAdapterError,
+    tensor_bytes,
 )
 from deltaserve.adapters.lora import LoraAdapter, LoraConfig, LoraModuleWeights
 from deltaserve.adapters.peft_files import ReadOptions
@@ -30,4 +31,5 @@ __all__ = [
     "UnsupportedAdapterError",
     "load_adapter",
     "served_kinds",
+    "tensor_bytes",
 ]

@@ -7,10 +7,15 @@ adapter (host tensors). `adapters/` never imports the server; the server decides
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes held by the given tensors (None entries are skipped)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class AdapterError(Exception):

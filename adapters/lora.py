@@ -21,6 +21,7 @@ from deltaserve.adapters.base import (
     AdapterMismatchError,
     BaseModelSpec,
     UnsupportedAdapterError,
+    tensor_bytes,
 )
 from deltaserve.adapters.peft_files import PeftFiles, check_finite
 
@@ -134,10 +135,7 @@ class LoraAdapter:
 
     @property
     def size_bytes(self) -> int:
-        return sum(
-            w.lora_a.numel() * w.lora_a.element_size() + w.lora_b_scaled.numel() * w.lora_b_scaled.element_size()
-            for w in self.modules.values()
-        )
+        return tensor_bytes(t for w in self.modules.values() for t in (w.lora_a, w.lora_b_scaled))
 
     @property
     def target_modules(self) -> list[str]:

@@ -41,6 +41,7 @@ import torch
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
 from common import RESULTS, import_test_helpers, log, machine_info, write_json
+from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -279,7 +280,7 @@ def table(measurements: list[Measurement]) -> str:
 def weight_bytes(server: object) -> dict[str, float]:
     """Bytes a mixed decode step must read besides the base's: every active adapter's A and B. When decode
     is memory-bound, mixed/base throughput cannot beat 1 / (1 + adapter bytes / base bytes)."""
-    base = sum(p.numel() * p.element_size() for p in server.loaded.model.parameters())
+    base = tensor_bytes(server.loaded.model.parameters())
     adapters = sum(record.adapter.size_bytes for record in server.registry.list())
     return {"base_bytes": base, "adapter_bytes": adapters, "bandwidth_floor_mixed_over_base": 1 / (1 + adapters / base)}
 

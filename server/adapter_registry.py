@@ -25,7 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from deltaserve.adapters import AdapterMismatchError, BaseModelSpec, LoraAdapter, ParsedAdapter, load_adapter
+from deltaserve.adapters import (
+    AdapterMismatchError,
+    BaseModelSpec,
+    LoraAdapter,
+    ParsedAdapter,
+    load_adapter,
+    tensor_bytes,
+)
 from deltaserve.server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -112,12 +119,7 @@ class LoraSlots:
     @property
     def bytes_allocated(self) -> int:
         """Device bytes of the slot stacks allocated so far (they grow once per newly targeted layer)."""
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self.layers.values()
-            for t in (layer.lora_a, layer.lora_b)
-            if t is not None
-        )
+        return tensor_bytes(t for layer in self.layers.values() for t in (layer.lora_a, layer.lora_b))
 
 
 AdapterLoader = Callable[[str, BaseModelSpec], ParsedAdapter]

@@ -10,7 +10,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
-from deltaserve.adapters import ReadOptions, load_adapter, served_kinds
+from deltaserve.adapters import ReadOptions, load_adapter, served_kinds, tensor_bytes
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots
@@ -144,7 +144,7 @@ class Server:
     def _bind_metrics(self, slots: LoraSlots) -> None:
         model = self.loaded.model
         self.metrics.bind(
-            model_bytes=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
+            model_bytes=tensor_bytes((*model.parameters(), *model.buffers())),
             kv_cache_bytes=self.runner.kv_cache_bytes,
             adapter_bytes=lambda: slots.bytes_allocated,
             kv_usage=self.engine.kv_cache_usage,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from deltaserve.adapters import BaseModelSpec, LinearShape
+from deltaserve.adapters import BaseModelSpec, LinearShape, tensor_bytes
 from deltaserve.server.errors import MergeError, ModelLoadError
 from deltaserve.server.layers import AdapterLinear, ForwardContext, LoraBatch, wrap_linear_layers
 from torch import nn
@@ -111,7 +111,7 @@ class ModelRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
+        return tensor_bytes((*self.k_cache, *self.v_cache))
 
     # ---- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
