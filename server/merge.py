@@ -39,7 +39,7 @@ class MergeController:
         """Merge `adapter_id` (unmerging another one first). Blocking: call it off the event loop."""
         record = self.registry.set_merged(adapter_id, True)  # pinned on the device, cannot be unloaded
         try:
-            self.engine.call(lambda: self._merge_on_engine(record))
+            self.engine.call(lambda: self.merge_on_engine(record))
         except BaseException:
             if self.engine.merged is not record:
                 self.registry.set_merged(adapter_id, False)
@@ -51,24 +51,26 @@ class MergeController:
         merged = self.engine.merged
         if merged is None:
             raise MergeError("no adapter is merged")
-        self.engine.call(self._unmerge_on_engine)
+        self.engine.call(self.unmerge_on_engine)
         return merged.adapter_id
 
-    def _merge_on_engine(self, record: AdapterRecord) -> None:
+    def merge_on_engine(self, record: AdapterRecord) -> None:
+        """Fold `record` into the base now. Engine thread only (between forwards)."""
         if self.engine.merged is record:
             return
         adapter = record.adapter
         if not isinstance(adapter, LoraAdapter):
             raise MergeError(f"adapter {record.adapter_id!r} ({record.kind}) cannot be merged into the base")
         if self.engine.merged is not None:
-            self._unmerge_on_engine()
+            self.unmerge_on_engine()
         self.runner.merge_weights({name: (w.lora_a, w.lora_b_scaled) for name, w in adapter.modules.items()})
         self.engine.merged = record
         self.metrics.merge_switches.inc()
         self.metrics.merged_adapter.labels(record.adapter_id).set(1)
         log.info("merged adapter %r into the base (%d modules)", record.adapter_id, len(adapter.modules))
 
-    def _unmerge_on_engine(self) -> None:
+    def unmerge_on_engine(self) -> None:
+        """Restore the saved base weights now. Engine thread only (between forwards)."""
         record = self.engine.merged
         if record is None:
             return
@@ -114,7 +116,7 @@ class AutoMergePolicy:
         if merged is not None:
             share = counts[merged.adapter_id] / len(self._recent)
             if share < self.unmerge_share:
-                self.controller._unmerge_on_engine()
+                self.controller.unmerge_on_engine()
                 self._switched(f"{merged.adapter_id!r} was named by {share:.0%} of the requests")
             return
         candidate, count = counts.most_common(1)[0]
@@ -129,7 +131,7 @@ class AutoMergePolicy:
             self._refused.add(adapter_id)
             return
         try:
-            self.controller._merge_on_engine(record)
+            self.controller.merge_on_engine(record)
         except MergeError as err:
             registry.set_merged(adapter_id, False)
             self._refused.add(adapter_id)
