@@ -1,4 +1,4 @@
-"""deltaserve.adapters: adapter kinds — parse PEFT directories, validate against the base, represent."""
+"""deltaserve.adapters: adapter kinds — parse adapter directories, validate against the base, represent."""
 
 from deltaserve.adapters.base import (
     AdapterError,
@@ -8,27 +8,44 @@ from deltaserve.adapters.base import (
     AdapterMismatchError,
     BaseModelSpec,
     LinearShape,
+    ModelGeometry,
     UnsupportedAdapterError,
     tensor_bytes,
 )
-from deltaserve.adapters.lora import LoraAdapter, LoraConfig, LoraModuleWeights
+from deltaserve.adapters.lora import LoraConfig
 from deltaserve.adapters.peft_files import ReadOptions
-from deltaserve.adapters.registry import ParsedAdapter, load_adapter, served_kinds
+from deltaserve.adapters.registry import load_adapter, served_kinds
+from deltaserve.adapters.stack import compose
+from deltaserve.adapters.weights import (
+    ATTENTION_SITE,
+    BOTTLENECK_SITES,
+    OUTPUT_SITE,
+    Bottleneck,
+    ModuleDelta,
+    ParsedAdapter,
+    Prefix,
+)
 
 __all__ = [
+    "ATTENTION_SITE",
+    "BOTTLENECK_SITES",
+    "OUTPUT_SITE",
     "AdapterError",
     "AdapterFormatError",
     "AdapterKind",
     "AdapterLimitError",
     "AdapterMismatchError",
     "BaseModelSpec",
+    "Bottleneck",
     "LinearShape",
-    "LoraAdapter",
     "LoraConfig",
-    "LoraModuleWeights",
+    "ModelGeometry",
+    "ModuleDelta",
     "ParsedAdapter",
+    "Prefix",
     "ReadOptions",
     "UnsupportedAdapterError",
+    "compose",
     "load_adapter",
     "served_kinds",
     "tensor_bytes",

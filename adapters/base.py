@@ -41,7 +41,15 @@ class AdapterLimitError(AdapterError):
 class AdapterKind(enum.Enum):
     """Adapter kinds deltaserve serves; the value is the name used on the wire and in ListAdapters."""
 
-    LORA = "lora"
+    LORA = "lora"  # also rsLoRA and LoRA with trained biases (BitFit-style bias deltas)
+    DORA = "dora"
+    ADALORA = "adalora"
+    IA3 = "ia3"
+    PREFIX_TUNING = "prefix_tuning"  # also P-tuning v2, which PEFT saves the same way
+    PROMPT_TUNING = "prompt_tuning"
+    P_TUNING = "p_tuning"
+    BOTTLENECK = "bottleneck"  # AdapterHub (Houlsby / Pfeiffer) bottleneck adapters
+    STACK = "stack"  # several adapters of any kinds composed for one request
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,16 @@ class LinearShape:
 
     in_features: int
     out_features: int
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The decoder's shape, for kinds that act outside linear layers (prefixes, virtual tokens, bottlenecks)."""
+
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -64,3 +82,11 @@ class BaseModelSpec:
     other_modules: frozenset[str]  # modules that exist but are not linear (embeddings, norms, ...)
     # A base layer's weight [out, in] by module name, or None where it cannot be compared (quantized).
     base_weight: Callable[[str], torch.Tensor | None] | None = None
+    # A base layer's weight as it computes (dequantized when quantized), fp32, for DoRA's norms.
+    dense_weight: Callable[[str], torch.Tensor] | None = None
+    # A base layer's bias [out] or None, for bias deltas.
+    base_bias: Callable[[str], torch.Tensor | None] | None = None
+    geometry: ModelGeometry | None = None
+
+    def bias_of(self, module: str) -> torch.Tensor | None:
+        return self.base_bias(module) if self.base_bias is not None else None

@@ -1,9 +1,16 @@
-"""LoRA (and rsLoRA, rank/alpha patterns) read from PEFT's format.
+"""LoRA, rsLoRA, DoRA and trained biases read from PEFT's LoRA format.
 
 PEFT computes, per target linear layer, ``y = base(x) + scaling * B (A x)`` with ``A: [r, in]``,
 ``B: [out, r]`` and ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), where ``r`` and ``alpha``
 may be overridden per module by ``rank_pattern`` / ``alpha_pattern``. The parsed adapter keeps A and B per
 module with the scaling folded into B, so serving needs no per-module scalar.
+
+DoRA (``use_dora``) rescales each output row: ``y = g * (x W^T + s B A x) + b`` with the magnitude vector m and
+``g = m / ||W + s B A||`` (row norms, a constant at inference). It is served as a LoRA with ``B' = g s B``, an
+output scale ``g`` and a bias correction ``(1 - g) b``, all precomputed at load.
+
+Trained biases (``bias="all"`` / ``"lora_only"``, BitFit-style) become bias deltas ``b_trained - b_base``;
+``lora_bias`` adds ``s * lora_B.bias``.
 """
 
 from __future__ import annotations
@@ -21,20 +28,9 @@ from deltaserve.adapters.base import (
     AdapterMismatchError,
     BaseModelSpec,
     UnsupportedAdapterError,
-    tensor_bytes,
 )
-from deltaserve.adapters.peft_files import PeftFiles, check_finite
-
-# PEFT saves weights as `base_model.model.<module>.lora_A.weight`, sometimes with the adapter name
-# before `.weight` (`lora_A.default.weight`).
-_WEIGHT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-# With `save_embedding_layers`, PEFT also stores a copy of the base weight of a targeted lm_head/embedding.
-_BASE_COPY_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$")
-_UNSUPPORTED_KEY_PARTS = {
-    "lora_embedding_A": "LoRA on embedding layers",
-    "lora_embedding_B": "LoRA on embedding layers",
-    "lora_magnitude_vector": "DoRA (use_dora)",
-}
+from deltaserve.adapters.peft_files import PeftFiles, check_finite, check_vector, group_module_tensors, linear_shape
+from deltaserve.adapters.weights import ModuleDelta, ParsedAdapter
 
 
 @dataclass(frozen=True)
@@ -50,7 +46,7 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> LoraConfig:
-        _refuse_unsupported_features(config)
+        refuse_unsupported_features(config)
         try:
             r = int(config.get("r", 8))
             alpha = float(config.get("lora_alpha", 8))
@@ -88,93 +84,39 @@ class LoraConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
-def _refuse_unsupported_features(config: Mapping[str, Any]) -> None:
-    """LoRA features that change the computation in ways this kind does not serve (yet)."""
-    if config.get("use_dora"):
-        raise UnsupportedAdapterError("DoRA adapters (use_dora=true) are not served yet")
-    bias = config.get("bias", "none")
-    if bias not in (None, "none"):
-        raise UnsupportedAdapterError(f"LoRA with trained biases (bias={bias!r}) is not served yet")
-    if config.get("lora_bias"):
-        raise UnsupportedAdapterError("LoRA with lora_bias=true is not served yet")
+def refuse_unsupported_features(config: Mapping[str, Any]) -> None:
+    """LoRA options that change the computation in ways deltaserve does not serve."""
     if config.get("modules_to_save"):
         raise UnsupportedAdapterError(
             f"adapters with fully trained modules (modules_to_save={config['modules_to_save']!r}) "
             "are not served: they would replace base weights for every request"
         )
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise UnsupportedAdapterError("DoRA with lora_bias=true is not served")
     for key in ("layer_replication", "target_parameters", "trainable_token_indices", "use_qalora"):
         if config.get(key):
             raise UnsupportedAdapterError(f"LoRA option {key}={config[key]!r} is not served")
 
 
-@dataclass(frozen=True)
-class LoraModuleWeights:
-    """One target layer's low-rank delta: delta(x) = B_scaled (A x)."""
-
-    lora_a: torch.Tensor  # [r, in_features]
-    lora_b_scaled: torch.Tensor  # [out_features, r], scaling already applied
-
-    @property
-    def rank(self) -> int:
-        return self.lora_a.shape[0]
+# Parts of a module's saved tensors that LoRA reads (see peft_files.group_module_tensors for the key layout).
+_PARTS = frozenset(
+    {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "bias", "base_layer.weight"}
+)
+_UNSUPPORTED_PARTS = {"lora_embedding_A": "LoRA on embedding layers", "lora_embedding_B": "LoRA on embedding layers"}
 
 
-@dataclass(frozen=True)
-class LoraAdapter:
-    """A parsed, validated LoRA adapter on the host (fp32)."""
-
-    path: str
-    config: LoraConfig
-    modules: dict[str, LoraModuleWeights]  # base module name -> weights
-
-    kind = AdapterKind.LORA
-
-    @property
-    def rank(self) -> int:
-        return max(weights.rank for weights in self.modules.values())
-
-    @property
-    def size_bytes(self) -> int:
-        return tensor_bytes(t for w in self.modules.values() for t in (w.lora_a, w.lora_b_scaled))
-
-    @property
-    def target_modules(self) -> list[str]:
-        """Short names of the base modules changed, e.g. ['k_proj', 'q_proj']."""
-        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
-
-
-def _group_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{'model.layers.0.self_attn.q_proj': {'A': ..., 'B': ...}} from PEFT's flat key space."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        for part, feature in _UNSUPPORTED_KEY_PARTS.items():
-            if part in key:
-                raise UnsupportedAdapterError(f"{feature} is not served yet (tensor {key!r})")
-        if _BASE_COPY_KEY.match(key):
-            continue  # checked by _check_base_copies
-        match = _WEIGHT_KEY.match(key)
-        if match is None:
-            raise AdapterFormatError(f"unexpected tensor {key!r} in a LoRA adapter's weights")
-        grouped.setdefault(match["module"], {})[match["which"]] = tensor
-    return grouped
-
-
-def _module_weights(
-    module: str, pair: dict[str, torch.Tensor], config: LoraConfig, spec: BaseModelSpec
-) -> LoraModuleWeights:
-    if set(pair) != {"A", "B"}:
-        missing = "lora_B" if "A" in pair else "lora_A"
-        raise AdapterFormatError(f"module {module!r} has no {missing} weight")
-    if module not in spec.linear_layers:
-        if module in spec.other_modules:
-            raise UnsupportedAdapterError(f"LoRA on {module!r}, which is not a linear layer, is not served")
-        raise AdapterMismatchError(f"the adapter targets {module!r}, which the base model does not have")
-    lora_a, lora_b = pair["A"], pair["B"]
+def _module_delta(module: str, parts: dict[str, torch.Tensor], config: LoraConfig, spec: BaseModelSpec) -> ModuleDelta:
+    shape = linear_shape(module, spec, "LoRA")
+    lora_a, lora_b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+    if (lora_a is None) != (lora_b is None):
+        raise AdapterFormatError(f"module {module!r} has no {'lora_B' if lora_b is None else 'lora_A'} weight")
+    bias_delta = _trained_bias_delta(module, parts, shape.out_features, spec)
+    if lora_a is None:
+        return ModuleDelta(bias_delta=bias_delta)
     for which, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise AdapterFormatError(f"{module}.{which} must be a 2-d floating-point matrix")
         check_finite(f"{module}.{which}.weight", tensor)
-    shape = spec.linear_layers[module]
     rank, _ = config.rank_and_alpha(module)
     expected_a, expected_b = (rank, shape.in_features), (shape.out_features, rank)
     if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
@@ -183,37 +125,98 @@ def _module_weights(
             f"(expected {expected_a} / {expected_b} for rank {rank}, in={shape.in_features}, "
             f"out={shape.out_features})"
         )
-    return LoraModuleWeights(
-        lora_a=lora_a.to(torch.float32).contiguous(),
-        lora_b_scaled=(lora_b.to(torch.float32) * config.scaling(module)).contiguous(),
+    scaling = config.scaling(module)
+    lora_a = lora_a.to(torch.float32).contiguous()
+    lora_b_scaled = lora_b.to(torch.float32) * scaling
+    if "lora_B.bias" in parts:
+        lora_bias = check_vector(f"{module}.lora_B.bias", parts["lora_B.bias"], shape.out_features)
+        bias_delta = scaling * lora_bias if bias_delta is None else bias_delta + scaling * lora_bias
+    if "lora_magnitude_vector" in parts:
+        return _dora_delta(module, parts["lora_magnitude_vector"], lora_a, lora_b_scaled, bias_delta, spec)
+    return ModuleDelta(lora_a=lora_a, lora_b_scaled=lora_b_scaled.contiguous(), bias_delta=bias_delta)
+
+
+def _trained_bias_delta(
+    module: str, parts: dict[str, torch.Tensor], out_features: int, spec: BaseModelSpec
+) -> torch.Tensor | None:
+    """A trained bias saved by bias="all"/"lora_only" as the difference to the base's own bias."""
+    trained = parts.get("bias")
+    if trained is None:
+        return None
+    trained = check_vector(f"{module}.bias", trained, out_features)
+    base = spec.bias_of(module)
+    if base is None:
+        raise AdapterMismatchError(f"the adapter trains a bias for {module!r}, which has no bias in the base model")
+    return trained - base.to(torch.float32)
+
+
+def _dora_delta(
+    module: str,
+    magnitude: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b_scaled: torch.Tensor,
+    bias_delta: torch.Tensor | None,
+    spec: BaseModelSpec,
+) -> ModuleDelta:
+    """DoRA as LoRA + output scale: g = m / ||W + s B A|| per output row, computed once here in fp32."""
+    magnitude = check_vector(f"{module}.lora_magnitude_vector", magnitude, lora_b_scaled.shape[0])
+    if spec.dense_weight is None:
+        raise UnsupportedAdapterError(f"DoRA needs the base weight of {module!r}, which this server cannot read")
+    weight = spec.dense_weight(module).to(torch.float32)
+    gain = magnitude / torch.linalg.norm(weight + lora_b_scaled @ lora_a, dim=1)
+    check_finite(f"{module}.lora_magnitude_vector / weight norm", gain)
+    base_bias = spec.bias_of(module)
+    correction = None if base_bias is None else (1 - gain) * base_bias.to(torch.float32)
+    if bias_delta is not None:
+        correction = bias_delta if correction is None else correction + bias_delta
+    return ModuleDelta(
+        lora_a=lora_a,
+        lora_b_scaled=(gain[:, None] * lora_b_scaled).contiguous(),
+        output_scale=gain.contiguous(),
+        bias_delta=correction,
     )
 
 
-def _check_base_copies(tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec) -> None:
+def check_base_copies(module: str, parts: dict[str, torch.Tensor], spec: BaseModelSpec) -> None:
     """Saved copies of base weights are accepted only if they equal the resident base: the base is shared
     by every request, so an adapter can never change it (a resized vocabulary fails here too)."""
-    for key, tensor in tensors.items():
-        match = _BASE_COPY_KEY.match(key)
-        if match is None:
-            continue
-        module = match["module"]
-        shape = spec.linear_layers.get(module)
-        if shape is None or tuple(tensor.shape) != (shape.out_features, shape.in_features):
-            raise AdapterMismatchError(f"{key!r} {tuple(tensor.shape)} does not match the base model's {module!r}")
-        base = spec.base_weight(module) if spec.base_weight is not None else None
-        if base is not None and not torch.equal(tensor.to(base.dtype), base):
-            raise UnsupportedAdapterError(
-                f"{key!r} holds modified weights for the base layer {module!r}; adapters that change the shared "
-                "base are not served"
-            )
+    tensor = parts.get("base_layer.weight")
+    if tensor is None:
+        return
+    key = f"{module}.base_layer.weight"
+    shape = spec.linear_layers.get(module)
+    if shape is None or tuple(tensor.shape) != (shape.out_features, shape.in_features):
+        raise AdapterMismatchError(f"{key!r} {tuple(tensor.shape)} does not match the base model's {module!r}")
+    base = spec.base_weight(module) if spec.base_weight is not None else None
+    if base is not None and not torch.equal(tensor.to(base.dtype), base):
+        raise UnsupportedAdapterError(
+            f"{key!r} holds modified weights for the base layer {module!r}; adapters that change the shared "
+            "base are not served"
+        )
 
 
-def parse_lora(files: PeftFiles, spec: BaseModelSpec) -> LoraAdapter:
-    """Validate a LoRA adapter against the base and return its per-module weights (fp32, CPU)."""
+def parse_lora(files: PeftFiles, spec: BaseModelSpec) -> ParsedAdapter:
+    """Validate a LoRA (or DoRA) adapter against the base and return its per-module deltas (fp32, CPU)."""
     config = LoraConfig.from_dict(files.config)
-    _check_base_copies(files.tensors, spec)
-    grouped = _group_weights(files.tensors)
-    if not grouped:
+    grouped = group_module_tensors(files.tensors, _PARTS, _UNSUPPORTED_PARTS, "LoRA")
+    for module, parts in grouped.items():
+        check_base_copies(module, parts, spec)
+    modules = {
+        name: _module_delta(name, parts, config, spec)
+        for name, parts in sorted(grouped.items())
+        if set(parts) - {"base_layer.weight"}
+    }
+    if not any(delta.rank for delta in modules.values()):
         raise AdapterFormatError(f"{files.path!r} holds no LoRA weights")
-    modules = {name: _module_weights(name, pair, config, spec) for name, pair in sorted(grouped.items())}
-    return LoraAdapter(path=files.path, config=config, modules=modules)
+    dora = any(delta.output_scale is not None for delta in modules.values())
+    if bool(files.config.get("use_dora")) != dora:
+        raise AdapterFormatError(
+            "use_dora in adapter_config.json does not match the weights (lora_magnitude_vector "
+            f"{'present' if dora else 'missing'})"
+        )
+    return ParsedAdapter(
+        path=files.path,
+        kind=AdapterKind.DORA if dora else AdapterKind.LORA,
+        modules=modules,
+        lora_scaling={name: config.scaling(name) for name in modules},
+    )

@@ -102,6 +102,8 @@ class AdapterInfo:
     active_requests: int
     pinned: bool
     last_used_unix: float
+    virtual_tokens: int  # prefix entries + virtual tokens put before every prompt
+    mergeable: bool
 
     @classmethod
     def from_proto(cls, msg: pb.AdapterInfo) -> Self:

@@ -17,6 +17,7 @@ runs is safe.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import threading
@@ -28,7 +29,7 @@ import torch
 from deltaserve.adapters import (
     AdapterMismatchError,
     BaseModelSpec,
-    LoraAdapter,
+    ModuleDelta,
     ParsedAdapter,
     load_adapter,
     tensor_bytes,
@@ -40,7 +41,8 @@ from deltaserve.server.errors import (
     InvalidRequestError,
     MergeError,
 )
-from deltaserve.server.layers import AdapterLinear
+from deltaserve.server.layers import AdapterLinear, BottleneckBank
+from deltaserve.server.runner import NO_SOFT_PROMPT, SoftPrompt
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class AdapterRecord:
     rank: int = 0
     size_bytes: int = 0
     target_modules: list[str] = field(default_factory=list)
+    extra_positions: int = 0  # prefix entries + virtual tokens the adapter puts before every prompt
+    mergeable: bool = False
     load_error: BaseException | None = None  # set when the residency thread could not bring it back
     merged: bool = False  # folded into the base weights (pinned meanwhile; cannot be unloaded or replaced)
     pinned_for_merge: bool = False  # the pin was taken by the merge, so unmerging lifts it
@@ -76,50 +80,84 @@ class AdapterRecord:
     def describe(self, adapter: ParsedAdapter) -> None:
         self.kind = adapter.kind.value
         self.rank = adapter.rank
+        self.extra_positions = adapter.extra_positions
+        self.mergeable = adapter.mergeable
         self.size_bytes = adapter.size_bytes
         self.target_modules = adapter.target_modules
 
 
-class LoraSlots:
-    """The device slots: S preallocated LoRA positions in every adapter-aware layer."""
+class DeviceSlots:
+    """The device slots: S preallocated adapter positions in every adapter-aware layer and bottleneck bank,
+    plus each slot's soft prompt (prefix entries, virtual tokens) as device tensors."""
 
     def __init__(
         self,
         layers: dict[str, AdapterLinear],
+        banks: dict[tuple[int, str], BottleneckBank],
         num_slots: int,
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        max_bottleneck_size: int = 64,
     ) -> None:
         self.layers = layers
+        self.banks = banks
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.max_bottleneck_size = max_bottleneck_size
         self.dtype = dtype
         self.device = device
-        self.ranks = [0] * num_slots  # host copy of each slot's rank, for building batch descriptions
+        # Host copies per slot, for building batch descriptions without touching the device.
+        self.ranks = [0] * num_slots
+        self.has_vectors = [False] * num_slots  # scales / bias deltas / bottlenecks: the forward needs a SlotBatch
+        self.prompts = [NO_SOFT_PROMPT] * num_slots
         self._lock = threading.Lock()  # concurrent loads must not both allocate one layer's stacks
 
-    def write(self, slot: int, adapter: LoraAdapter) -> None:
-        """Copy an adapter into `slot`, zeroing the slot in every layer the adapter does not target."""
+    def _on_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(self.device, self.dtype)
+
+    def write(self, slot: int, adapter: ParsedAdapter) -> None:
+        """Copy an adapter into `slot`, resetting the slot to the identity wherever the adapter has no part."""
         with self._lock:
-            for name in adapter.modules:
-                self.layers[name].allocate(self.num_slots, self.max_rank, self.dtype, self.device)
+            for name, delta in adapter.modules.items():
+                self.layers[name].allocate(delta, self.num_slots, self.max_rank, self.dtype, self.device)
+            for key in adapter.bottlenecks:
+                self.banks[key].allocate(self.num_slots, self.max_bottleneck_size, self.dtype, self.device)
             for name, layer in self.layers.items():
-                weights = adapter.modules.get(name)
-                if weights is None:
-                    layer.write_slot(slot, None, None)
-                else:
-                    layer.write_slot(
-                        slot,
-                        weights.lora_a.to(self.device, self.dtype),
-                        weights.lora_b_scaled.to(self.device, self.dtype),
+                delta = adapter.modules.get(name)
+                if delta is not None:
+                    delta = ModuleDelta(*(self._on_device(t) for t in dataclasses.astuple(delta)))
+                layer.write_slot(slot, delta)
+            for key, bank in self.banks.items():
+                module = adapter.bottlenecks.get(key)
+                if module is not None:
+                    module = dataclasses.replace(
+                        module,
+                        **{f: self._on_device(getattr(module, f)) for f in ("down", "down_bias", "up", "up_bias")},
                     )
+                bank.write_slot(slot, module)
+            prefix = adapter.prefix
+            self.prompts[slot] = SoftPrompt(
+                self._on_device(prefix.keys) if prefix else None,
+                self._on_device(prefix.values) if prefix else None,
+                self._on_device(adapter.virtual_tokens),
+            )
             self.ranks[slot] = adapter.rank
+            self.has_vectors[slot] = adapter.has_vectors or bool(adapter.bottlenecks)
 
     @property
     def bytes_allocated(self) -> int:
         """Device bytes of the slot stacks allocated so far (they grow once per newly targeted layer)."""
-        return tensor_bytes(t for layer in self.layers.values() for t in (layer.lora_a, layer.lora_b))
+        stacks = [
+            t
+            for layer in self.layers.values()
+            for t in (layer.lora_a, layer.lora_b, layer.input_scale, layer.output_scale, layer.bias_delta)
+        ]
+        stacks += [t for bank in self.banks.values() for t in (bank.down, bank.down_bias, bank.up, bank.up_bias)]
+        stacks += [
+            t for prompt in self.prompts for t in (prompt.prefix_keys, prompt.prefix_values, prompt.virtual_tokens)
+        ]
+        return tensor_bytes(stacks)
 
 
 AdapterLoader = Callable[[str, BaseModelSpec], ParsedAdapter]
@@ -129,7 +167,7 @@ class AdapterRegistry:
     def __init__(
         self,
         spec: BaseModelSpec,
-        slots: LoraSlots,
+        slots: DeviceSlots,
         max_host: int = 32,
         loader: AdapterLoader = load_adapter,
         resolve_path: Callable[[str], str] = lambda path: path,
@@ -200,14 +238,20 @@ class AdapterRegistry:
 
     def _parse(self, path: str) -> ParsedAdapter:
         adapter = self._loader(path, self._spec)
-        self._check_rank(adapter, "adapter")
+        self._check_fits(adapter, "adapter")
         return adapter
 
-    def _check_rank(self, adapter: ParsedAdapter, what: str) -> None:
-        """A slot holds at most the server's max rank (--max-lora-rank)."""
+    def _check_fits(self, adapter: ParsedAdapter, what: str) -> None:
+        """A slot holds at most the server's max rank (--max-lora-rank) and bottleneck size
+        (--max-bottleneck-size)."""
         if adapter.rank > self._slots.max_rank:
             raise AdapterMismatchError(
                 f"{what} rank {adapter.rank} exceeds the server's --max-lora-rank {self._slots.max_rank}"
+            )
+        if adapter.bottleneck_size > self._slots.max_bottleneck_size:
+            raise AdapterMismatchError(
+                f"{what} bottleneck size {adapter.bottleneck_size} exceeds the server's --max-bottleneck-size "
+                f"{self._slots.max_bottleneck_size}"
             )
 
     def unload(self, adapter_id: str) -> int:
@@ -298,9 +342,9 @@ class AdapterRegistry:
         return adapter
 
     def register_derived(self, adapter_id: str, adapter: ParsedAdapter, components: tuple[str, ...]) -> None:
-        """Register an adapter built in memory (a weighted mix); it is dropped, not written to disk, when the
+        """Register an adapter built in memory (a weighted mix or a stack); it is dropped, not written to disk, when the
         host cache trims it, and retired when one of its components is unloaded or replaced."""
-        self._check_rank(adapter, "the mix's")
+        self._check_fits(adapter, f"{adapter.kind.value} {adapter_id!r}:")
         record = AdapterRecord(adapter_id, adapter_id, adapter, AdapterState.HOST, components=components)
         record.describe(adapter)
         with self._cv:
@@ -463,6 +507,10 @@ class AdapterRegistry:
             if tier == "device":
                 return sum(r.slot >= 0 for r in records)
             return sum(r.state is AdapterState.HOST for r in records)
+
+    @property
+    def slots(self) -> DeviceSlots:
+        return self._slots
 
     @property
     def slot_ranks(self) -> list[int]:

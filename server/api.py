@@ -21,11 +21,11 @@ from deltaserve.adapters import (
     AdapterFormatError,
     AdapterLimitError,
     AdapterMismatchError,
-    LoraAdapter,
     UnsupportedAdapterError,
+    compose,
 )
 from deltaserve.adapters.peft_files import read_config
-from deltaserve.adapters.registry import kind_for
+from deltaserve.adapters.registry import declared_kind
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.adapter_registry import AdapterRecord, AdapterState
@@ -142,26 +142,30 @@ class RequestBuilder:
         # The template already holds any special tokens (BOS), so it is not tokenized with them again.
         return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
-    def build(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    def build(self, request: pb.GenerateRequest, extra_positions: int = 0) -> tuple[list[int], SamplingParams]:
+        """Token ids and sampling parameters; `extra_positions` are the adapter's prefix entries and virtual
+        tokens, which take context positions before the prompt."""
         ids = self.prompt_ids(request.prompt, request.messages, "prompt")
         if not ids:
             raise InvalidRequestError("the prompt tokenizes to no tokens")
-        if len(ids) >= self.max_seq_len:
+        used = len(ids) + extra_positions
+        if used >= self.max_seq_len:
             raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len} (prompt plus output)"
+                f"the prompt has {len(ids)} tokens{_with_extra(extra_positions)}; the context holds "
+                f"{self.max_seq_len} (prompt plus output)"
             )
-        return ids, self._params(request, len(ids))
+        return ids, self._params(request, used, extra_positions)
 
-    def _params(self, request: pb.GenerateRequest, prompt_len: int) -> SamplingParams:
-        room = self.max_seq_len - prompt_len
+    def _params(self, request: pb.GenerateRequest, used: int, extra_positions: int) -> SamplingParams:
+        room = self.max_seq_len - used
         if request.HasField("max_new_tokens"):
             max_new = request.max_new_tokens
             if max_new <= 0:
                 raise InvalidRequestError(f"max_new_tokens must be at least 1, got {max_new}")
             if max_new > room:
                 raise InvalidRequestError(
-                    f"max_new_tokens {max_new} does not fit the context: {prompt_len} prompt tokens + "
-                    f"{max_new} > {self.max_seq_len}"
+                    f"max_new_tokens {max_new} does not fit the context: {used - extra_positions} prompt tokens"
+                    f"{_with_extra(extra_positions)} + {max_new} > {self.max_seq_len}"
                 )
         else:
             max_new = min(self.default_max_new_tokens, room)
@@ -184,6 +188,10 @@ class RequestBuilder:
             repetition_penalty=float(penalty),
             logprobs=request.logprobs,
         )
+
+
+def _with_extra(extra_positions: int) -> str:
+    return f" plus {extra_positions} prefix/virtual tokens of its adapter" if extra_positions else ""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -227,8 +235,13 @@ class GenerationService(pb_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tuple[RequestOutput, Request]]:
         """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it."""
-        prompt_ids, params = self.builder.build(request)
         adapter = await self._acquire_adapter(request)
+        try:
+            prompt_ids, params = self.builder.build(request, adapter.extra_positions if adapter is not None else 0)
+        except BaseException:
+            if adapter is not None:
+                self.engine.registry.release(adapter, served=False)
+            raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -256,28 +269,41 @@ class GenerationService(pb_grpc.GenerationServicer):
                 self.engine.wake()
 
     async def _acquire_adapter(self, request: pb.GenerateRequest) -> AdapterRecord | None:
-        if request.adapter_mix:
-            if request.adapter_id:
-                raise InvalidRequestError("give adapter_id or adapter_mix, not both")
-            spec = mix_spec(request.mix_method, [(part.adapter_id, part.weight) for part in request.adapter_mix])
-            return await asyncio.to_thread(self._acquire_mix, spec)  # may read files and build the mix
-        if request.mix_method:
+        chosen = [name for name, given in _ADAPTER_FIELDS.items() if given(request)]
+        if len(chosen) > 1:
+            raise InvalidRequestError(
+                f"give one of adapter_id, adapter_mix and adapter_stack, not {' and '.join(chosen)}"
+            )
+        if request.mix_method and not request.adapter_mix:
             raise InvalidRequestError("mix_method needs adapter_mix")
+        if request.adapter_mix:
+            spec = mix_spec(request.mix_method, [(part.adapter_id, part.weight) for part in request.adapter_mix])
+            return await asyncio.to_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
+        if request.adapter_stack:
+            names = stack_members(list(request.adapter_stack))
+            return await asyncio.to_thread(self._acquire_derived, "stack|" + "|".join(names), names, None)
         return self.engine.registry.acquire(request.adapter_id) if request.adapter_id else None
 
-    def _acquire_mix(self, spec: MixSpec) -> AdapterRecord:
-        """The cached mix, or build it from the components' host copies and register it."""
+    def _acquire_derived(self, derived_id: str, members: tuple[str, ...], mix: MixSpec | None) -> AdapterRecord:
+        """The cached mix or stack, or build it from the members' host copies and register it."""
         registry = self.engine.registry
         try:
-            return registry.acquire(spec.mix_id)
+            return registry.acquire(derived_id)
         except AdapterNotFoundError:
             pass
-        components = [registry.host_copy(adapter_id) for adapter_id in spec.components]
-        for adapter_id, adapter in zip(spec.components, components, strict=True):
-            if not isinstance(adapter, LoraAdapter):
-                raise MergeError(f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only LoRA can")
-        registry.register_derived(spec.mix_id, combine(spec, components), spec.components)
-        return registry.acquire(spec.mix_id)
+        adapters = [registry.host_copy(adapter_id) for adapter_id in members]
+        if mix is None:
+            derived = compose(derived_id, list(members), adapters)
+        else:
+            for adapter_id, adapter in zip(members, adapters, strict=True):
+                if not adapter.is_plain_lora:
+                    raise MergeError(
+                        f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only plain LoRA can "
+                        "(use adapter_stack to apply adapters of other kinds together)"
+                    )
+            derived = combine(mix, adapters)
+        registry.register_derived(derived_id, derived, members)
+        return registry.acquire(derived_id)
 
     @_unary_errors
     async def Generate(self, request, context):
@@ -310,6 +336,21 @@ class GenerationService(pb_grpc.GenerationServicer):
         return self.model_info()
 
 
+_ADAPTER_FIELDS: dict[str, Callable[[pb.GenerateRequest], bool]] = {
+    "adapter_id": lambda request: bool(request.adapter_id),
+    "adapter_mix": lambda request: bool(request.adapter_mix),
+    "adapter_stack": lambda request: bool(request.adapter_stack),
+}
+
+
+def stack_members(names: list[str]) -> tuple[str, ...]:
+    if any(not name for name in names):
+        raise InvalidRequestError("adapter_stack names an empty adapter_id")
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("adapter_stack names an adapter twice")
+    return tuple(names)
+
+
 _LOAD_RESULT = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
     grpc.StatusCode.FAILED_PRECONDITION: "unsupported",
@@ -322,7 +363,7 @@ _LOAD_RESULT = {
 def _declared_kind(path: str) -> str:
     """The kind a failed load's config declares, for the metrics label ("unknown" if unreadable)."""
     try:
-        return kind_for(read_config(path)).value
+        return declared_kind(read_config(path)).value
     except Exception:
         return "unknown"
 
@@ -345,6 +386,8 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
         active_requests=record.active_requests,
         pinned=record.pinned,
         last_used_unix=record.last_used,
+        virtual_tokens=record.extra_positions,
+        mergeable=record.mergeable,
     )
 
 

@@ -13,14 +13,14 @@ import grpc
 from deltaserve.adapters import ReadOptions, load_adapter, served_kinds, tensor_bytes
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.adapter_registry import AdapterRegistry, LoraSlots
+from deltaserve.server.adapter_registry import AdapterRegistry, DeviceSlots
 from deltaserve.server.api import AdaptersService, GenerationService, RequestBuilder
 from deltaserve.server.engine import Engine, EngineConfig
 from deltaserve.server.errors import ModelLoadError
 from deltaserve.server.merge import AutoMergePolicy, MergeController
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model_loader import LoadedModel, load_model
-from deltaserve.server.runner import ModelRunner
+from deltaserve.server.runner import NO_ADAPTERS, ModelRunner
 from deltaserve.server.security import AdapterPathPolicy, AdminTokenInterceptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -42,6 +42,7 @@ class ServerConfig:
     max_seq_len: int = 2048
     max_adapters: int = 8
     max_lora_rank: int = 64
+    max_bottleneck_size: int = 64  # largest bottleneck adapter dimension a device slot holds
     default_max_new_tokens: int = 256
     max_prefill_tokens: int = 4096
     preload: list[tuple[str, str]] = field(default_factory=list)
@@ -113,8 +114,14 @@ class Server:
             dtype=loaded.dtype,
             device=loaded.device,
         )
-        slots = LoraSlots(
-            self.runner.adapter_layers, config.max_adapters, config.max_lora_rank, loaded.dtype, loaded.device
+        slots = DeviceSlots(
+            self.runner.adapter_layers,
+            self.runner.bottleneck_banks,
+            config.max_adapters,
+            config.max_lora_rank,
+            loaded.dtype,
+            loaded.device,
+            max_bottleneck_size=config.max_bottleneck_size,
         )
         self.path_policy = AdapterPathPolicy(config.adapter_root)
         read_options = ReadOptions(allow_pickle=config.allow_pickle, max_bytes=config.max_adapter_bytes)
@@ -141,7 +148,7 @@ class Server:
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
 
-    def _bind_metrics(self, slots: LoraSlots) -> None:
+    def _bind_metrics(self, slots: DeviceSlots) -> None:
         model = self.loaded.model
         self.metrics.bind(
             model_bytes=tensor_bytes((*model.parameters(), *model.buffers())),
@@ -187,8 +194,8 @@ class Server:
         """One prefill and one decode step before reporting SERVING, so the first request is not slow."""
         import torch
 
-        self.runner.prefill([0], [[0, 1, 2, 3]], None, None)
-        self.runner.decode(torch.tensor([1]), torch.tensor([4]), 4, None)
+        self.runner.prefill([0], [[0, 1, 2, 3]], NO_ADAPTERS)
+        self.runner.decode(torch.tensor([1]), torch.tensor([4]), 4, NO_ADAPTERS)
 
     async def start(self) -> int:
         """Start the engine and the gRPC server; returns the bound port. Health turns SERVING at the end."""

@@ -71,6 +71,12 @@ def add_serve_subcommand(subparsers) -> None:
         help="largest adapter rank accepted (a slot holds this rank)",
     )
     serve.add_argument(
+        "--max-bottleneck-size",
+        type=int,
+        default=64,
+        help="largest bottleneck adapter dimension accepted (a slot holds this size)",
+    )
+    serve.add_argument(
         "--default-max-new-tokens",
         type=int,
         default=256,
@@ -149,7 +155,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from deltaserve.server.app import Server, ServerConfig  # torch is imported only when serving
     from deltaserve.server.errors import DeltaserveServerError
 
-    for name in ("max_batch_size", "max_seq_len", "max_adapters", "max_lora_rank", "default_max_new_tokens"):
+    positive = ("max_batch_size", "max_seq_len", "max_adapters", "max_lora_rank", "max_bottleneck_size")
+    for name in (*positive, "default_max_new_tokens"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2

@@ -21,9 +21,9 @@ import torch
 from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
 from deltaserve.server.detokenizer import IncrementalDetokenizer
 from deltaserve.server.errors import EngineStoppedError
-from deltaserve.server.layers import PAD_SLOT, build_lora_batch
+from deltaserve.server.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.runner import ModelRunner
+from deltaserve.server.runner import NO_SOFT_PROMPT, AdapterBatch, ModelRunner
 from deltaserve.server.sampling import RowState, SamplingParams, make_generator, sample
 from transformers import PreTrainedTokenizerBase
 
@@ -82,6 +82,11 @@ class Request:
     @property
     def adapter_id(self) -> str:
         return self.adapter.adapter_id if self.adapter is not None else ""
+
+    @property
+    def sequence_len(self) -> int:
+        """Positions the prefill computes: the adapter's prefix entries and virtual tokens plus the prompt."""
+        return len(self.prompt_ids) + (self.adapter.extra_positions if self.adapter is not None else 0)
 
     @property
     def slot(self) -> int:
@@ -263,10 +268,10 @@ class Engine:
         """Split admitted requests into prefill forwards of at most `max_prefill_tokens` padded tokens,
         grouping similar prompt lengths so that little is spent on padding."""
         groups: list[list[Request]] = []
-        for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        for request in sorted(requests, key=lambda r: r.sequence_len):
             group = groups[-1] if groups else None
             # Sorted by length, so this request is the longest of the group: it sets the padded size.
-            if group and (len(group) + 1) * len(request.prompt_ids) <= self.config.max_prefill_tokens:
+            if group and (len(group) + 1) * request.sequence_len <= self.config.max_prefill_tokens:
                 group.append(request)
             else:
                 groups.append([request])
@@ -274,20 +279,21 @@ class Engine:
 
     def _prefill(self, group: list[Request]) -> None:
         """Prefill a group of new requests in one forward, give each its own cache row and first token."""
-        device, dtype, slots = self.runner.device, self.runner.dtype, self.registry.num_slots
-        span = max(len(r.prompt_ids) for r in group)
+        slots = self.registry.slots
+        soft = [slots.prompts[r.slot] if r.slot >= 0 else NO_SOFT_PROMPT for r in group]
+        lengths = [s.virtual_length + len(r.prompt_ids) for s, r in zip(soft, group, strict=True)]
+        span = max(lengths)
         token_slots = [
-            slot for r in group for slot in [r.slot] * len(r.prompt_ids) + [PAD_SLOT] * (span - len(r.prompt_ids))
+            slot for r, n in zip(group, lengths, strict=True) for slot in [r.slot] * n + [PAD_SLOT] * (span - n)
         ]
-        merged = self.merged_slot
-        lora = build_lora_batch(token_slots, self.registry.slot_ranks, device, dtype, slots, merged)
-        head_lora = build_lora_batch([r.slot for r in group], self.registry.slot_ranks, device, dtype, slots, merged)
+        batch = self._adapter_batch(token_slots, [r.slot for r in group])
         rows = list(range(len(self._running), len(self._running) + len(group)))
-        logits = self.runner.prefill(rows, [r.prompt_ids for r in group], lora, head_lora)
+        logits = self.runner.prefill(rows, [r.prompt_ids for r in group], batch, soft)
         now = time.monotonic()
-        for request, row in zip(group, rows, strict=True):
+        device = self.runner.device
+        for request, row, prompt, length in zip(group, rows, soft, lengths, strict=True):
             request.row = row
-            request.cache_len = len(request.prompt_ids)
+            request.cache_len = prompt.prefix_length + length
             request.sampler = RowState(
                 request.params, make_generator(request.params, device), list(request.prompt_ids), 0
             )
@@ -305,21 +311,30 @@ class Engine:
         device = self.runner.device
         input_ids = torch.tensor([r.last_token for r in running], device=device)
         positions = torch.tensor([r.cache_len for r in running], device=device)
-        lora = build_lora_batch(
-            [r.slot for r in running],
-            self.registry.slot_ranks,
-            device,
-            self.runner.dtype,
-            self.registry.num_slots,
-            self.merged_slot,
-        )
-        logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), lora)
+        batch = self._adapter_batch([r.slot for r in running], None)
+        logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), batch)
         self.metrics.batch_size.observe(len(running))
         tokens, logprobs = sample(logits, [r.sampler for r in running], self._eos)
         for i, request in enumerate(running):
             request.cache_len += 1
             self._accept(request, tokens[i], logprobs[i] if logprobs else None)
         self._compact()
+
+    def _adapter_batch(self, token_slots: list[int], head_slots: list[int] | None) -> AdapterBatch:
+        """Describe a forward's adapters: token_slots for every token, head_slots for the positions the LM
+        head sees (None: the same tokens, as in a decode step)."""
+        slots = self.registry.slots
+        device, dtype, merged = self.runner.device, self.runner.dtype, self.merged_slot
+
+        def describe(token_slots: list[int]) -> tuple[LoraBatch | None, SlotBatch | None]:
+            lora = build_lora_batch(token_slots, slots.ranks, device, dtype, slots.num_slots, merged)
+            vectors = any(slots.has_vectors[s] for s in set(token_slots) if s >= 0)
+            return lora, build_slot_batch(token_slots, slots.num_slots, device, dtype) if vectors else None
+
+        lora, slot_batch = describe(token_slots)
+        if head_slots is None:
+            return AdapterBatch(lora, slot_batch, lora, slot_batch)
+        return AdapterBatch(lora, slot_batch, *describe(head_slots))
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------
     def _accept(self, request: Request, token: int, logprob: float | None) -> None:

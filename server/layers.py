@@ -1,16 +1,20 @@
 """Adapter-aware layers: the base's linear layers wrapped once, reading per-token adapter slots per forward.
 
-A wrapped layer computes ``y = base(x) + delta(x)`` where delta depends on each token's device slot. The
-slot of every token is described by the `LoraBatch` that the model runner puts in the shared
-`ForwardContext` before each forward; a forward with no adapter rows skips the delta entirely.
+A wrapped layer computes ``y = o * base(x * i) + beta + delta(x)`` where the low-rank delta, the scales and the
+bias delta depend on each token's device slot (see `deltaserve.adapters.weights`). The slot of every token is
+described by the `LoraBatch` (low-rank part) and the `SlotBatch` (vectors, bottlenecks) that the model runner
+puts in the shared `ForwardContext` before each forward; a forward with no adapter rows skips all of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from deltaserve.adapters import Bottleneck, ModuleDelta
 from torch import nn
+from transformers.activations import ACT2FN
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,24 @@ class LoraBatch:
     unmerge_index: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class SlotBatch:
+    """Each token's slot for the per-slot vectors and bottlenecks of one forward.
+
+    index   [N]     the token's slot, or S (an identity row: ones / zeros) for tokens without an adapter
+    one_hot [N, S]  1 at the token's slot (all zero for tokens without one), for the bottleneck banks
+    """
+
+    index: torch.Tensor
+    one_hot: torch.Tensor
+
+
 class ForwardContext:
     """Per-forward state shared by the wrapped layers; the model runner owns and sets it."""
 
     def __init__(self) -> None:
         self.lora: LoraBatch | None = None
+        self.slots: SlotBatch | None = None  # set only when a slot in the forward has vectors or bottlenecks
 
 
 class AdapterLinear(nn.Module):
@@ -55,7 +72,9 @@ class AdapterLinear(nn.Module):
       lora_a [R, S, in_features]
       lora_b [R, S, out_features]   (B transposed, scaling folded in)
     An empty slot or a padded rank contributes exactly zero, and loading an adapter is a copy into its
-    slot, never an allocation in the step loop.
+    slot, never an allocation in the step loop. Per-slot vectors live in [S + 1, features] stacks (created
+    when an adapter first uses them) whose last row is the identity for tokens without an adapter:
+      input_scale [S + 1, in], output_scale [S + 1, out] (ones), bias_delta [S + 1, out] (zeros)
     """
 
     def __init__(self, base: nn.Module, context: ForwardContext) -> None:
@@ -66,27 +85,54 @@ class AdapterLinear(nn.Module):
         self._context = context
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        self.input_scale: torch.Tensor | None = None
+        self.output_scale: torch.Tensor | None = None
+        self.bias_delta: torch.Tensor | None = None
 
-    def allocate(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Create the slot stacks the first time an adapter targets this layer (at load time)."""
-        if self.lora_a is None:
+    def allocate(
+        self, delta: ModuleDelta, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Create the stacks `delta` needs the first time an adapter uses them here (at load time)."""
+        if delta.lora_a is not None and self.lora_a is None:
             # lora_b first: forward() checks lora_a, so it never sees half-allocated stacks.
             self.lora_b = torch.zeros(max_rank, num_slots, self.out_features, dtype=dtype, device=device)
             self.lora_a = torch.zeros(max_rank, num_slots, self.in_features, dtype=dtype, device=device)
+        rows = num_slots + 1
+        if delta.input_scale is not None and self.input_scale is None:
+            self.input_scale = torch.ones(rows, self.in_features, dtype=dtype, device=device)
+        if delta.output_scale is not None and self.output_scale is None:
+            self.output_scale = torch.ones(rows, self.out_features, dtype=dtype, device=device)
+        if delta.bias_delta is not None and self.bias_delta is None:
+            self.bias_delta = torch.zeros(rows, self.out_features, dtype=dtype, device=device)
 
-    def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b_scaled: torch.Tensor | None) -> None:
-        """Copy one adapter's A [r, in] and scaled B [out, r] into `slot`, or zero the slot when None."""
-        if self.lora_a is None or self.lora_b is None:
-            return
-        self.lora_a[:, slot].zero_()
-        self.lora_b[:, slot].zero_()
-        if lora_a is not None and lora_b_scaled is not None:
-            rank = lora_a.shape[0]
-            self.lora_a[:rank, slot].copy_(lora_a)
-            self.lora_b[:rank, slot].copy_(lora_b_scaled.t())
+    def write_slot(self, slot: int, delta: ModuleDelta | None) -> None:
+        """Copy one adapter's parts (already on the device) into `slot`; the parts it lacks, and every part
+        when `delta` is None, become the identity."""
+        delta = delta or ModuleDelta()
+        if self.lora_a is not None and self.lora_b is not None:
+            self.lora_a[:, slot].zero_()
+            self.lora_b[:, slot].zero_()
+            if delta.lora_a is not None:
+                rank = delta.rank
+                self.lora_a[:rank, slot].copy_(delta.lora_a)
+                self.lora_b[:rank, slot].copy_(delta.lora_b_scaled.t())
+        for stack, vector, identity in (
+            (self.input_scale, delta.input_scale, 1.0),
+            (self.output_scale, delta.output_scale, 1.0),
+            (self.bias_delta, delta.bias_delta, 0.0),
+        ):
+            if stack is not None:
+                stack[slot].copy_(vector) if vector is not None else stack[slot].fill_(identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        slots = self._context.slots
+        if slots is not None and self.input_scale is not None:  # IA3 on a feed-forward layer: scale the input
+            x_in = (x.reshape(-1, self.in_features) * self.input_scale.index_select(0, slots.index)).view_as(x)
+            y = self.base(x_in)
+        else:
+            y = self.base(x)
+        if slots is not None:
+            self._apply_vectors(y, slots)
         lora = self._context.lora
         if lora is None or self.lora_a is None:
             return y
@@ -98,6 +144,14 @@ class AdapterLinear(nn.Module):
         if lora.rank > 0:
             self._add_lora(x2, y2, lora)
         return y
+
+    def _apply_vectors(self, y: torch.Tensor, slots: SlotBatch) -> None:
+        """y = o * y + beta per token, in place (y is the base layer's fresh output)."""
+        y2 = y.view(-1, self.out_features)
+        if self.output_scale is not None:
+            y2.mul_(self.output_scale.index_select(0, slots.index))
+        if self.bias_delta is not None:
+            y2.add_(self.bias_delta.index_select(0, slots.index))
 
     def _subtract_merged(self, x2: torch.Tensor, y2: torch.Tensor, lora: LoraBatch) -> None:
         a = self.lora_a[: lora.unmerge_rank, lora.unmerge_slot]  # [r, in]
@@ -130,6 +184,105 @@ class AdapterLinear(nn.Module):
         if lora.column_slots is not None:  # few of many slots are used: gather them (a small copy)
             a, b = a.index_select(1, lora.column_slots), b.index_select(1, lora.column_slots)
         return a.reshape(-1, self.in_features), b.reshape(-1, self.out_features)
+
+
+def _leaky_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.leaky_relu(x)
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A bottleneck's non-linearity by AdapterHub's name (transformers' activations, plus leakyrelu)."""
+    name = name.lower()
+    return _leaky_relu if name == "leakyrelu" else ACT2FN[name]
+
+
+# A bottleneck's input x = a h + b r by its input mode (see deltaserve.adapters.weights.BOTTLENECK_INPUTS).
+_INPUT_COEFFICIENTS = {"block_output": (1.0, 0.0), "with_residual": (1.0, 1.0), "residual": (0.0, 1.0)}
+
+
+class BottleneckBank:
+    """The bottleneck modules of every device slot at one site (one decoder layer's attention or output).
+
+    Slot-major stacks, created when an adapter first places a bottleneck here:
+      down [S, M, hidden], down_bias [S, M], up [S, M, hidden] (up transposed, scaling folded in),
+      up_bias [S + 1, hidden] (last row zero, for tokens without an adapter)
+    A forward projects every token through all slots' down matrices at once, keeps each token's own block
+    with the slot one-hot, and projects back through the stacked up matrices: no loop over adapters.
+    Each slot reads x = a_s h + b_s r (h: the block's output, r: its input): Houlsby (1, 0), Pfeiffer (1, 1),
+    parallel (0, 1).
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        self.hidden_size = hidden_size
+        self.down: torch.Tensor | None = None
+        self.down_bias: torch.Tensor | None = None
+        self.up: torch.Tensor | None = None
+        self.up_bias: torch.Tensor | None = None
+        self.reads: torch.Tensor | None = None  # [2, S, 1]: each slot's coefficients of h and r
+        self.activations: list[str | None] = []  # per slot, host side
+        self.input_modes: list[str] = []  # per slot, host side
+
+    def allocate(self, num_slots: int, max_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        if self.down is not None:
+            return
+        hidden = self.hidden_size
+        self.activations = [None] * num_slots
+        self.input_modes = ["block_output"] * num_slots
+        self.reads = torch.zeros(2, num_slots, 1, dtype=dtype, device=device)
+        self.reads[0] = 1.0
+        self.up_bias = torch.zeros(num_slots + 1, hidden, dtype=dtype, device=device)
+        self.up = torch.zeros(num_slots, max_size, hidden, dtype=dtype, device=device)
+        self.down_bias = torch.zeros(num_slots, max_size, dtype=dtype, device=device)
+        self.down = torch.zeros(num_slots, max_size, hidden, dtype=dtype, device=device)  # last: delta() checks it
+
+    def write_slot(self, slot: int, module: Bottleneck | None) -> None:
+        if self.down is None:
+            return
+        for stack in (self.down[slot], self.down_bias[slot], self.up[slot], self.up_bias[slot]):
+            stack.zero_()
+        self.activations[slot] = None if module is None else module.activation
+        self.input_modes[slot] = "block_output" if module is None else module.input_mode
+        self.reads[:, slot, 0] = torch.tensor(_INPUT_COEFFICIENTS[self.input_modes[slot]])
+        if module is None:
+            return
+        size = module.down.shape[0]
+        self.down[slot, :size].copy_(module.down)
+        self.down_bias[slot, :size].copy_(module.down_bias)
+        self.up[slot, :size].copy_(module.up.t())
+        self.up_bias[slot].copy_(module.up_bias)
+
+    def delta(self, h: torch.Tensor, r: torch.Tensor, slots: SlotBatch) -> torch.Tensor | None:
+        """A(x) for each token's own slot (zero for tokens without one); None when no slot has a bottleneck
+        here. h: the block's output, r: its input (the residual stream), both [..., hidden]."""
+        if self.down is None:
+            return None
+        num_slots, size, hidden = self.down.shape
+        down = self.down.view(-1, hidden).t()  # [hidden, S*M]
+        z = (h.reshape(-1, hidden) @ down).view(-1, num_slots, size)
+        if any(mode != "block_output" for mode in self.input_modes):
+            from_residual = (r.reshape(-1, hidden) @ down).view(-1, num_slots, size)
+            z = z * self.reads[0] + from_residual * self.reads[1]
+        z = self._activate(z + self.down_bias) * slots.one_hot[:, :, None]
+        out = torch.addmm(
+            self.up_bias.index_select(0, slots.index), z.view(-1, num_slots * size), self.up.view(-1, hidden)
+        )
+        return out.view_as(h)
+
+    def _activate(self, z: torch.Tensor) -> torch.Tensor:
+        names = {name for name in self.activations if name is not None}
+        if len(names) == 1:
+            return activation(names.pop())(z)
+        for name in names:  # slots with different non-linearities: one pass per non-linearity, not per adapter
+            owned = torch.tensor([a == name for a in self.activations], device=z.device)
+            z = torch.where(owned[None, :, None], activation(name)(z), z)
+        return z
+
+
+def build_slot_batch(token_slots: list[int], num_slots: int, device: torch.device, dtype: torch.dtype) -> SlotBatch:
+    """Each token's slot (padding and adapter-less tokens -> the identity row S)."""
+    index = torch.tensor([slot if slot >= 0 else num_slots for slot in token_slots], device=device)
+    one_hot = torch.nn.functional.one_hot(index, num_slots + 1)[:, :num_slots].to(dtype)
+    return SlotBatch(index=index, one_hot=one_hot)
 
 
 def wrap_linear_layers(model: nn.Module, context: ForwardContext) -> dict[str, AdapterLinear]:

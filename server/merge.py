@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 
-from deltaserve.adapters import LoraAdapter
 from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
 from deltaserve.server.engine import Engine
 from deltaserve.server.errors import DeltaserveServerError, MergeError
@@ -59,8 +58,11 @@ class MergeController:
         if self.engine.merged is record:
             return
         adapter = record.adapter
-        if not isinstance(adapter, LoraAdapter):
-            raise MergeError(f"adapter {record.adapter_id!r} ({record.kind}) cannot be merged into the base")
+        if adapter is None or not adapter.mergeable:
+            raise MergeError(
+                f"adapter {record.adapter_id!r} ({record.kind}) cannot be merged into the base: only a pure low-rank "
+                "delta (LoRA, rsLoRA, AdaLoRA without bias deltas) folds into the weights exactly"
+            )
         if self.engine.merged is not None:
             self.unmerge_on_engine()
         self.runner.merge_weights({name: (w.lora_a, w.lora_b_scaled) for name, w in adapter.modules.items()})

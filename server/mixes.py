@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from deltaserve.adapters import LoraAdapter, LoraConfig, LoraModuleWeights
+from deltaserve.adapters import AdapterKind, ModuleDelta, ParsedAdapter
 from deltaserve.server.errors import InvalidRequestError, MergeError
 
 MIX_METHODS = ("cat", "linear")
@@ -51,14 +51,14 @@ def mix_spec(method: str, parts: list[tuple[str, float]]) -> MixSpec:
     return MixSpec(method, tuple(parts))
 
 
-def _factors(adapter: LoraAdapter, module: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _factors(adapter: ParsedAdapter, module: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A [r, in], unscaled B [out, r] and the scaling, as PEFT holds them."""
     weights = adapter.modules[module]
-    scaling = adapter.config.scaling(module)
+    scaling = adapter.lora_scaling[module]
     return weights.lora_a, weights.lora_b_scaled / scaling, scaling
 
 
-def combine(spec: MixSpec, adapters: list[LoraAdapter]) -> LoraAdapter:
+def combine(spec: MixSpec, adapters: list[ParsedAdapter]) -> ParsedAdapter:
     """Build the mixed adapter from the parsed components (host fp32)."""
     if spec.method == "linear":
         ranks = {adapter.rank for adapter in adapters}
@@ -70,14 +70,12 @@ def combine(spec: MixSpec, adapters: list[LoraAdapter]) -> LoraAdapter:
     for name in modules:
         present = [(a, w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
         combined[name] = _combine_module(spec.method, name, present)
-    rank = max(w.rank for w in combined.values())
-    config = LoraConfig(
-        r=rank, lora_alpha=float(rank), use_rslora=False, rank_pattern={}, alpha_pattern={}, fan_in_fan_out=False
+    return ParsedAdapter(
+        path=spec.mix_id, kind=AdapterKind.LORA, modules=combined, lora_scaling=dict.fromkeys(combined, 1.0)
     )
-    return LoraAdapter(path=spec.mix_id, config=config, modules=combined)
 
 
-def _combine_module(method: str, name: str, present: list[tuple[LoraAdapter, float]]) -> LoraModuleWeights:
+def _combine_module(method: str, name: str, present: list[tuple[ParsedAdapter, float]]) -> ModuleDelta:
     factors = [(*_factors(adapter, name), weight) for adapter, weight in present]
     if method == "cat":
         lora_a = torch.cat([a * (weight * scaling) for a, _, scaling, weight in factors], dim=0)
@@ -85,4 +83,4 @@ def _combine_module(method: str, name: str, present: list[tuple[LoraAdapter, flo
     else:
         lora_a = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * a for a, _, s, w in factors)
         lora_b = sum(math.sqrt(abs(w * s)) * b for _, b, s, w in factors)
-    return LoraModuleWeights(lora_a=lora_a.contiguous(), lora_b_scaled=lora_b.contiguous())
+    return ModuleDelta(lora_a=lora_a.contiguous(), lora_b_scaled=lora_b.contiguous())

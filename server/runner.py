@@ -10,14 +10,67 @@ requests occupy rows 0..B-1 (the engine keeps them compact), so a decode step re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from deltaserve.adapters import BaseModelSpec, LinearShape, tensor_bytes
+from deltaserve.adapters import (
+    ATTENTION_SITE,
+    BOTTLENECK_SITES,
+    OUTPUT_SITE,
+    BaseModelSpec,
+    LinearShape,
+    ModelGeometry,
+    tensor_bytes,
+)
 from deltaserve.server.errors import MergeError, ModelLoadError
-from deltaserve.server.layers import AdapterLinear, ForwardContext, LoraBatch, wrap_linear_layers
+from deltaserve.server.layers import (
+    AdapterLinear,
+    BottleneckBank,
+    ForwardContext,
+    LoraBatch,
+    SlotBatch,
+    wrap_linear_layers,
+)
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class AdapterBatch:
+    """The adapter descriptions of one forward: `lora`/`slots` for every token of the body, `head_lora`/
+    `head_slots` for the positions the LM head sees (the same in a decode step)."""
+
+    lora: LoraBatch | None = None
+    slots: SlotBatch | None = None
+    head_lora: LoraBatch | None = None
+    head_slots: SlotBatch | None = None
+
+
+NO_ADAPTERS = AdapterBatch()
+
+
+@dataclass(frozen=True)
+class SoftPrompt:
+    """What an adapter puts in front of a row's prompt, on the device: prefix entries written into the KV
+    cache before the prompt ([layers, kv_heads, P, head_dim], not rotated) and virtual token embeddings
+    ([V, hidden]) prepended to the prompt's embeddings."""
+
+    prefix_keys: torch.Tensor | None = None
+    prefix_values: torch.Tensor | None = None
+    virtual_tokens: torch.Tensor | None = None
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix_keys is None else self.prefix_keys.shape[2]
+
+    @property
+    def virtual_length(self) -> int:
+        return 0 if self.virtual_tokens is None else self.virtual_tokens.shape[0]
+
+
+NO_SOFT_PROMPT = SoftPrompt()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +107,7 @@ class ModelRunner:
         self.max_seq_len = max_seq_len
         self.context = ForwardContext()
         self.adapter_layers: dict[str, AdapterLinear] = wrap_linear_layers(model, self.context)
+        self.hidden_size: int = config.hidden_size
         inner = model.model
         self.embed_tokens, self.layers, self.final_norm = inner.embed_tokens, inner.layers, inner.norm
         self.rotary = inner.rotary_emb
@@ -67,6 +121,11 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self._saved_weights: dict[str, torch.Tensor] = {}  # original weights of merged modules
+        self.bottleneck_banks = {
+            (index, site): BottleneckBank(self.hidden_size)
+            for index in range(len(self.layers))
+            for site in BOTTLENECK_SITES
+        }
 
     # ---- description -----------------------------------------------------------------------------
     def base_spec(self) -> BaseModelSpec:
@@ -77,12 +136,38 @@ class ModelRunner:
         other = frozenset(
             name for name, _ in self.model.named_modules() if name and name not in linear and not name.endswith(".base")
         )
-        return BaseModelSpec(linear_layers=linear, other_modules=other, base_weight=self._base_weight)
+        geometry = ModelGeometry(len(self.layers), self.hidden_size, self.num_kv_heads, self.head_dim)
+        return BaseModelSpec(
+            linear_layers=linear,
+            other_modules=other,
+            base_weight=self._base_weight,
+            dense_weight=self._dense_weight,
+            base_bias=self._base_bias,
+            geometry=geometry,
+        )
 
     def _base_weight(self, name: str) -> torch.Tensor | None:
         base = self.adapter_layers[name].base
         quantized = type(base) is not nn.Linear  # bitsandbytes layers hold packed weights
         return None if quantized else base.weight.detach()
+
+    def _dense_weight(self, name: str) -> torch.Tensor:
+        """The weight a layer computes with: dequantized for bitsandbytes 4-bit / 8-bit layers."""
+        base = self.adapter_layers[name].base
+        if type(base) is nn.Linear:
+            return base.weight.detach().float()
+        import bitsandbytes.functional as bnbf
+
+        weight = base.weight
+        if getattr(weight, "quant_state", None) is not None:  # 4-bit
+            return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        if getattr(weight, "SCB", None) is not None:  # LLM.int8: per-row int8 with absmax scales
+            return weight.data.float() * weight.SCB.float()[:, None] / 127.0
+        raise MergeError(f"cannot read the dense weight of {name} ({type(base).__name__})")
+
+    def _base_bias(self, name: str) -> torch.Tensor | None:
+        bias = self.adapter_layers[name].base.bias
+        return None if bias is None else bias.detach().float()
 
     # ---- merging one adapter into the base ---------------------------------------------------------
     def merge_weights(self, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -116,42 +201,88 @@ class ModelRunner:
     # ---- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(
-        self, rows: list[int], prompts: list[list[int]], lora: LoraBatch | None, head_lora: LoraBatch | None
+        self,
+        rows: list[int],
+        prompts: list[list[int]],
+        batch: AdapterBatch,
+        soft_prompts: list[SoftPrompt] | None = None,
     ) -> torch.Tensor:
-        """Run prompts into cache rows (positions 0..T_i-1) in one forward; return each one's last logits [n, V].
+        """Run prompts into cache rows in one forward; return each one's last logits [n, V].
 
-        Prompts are right-padded to the longest: causal attention never lets a real token see the padding
-        after it, and the padding's cache entries lie beyond the row's length, hidden until decode
-        overwrites them. `lora` describes the n*T padded tokens, `head_lora` the n last positions.
+        A row's cache holds its soft prompt's prefix entries (positions 0..P-1), then its virtual tokens and
+        its prompt (positions P.., rotary positions equal cache positions). Sequences (virtual + prompt tokens)
+        are right-padded to the longest: causal attention never lets a real token see the padding after it.
+        `batch.lora`/`batch.slots` describe the n*T padded tokens, `batch.head_*` the n last positions.
         """
-        lengths = [len(prompt) for prompt in prompts]
+        soft = soft_prompts or [NO_SOFT_PROMPT] * len(prompts)
+        offsets = [s.prefix_length for s in soft]
+        lengths = [s.virtual_length + len(p) for s, p in zip(soft, prompts, strict=True)]
         span = max(lengths)
-        ids = torch.tensor([prompt + [0] * (span - len(prompt)) for prompt in prompts], device=self.device)
-        positions = torch.arange(span, device=self.device)[None].expand(len(prompts), span)  # [n, T]
+        ids = torch.tensor(
+            [[0] * s.virtual_length + p + [0] * (span - n) for s, p, n in zip(soft, prompts, lengths, strict=True)],
+            device=self.device,
+        )
         hidden = self.embed_tokens(ids)  # [n, T, H]
+        for i, prompt in enumerate(soft):
+            if prompt.virtual_tokens is not None:
+                hidden[i, : prompt.virtual_length] = prompt.virtual_tokens.to(hidden.dtype)
+        offset = torch.tensor(offsets, device=self.device)
+        positions = offset[:, None] + torch.arange(span, device=self.device)[None]  # [n, T]
         cos, sin = self.rotary(hidden, positions)  # [n, T, D]
         row_index = torch.tensor(rows, device=self.device)
+        if any(offsets):
+            self._write_prefixes(rows, soft)
+            attend = self._prefix_attention(row_index, offset, lengths, span)
+        else:
 
-        def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.k_cache[layer_idx][row_index, :, :span] = k
-            self.v_cache[layer_idx][row_index, :, :span] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+            def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                self.k_cache[layer_idx][row_index, :, :span] = k
+                self.v_cache[layer_idx][row_index, :, :span] = v
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
 
         last = torch.tensor(lengths, device=self.device) - 1
-        return self._forward(hidden, cos, sin, attend, lora, head_lora, last)
+        return self._forward(hidden, cos, sin, attend, batch, last)
+
+    def _write_prefixes(self, rows: list[int], soft: list[SoftPrompt]) -> None:
+        for row, prompt in zip(rows, soft, strict=True):
+            if prompt.prefix_keys is None:
+                continue
+            length = prompt.prefix_length
+            for layer_idx, (k_cache, v_cache) in enumerate(zip(self.k_cache, self.v_cache, strict=True)):
+                k_cache[row, :, :length] = prompt.prefix_keys[layer_idx]
+                v_cache[row, :, :length] = prompt.prefix_values[layer_idx]
+
+    def _prefix_attention(self, row_index: torch.Tensor, offset: torch.Tensor, lengths: list[int], span: int):
+        """Attention for a prefill where some rows start after prefix entries: each row's tokens go to cache
+        positions offset + t (only real tokens are written), and attend over the row's cache up to themselves."""
+        batch_idx = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=self.device)
+        token_idx = torch.tensor([t for n in lengths for t in range(n)], device=self.device)
+        cache_rows, cache_pos = row_index[batch_idx], offset[batch_idx] + token_idx
+        width = int(max(o + n for o, n in zip(offset.tolist(), lengths, strict=True)))
+        query_pos = offset[:, None] + torch.arange(span, device=self.device)[None]  # [n, T]
+        mask = (torch.arange(width, device=self.device)[None, None, :] <= query_pos[:, :, None])[:, None]  # [n,1,T,W]
+
+        def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
+            k_cache[cache_rows, :, cache_pos] = k[batch_idx, :, token_idx]
+            v_cache[cache_rows, :, cache_pos] = v[batch_idx, :, token_idx]
+            keys, values = k_cache[row_index, :, :width], v_cache[row_index, :, :width]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+
+        return attend
 
     @torch.inference_mode()
     def decode(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int, lora: LoraBatch | None
+        self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int, batch: AdapterBatch
     ) -> torch.Tensor:
         """One token for each of rows 0..B-1; return logits [B, V].
 
         input_ids [B], positions [B] (where each row's new token goes = its current cache length),
         max_position = max(positions) as a host int (so no device sync is needed to size the views).
         """
-        batch = input_ids.shape[0]
+        rows_count = input_ids.shape[0]
         span = max_position + 1
-        rows = torch.arange(batch, device=self.device)
+        rows = torch.arange(rows_count, device=self.device)
         hidden = self.embed_tokens(input_ids[:, None])  # [B, 1, H]
         cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, D]
         # mask [B, 1, 1, span]: a row sees its own cache entries up to and including the new token.
@@ -163,14 +294,14 @@ class ModelRunner:
             v_cache[rows, :, positions] = v[:, :, 0]
             return F.scaled_dot_product_attention(
                 q,
-                k_cache[:batch, :, :span],
-                v_cache[:batch, :, :span],
+                k_cache[:rows_count, :, :span],
+                v_cache[:rows_count, :, :span],
                 attn_mask=mask,
                 scale=self.scaling,
                 enable_gqa=True,
             )
 
-        return self._forward(hidden, cos, sin, attend, lora, lora, None)
+        return self._forward(hidden, cos, sin, attend, batch, None)
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy a request's cache row (its first `length` entries) to another row (batch compaction)."""
@@ -179,20 +310,34 @@ class ModelRunner:
             v_cache[target, :, :length] = v_cache[source, :, :length]
 
     # ---- shared layer loop -----------------------------------------------------------------------
-    def _forward(self, hidden, cos, sin, attend, lora, head_lora, last: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, hidden, cos, sin, attend, batch: AdapterBatch, last: torch.Tensor | None) -> torch.Tensor:
         """Decoder layers, then final norm and LM head at each row's position `last` (None: the final one)
-        -> logits [B, V]. `lora` covers every token of `hidden`, `head_lora` the B positions the head sees."""
-        self.context.lora = lora
+        -> logits [B, V]. `batch.lora`/`batch.slots` cover every token of `hidden`, `batch.head_*` the B
+        positions the head sees."""
+        context = self.context
+        context.lora, context.slots = batch.lora, batch.slots
         try:
             for layer_idx, layer in enumerate(self.layers):
-                hidden = hidden + self._attention(layer_idx, layer, layer.input_layernorm(hidden), cos, sin, attend)
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                attended = self._attention(layer_idx, layer, layer.input_layernorm(hidden), cos, sin, attend)
+                hidden = hidden + self._bottleneck(layer_idx, ATTENTION_SITE, attended, hidden, batch.slots)
+                transformed = layer.mlp(layer.post_attention_layernorm(hidden))
+                hidden = hidden + self._bottleneck(layer_idx, OUTPUT_SITE, transformed, hidden, batch.slots)
             hidden = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]
-            self.context.lora = head_lora
+            context.lora, context.slots = batch.head_lora, batch.head_slots
             # Logits in fp32 so that sampling and log-probabilities do not depend on the model dtype.
             return self.lm_head(self.final_norm(hidden)).float()
         finally:
-            self.context.lora = None
+            context.lora, context.slots = None, None
+
+    def _bottleneck(
+        self, layer_idx: int, site: str, out: torch.Tensor, residual: torch.Tensor, slots: SlotBatch | None
+    ) -> torch.Tensor:
+        """A block's output with each token's bottleneck adapter added: out + A(x), x read from the block's
+        output and/or its input (the residual stream) as the adapter's configuration says."""
+        if slots is None:
+            return out
+        delta = self.bottleneck_banks[(layer_idx, site)].delta(out, residual, slots)
+        return out if delta is None else out + delta
 
     def _attention(self, layer_idx, layer, hidden, cos, sin, attend) -> torch.Tensor:
         attn = layer.self_attn

@@ -50,7 +50,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method")
+    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method", "adapter_stack")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_MIX_FIELD_NUMBER: _ClassVar[int]
     MIX_METHOD_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_STACK_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -79,7 +80,8 @@ class GenerateRequest(_message.Message):
     logprobs: bool
     adapter_mix: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
     mix_method: str
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ...) -> None: ...
+    adapter_stack: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ..., adapter_stack: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdapterWeight(_message.Message):
     __slots__ = ("adapter_id", "weight")
@@ -202,7 +204,7 @@ class PinAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "kind", "rank", "size_bytes", "state", "path", "target_modules", "requests_served", "active_requests", "pinned", "last_used_unix")
+    __slots__ = ("adapter_id", "kind", "rank", "size_bytes", "state", "path", "target_modules", "requests_served", "active_requests", "pinned", "last_used_unix", "virtual_tokens", "mergeable")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +216,8 @@ class AdapterInfo(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MERGEABLE_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     kind: str
     rank: int
@@ -225,7 +229,9 @@ class AdapterInfo(_message.Message):
     active_requests: int
     pinned: bool
     last_used_unix: float
-    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., requests_served: _Optional[int] = ..., active_requests: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used_unix: _Optional[float] = ...) -> None: ...
+    virtual_tokens: int
+    mergeable: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., requests_served: _Optional[int] = ..., active_requests: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used_unix: _Optional[float] = ..., virtual_tokens: _Optional[int] = ..., mergeable: _Optional[bool] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)
