@@ -32,6 +32,8 @@ def _is_feedforward(module: str, feedforward: object) -> bool:
 
 def _module_delta(module: str, vector: torch.Tensor, feedforward: object, spec: BaseModelSpec) -> ModuleDelta:
     shape = linear_shape(module, spec, "IA3")
+    if vector.dim() != 2 or min(vector.shape) != 1:
+        raise AdapterFormatError(f"tensor '{module}.ia3_l' has shape {tuple(vector.shape)}; expected a vector")
     expected_ff = _is_feedforward(module, feedforward)
     if tuple(vector.shape) == (1, shape.in_features) and expected_ff:
         return ModuleDelta(input_scale=check_vector(f"{module}.ia3_l", vector, shape.in_features))

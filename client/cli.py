@@ -61,6 +61,13 @@ def _add_generate(subparsers: Subparsers) -> None:
     p = _client_command(subparsers, "generate", "generate text from a prompt", _cmd_generate)
     p.add_argument("prompt")
     p.add_argument("--adapter", default="", help="adapter id; empty: the base model")
+    p.add_argument(
+        "--stack",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="apply several adapters together (repeatable, in order)",
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -162,6 +169,7 @@ def _generate_inputs(args: argparse.Namespace) -> tuple[str | None, GenerateOpti
         seed=args.seed,
         stop=args.stop,
         logprobs=args.logprobs,
+        adapter_stack=args.stack,
     )
     if not args.chat:
         return args.prompt, options

@@ -53,6 +53,7 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: bool
     adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None
     mix_method: str
+    adapter_stack: Sequence[str] | None
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -91,6 +92,7 @@ def build_generate_request(
     logprobs: bool = False,
     adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     mix_method: str = "",
+    adapter_stack: Sequence[str] | None = None,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
@@ -98,6 +100,8 @@ def build_generate_request(
     temperature 0 is greedy; top_k 0 disables top-k; a single stop string is accepted as well as a list.
     adapter_mix ({adapter_id: weight} or pairs) asks for a weighted mix of loaded LoRA adapters instead of
     adapter_id, combined by mix_method ("cat" by default, or "linear") as PEFT's add_weighted_adapter does.
+    adapter_stack (adapter ids of any kinds, in order) applies several adapters together, e.g. a prefix plus
+    a LoRA; see the proto for the composition rule.
     """
     _check_one_input(prompt, messages, "prompt")
     request = pb.GenerateRequest(
@@ -114,6 +118,7 @@ def build_generate_request(
             for name, weight in (adapter_mix.items() if isinstance(adapter_mix, Mapping) else adapter_mix or ())
         ],
         mix_method=mix_method,
+        adapter_stack=list(adapter_stack or ()),
     )
     optional = {
         "max_new_tokens": max_new_tokens,

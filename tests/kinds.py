@@ -18,11 +18,24 @@ from transformers import AutoModelForCausalLM
 # name -> PEFT config factory arguments: (config class name, kwargs)
 PEFT_KINDS: dict[str, tuple[str, dict]] = {
     "dora": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
-    "adalora": ("AdaLoraConfig", dict(init_r=6, target_r=3, tinit=0, tfinal=1, deltaT=1, total_step=4,
-                                      target_modules=["q_proj", "v_proj", "up_proj"])),
+    "adalora": (
+        "AdaLoraConfig",
+        dict(
+            init_r=6,
+            target_r=3,
+            tinit=0,
+            tfinal=1,
+            deltaT=1,
+            total_step=4,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+        ),
+    ),
     "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "prefix": ("PrefixTuningConfig", dict(num_virtual_tokens=5)),
-    "prefix_projected": ("PrefixTuningConfig", dict(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=32)),
+    "prefix_projected": (
+        "PrefixTuningConfig",
+        dict(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=32),
+    ),
     "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=6)),
     "ptuning": ("PromptEncoderConfig", dict(num_virtual_tokens=4, encoder_hidden_size=32)),
     "lora16": ("LoraConfig", dict(r=16, lora_alpha=16, target_modules="all-linear")),
@@ -105,14 +118,36 @@ def make_bottleneck(model_dir: str, out_dir: str, preset: str, seed: int, reduct
             tensors[f"{key}.adapter_up.weight"] = torch.randn(hidden, size, generator=generator) * 0.3
             tensors[f"{key}.adapter_up.bias"] = torch.randn(hidden, generator=generator) * 0.1
     settings = dict(
-        mh_adapter=mh, output_adapter=output, reduction_factor=reduction_factor, non_linearity=activation,
-        original_ln_before=before, original_ln_after=True, residual_before_ln=True, adapter_residual_before_ln=False,
-        ln_before=False, ln_after=False, init_weights="bert", is_parallel=parallel, scaling=scaling,
-        use_gating=False, phm_layer=False, inv_adapter=None, cross_adapter=False, leave_out=[], dropout=0.0,
+        mh_adapter=mh,
+        output_adapter=output,
+        reduction_factor=reduction_factor,
+        non_linearity=activation,
+        original_ln_before=before,
+        original_ln_after=True,
+        residual_before_ln=True,
+        adapter_residual_before_ln=False,
+        ln_before=False,
+        ln_after=False,
+        init_weights="bert",
+        is_parallel=parallel,
+        scaling=scaling,
+        use_gating=False,
+        phm_layer=False,
+        inv_adapter=None,
+        cross_adapter=False,
+        leave_out=[],
+        dropout=0.0,
     )
     os.makedirs(out_dir, exist_ok=True)
-    full = dict(config=settings, hidden_size=hidden, model_class="LlamaForCausalLM", model_name="",
-                model_type=config.model_type, name=preset, version="adapters.1.3.0")
+    full = dict(
+        config=settings,
+        hidden_size=hidden,
+        model_class="LlamaForCausalLM",
+        model_name="",
+        model_type=config.model_type,
+        name=preset,
+        version="adapters.1.3.0",
+    )
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as handle:
         json.dump(full, handle, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(out_dir, "adapter.safetensors"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,11 +16,12 @@ from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.app import ServerConfig
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import PROMPTS, ServerThread
+from tests.helpers import PROMPTS, ServerThread, make_tiny_llama
 from tests.kinds import (
     BOTTLENECK_PRESETS,
     PEFT_KINDS,
     BottleneckReference,
+    make_biased_lora,
     make_bottleneck,
     make_peft_adapter,
 )
@@ -97,7 +99,7 @@ def test_list_reports_each_kind(server, kind_dirs):
         assert listed[name].kind == EXPECTED_KIND[name]
     assert listed["prefix"].virtual_tokens == 5 and listed["prompt"].virtual_tokens == 6
     # AdaLoRA serves the ranks that survived pruning, as the saved rank_pattern lists them.
-    pattern = json.loads(open(f"{kind_dirs['adalora']}/adapter_config.json").read())["rank_pattern"]
+    pattern = json.loads((Path(kind_dirs["adalora"]) / "adapter_config.json").read_text())["rank_pattern"]
     assert sum(map(sum, pattern.values())) < PEFT_KINDS["adalora"][1]["init_r"] * len(pattern)
     assert listed["adalora"].rank == max(map(sum, pattern.values()))
     assert listed["lora16"].mergeable and not listed["dora"].mergeable and not listed["ia3"].mergeable
@@ -119,3 +121,206 @@ def test_every_kind_in_one_mixed_batch(server, references, kind_dirs):
     for (name, i), result in zip(jobs, results, strict=True):
         assert result.token_ids == references[name, i].token_ids, (name, i)
         assert_logprobs_close(result.logprobs, references[name, i].logprobs, rtol=1e-4, atol=1e-5)
+
+
+# ---- stacks --------------------------------------------------------------------------------------------
+STACKS = [("prefix", "lora16"), ("ia3", "lora16"), ("prefix", "ia3", "lora16"), ("prompt", "houlsby")]
+
+
+def stack_reference_model(model_dir: str, dirs: dict[str, str], members: tuple[str, ...]):
+    """The stated composition rule built from PEFT pieces: IA3 merged into the base (scales rescale the base
+    projection only), PEFT's LoRA on top (deltas add), the bottleneck definition by hooks."""
+    from peft import PeftModel
+
+    model = load_reference_model(model_dir)
+    if "ia3" in members:
+        model = PeftModel.from_pretrained(model, dirs["ia3"]).merge_and_unload()
+    if "houlsby" in members:
+        model = BottleneckReference(model, dirs["houlsby"]).model
+    if "lora16" in members:
+        model = PeftModel.from_pretrained(model, dirs["lora16"])
+    return model.eval()
+
+
+@torch.inference_mode()
+def greedy_with_soft_prompt(model, soft_model, prompt_ids: list[int], max_new: int):
+    """Greedy decoding, recomputing every step, with PEFT's own soft prompt in front: a prefix model's
+    get_prompt() as the KV cache (positions start after it), or a prompt-tuning model's virtual embeddings
+    prepended to the input embeddings."""
+    ids, logprobs = list(prompt_ids), []
+    config = soft_model.peft_config["default"]
+    count = config.num_virtual_tokens
+    for _ in range(max_new):
+        tokens = torch.tensor([ids])
+        if config.peft_type.value == "PREFIX_TUNING":
+            mask = torch.ones(1, count + len(ids), dtype=torch.long)
+            logits = model(input_ids=tokens, past_key_values=soft_model.get_prompt(1), attention_mask=mask).logits
+        else:
+            virtual = soft_model.get_prompt(1)
+            embeds = torch.cat([virtual, model.get_input_embeddings()(tokens)], dim=1)
+            logits = model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits
+        step = logits[0, -1].float().log_softmax(-1)
+        token = int(step.argmax())
+        ids.append(token)
+        logprobs.append(step[token].item())
+    return ids[len(prompt_ids) :], logprobs
+
+
+@pytest.mark.parametrize("members", STACKS, ids="+".join)
+def test_stack_equals_the_reference_composition(server, tiny_dir, kind_dirs, references, members):
+    tokenizer = tokenizer_for(tiny_dir)
+    model = stack_reference_model(tiny_dir, kind_dirs, members)
+    soft = next((m for m in members if m in ("prefix", "prompt")), None)
+    soft_model = load_reference_model(tiny_dir, kind_dirs[soft]) if soft else None
+    differs = set()
+    for i in range(2):
+        ids = tokenizer(PROMPTS[i])["input_ids"]
+        if soft_model is not None:
+            expected_ids, expected_logprobs = greedy_with_soft_prompt(model, soft_model, ids, MAX_NEW)
+        else:
+            expected = greedy_reference(model, tokenizer, ids, MAX_NEW)
+            expected_ids, expected_logprobs = expected.token_ids, expected.logprobs
+        result = _generate(server.target, i, adapter_stack=list(members))
+        assert result.token_ids == expected_ids, (members, i)
+        assert_logprobs_close(result.logprobs, expected_logprobs)
+        differs |= {member for member in members if result.token_ids != references[member, i].token_ids}
+    assert differs == set(members)  # not vacuous: the stack is none of its members alone
+    with Client(server.target) as client:
+        listed = {info.adapter_id: info for info in client.list_adapters()}
+    assert listed["stack|" + "|".join(members)].kind == "stack"
+
+
+# ---- refusals ------------------------------------------------------------------------------------------
+def _error(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(DeltaserveError) as info:
+        call()
+    return info.value.code, info.value.message
+
+
+def _copy_with(src: str, dst: Path, config_changes: dict | None = None, tensor_change=None) -> str:
+    path = shutil.copytree(src, dst)
+    if config_changes:
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    if tensor_change:
+        weights = path / "adapter_model.safetensors"
+        save_file(tensor_change(load_file(weights)), weights)
+    return str(path)
+
+
+def test_refusals_name_the_problem_and_leave_nothing_behind(server, kind_dirs, tmp_path):
+    with Client(server.target, timeout=60) as client:
+        before = sorted(info.adapter_id for info in client.list_adapters())
+
+        loha = _copy_with(kind_dirs["lora16"], tmp_path / "loha", {"peft_type": "LOHA"})
+        code, message = _error(lambda: client.load_adapter("loha", loha))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "'LOHA' is not served" in message
+        assert all(kind in message for kind in ("dora", "ia3", "prefix_tuning", "prompt_tuning", "bottleneck"))
+
+        def poison(tensors):
+            key = sorted(tensors)[0]
+            tensors[key] = tensors[key].clone()
+            tensors[key].view(-1)[0] = float("nan")
+            return tensors
+
+        nan = _copy_with(kind_dirs["ia3"], tmp_path / "nan", tensor_change=poison)
+        code, message = _error(lambda: client.load_adapter("nan", nan))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in message and "ia3_l" in message
+
+        rows = _copy_with(
+            kind_dirs["prompt"], tmp_path / "rows", tensor_change=lambda t: {k: v[:-1] for k, v in t.items()}
+        )
+        code, message = _error(lambda: client.load_adapter("rows", rows))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_embeddings" in message
+
+        flat = _copy_with(
+            kind_dirs["ia3"], tmp_path / "flat", tensor_change=lambda t: {k: v.repeat(2, 2) for k, v in t.items()}
+        )
+        code, message = _error(lambda: client.load_adapter("flat", flat))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "ia3_l" in message and "vector" in message
+
+        # A prompt that fits the 128-token context alone, but not after the prefix adapter's 5 entries.
+        long_prompt = next(
+            p for p in (" ".join(["word"] * n) for n in range(100, 200)) if len(client.tokenize(p).token_ids) >= 124
+        )
+        assert len(client.tokenize(long_prompt).token_ids) < 128
+        code, message = _error(lambda: client.generate(long_prompt, adapter_id="prefix", max_new_tokens=1))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "5 prefix/virtual tokens" in message
+        code, message = _error(lambda: client.generate(PROMPTS[0], adapter_id="prompt", max_new_tokens=125))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "does not fit" in message
+
+        code, message = _error(lambda: client.generate(PROMPTS[0], adapter_stack=["houlsby", "pfeiffer"]))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "at most one bottleneck" in message
+        code, message = _error(lambda: client.generate(PROMPTS[0], adapter_stack=["prefix", "missing"]))
+        assert code == grpc.StatusCode.NOT_FOUND and "missing" in message
+        code, message = _error(lambda: client.generate(PROMPTS[0], adapter_stack=["prefix", "prefix"]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "twice" in message
+        code, message = _error(lambda: client.generate(PROMPTS[0], adapter_id="ia3", adapter_stack=["prefix"]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "adapter_stack" in message
+        code, message = _error(lambda: client.generate(PROMPTS[0], adapter_mix={"ia3": 1.0, "lora16": 1.0}))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "cannot be mixed" in message
+        code, message = _error(lambda: client.merge_adapter("dora"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "cannot be merged" in message
+
+        after = sorted(info.adapter_id for info in client.list_adapters() if "|" not in info.adapter_id)
+        assert after == [name for name in before if "|" not in name]  # nothing half-loaded, nothing lost
+        assert client.model_info().merged_adapter_id == ""
+        assert client.generate(PROMPTS[0], adapter_id="prefix", max_new_tokens=2).generated_tokens == 2
+
+
+# ---- other bases ---------------------------------------------------------------------------------------
+def _serve_and_compare(model_dir: str, dirs: dict[str, str], prompts: list[str], max_new: int, **config) -> None:
+    """Every adapter (and the base) on every prompt, all submitted at once to one server: each row must equal
+    its reference computed alone; each adapter must change the output somewhere."""
+    tokenizer = tokenizer_for(model_dir)
+    expected = {}
+    for name in ["", *dirs]:
+        model = reference_model(model_dir, name, dirs)
+        for i, prompt in enumerate(prompts):
+            expected[name, i] = greedy_reference(model, tokenizer, tokenizer(prompt)["input_ids"], max_new)
+    for name in dirs:
+        assert any(expected[name, i].token_ids != expected["", i].token_ids for i in range(len(prompts))), name
+    server_config = ServerConfig(model=model_dir, max_batch_size=8, max_adapters=len(dirs) + 1, **config)
+    with ServerThread(server_config) as running, Client(running.target, timeout=300) as client:
+        for name, path in dirs.items():
+            client.load_adapter(name, path)
+        jobs = [(name, i) for i in range(len(prompts)) for name in ["", *dirs]]
+
+        def run(job):
+            return client.generate(prompts[job[1]], adapter_id=job[0], max_new_tokens=max_new, logprobs=True)
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(run, jobs))
+    for job, result in zip(jobs, results, strict=True):
+        assert result.token_ids == expected[job].token_ids, job
+        assert_logprobs_close(result.logprobs, expected[job].logprobs)
+
+
+def test_trained_biases_and_dora_on_a_base_with_biases(tmp_path_factory, smol_dir):
+    """Qwen2 has q/k/v biases: BitFit-style trained biases, lora_bias, DoRA's bias correction and IA3 scaling a
+    biased output all meet them."""
+    root = tmp_path_factory.mktemp("qwen")
+    model_dir = make_tiny_llama(str(root / "model"), smol_dir, family="Qwen2")
+    dirs = {
+        "biased": make_biased_lora(model_dir, str(root / "biased"), seed=3),
+        "dora": make_peft_adapter(model_dir, str(root / "dora"), "dora", seed=4),
+        "ia3": make_peft_adapter(model_dir, str(root / "ia3"), "ia3", seed=5),
+    }
+    saved = load_file(f"{dirs['biased']}/adapter_model.safetensors")
+    assert any(key.endswith("k_proj.bias") for key in saved) and any("lora_B.bias" in key for key in saved)
+    _serve_and_compare(model_dir, dirs, PROMPTS[:2], MAX_NEW, max_seq_len=128, max_lora_rank=8)
+
+
+LOUD = ("adalora", "ia3")
+
+
+def test_every_kind_on_the_embedded_model(tmp_path_factory, smol_dir):
+    root = tmp_path_factory.mktemp("smol_kinds")
+    dirs = {
+        # Scaling vectors near 1 and AdaLoRA's product of three random factors need larger noise to show.
+        name: make_peft_adapter(smol_dir, str(root / name), name, seed=20 + i, scale=0.3 if name in LOUD else 0.05)
+        for i, name in enumerate(["dora", "adalora", "ia3", "prefix", "prompt", "ptuning"])
+    }
+    for i, preset in enumerate(BOTTLENECK_PRESETS):
+        dirs[preset] = make_bottleneck(smol_dir, str(root / preset), preset, seed=50 + i, reduction_factor=16)
+    _serve_and_compare(smol_dir, dirs, PROMPTS[:1], 8, max_seq_len=256, max_lora_rank=8)

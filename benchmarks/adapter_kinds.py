@@ -1,0 +1,580 @@
+"""Every adapter kind against the base: decode throughput, and the prefill cost of prefix vs prompt tuning.
+
+On the embedded SmolLM2-135M-Instruct in fp32 on the CPU, with the real deltaserve gRPC server in-process on
+127.0.0.1, started once for the whole run. The adapters are real files with random non-identity weights, made
+by the test factories (tests/kinds.py): PEFT kinds saved by PEFT itself, bottleneck adapters in AdapterHub's
+format.
+
+  1. throughput  N concurrent greedy requests (`--requests`, chat prompts) of exactly `--new-tokens` tokens
+                 each (min_new_tokens = max_new_tokens, so EOS never ends a row early), end to end, text in and
+                 text out, for every configuration:
+                   base       no adapter
+                   <kind>     all N requests on one adapter of that kind: lora (rank 16, all-linear), dora,
+                              adalora, ia3, prefix, prompt, ptuning (PEFT, as tests/kinds.py configures them:
+                              prefix 5, prompt 6 and ptuning 4 virtual tokens), houlsby, pfeiffer, parallel
+                              (bottleneck, reduction factor 8)
+                   mixed      the N requests spread round-robin over the base and every kind at once
+                 One untimed warm-up round of every configuration, then `--repeats` rounds in which the
+                 configurations take turns (the order rotates every round, so machine noise hits all of them
+                 alike). Reported: median (and best) generated tokens/s, and the ratio to the base measured in
+                 the same run (median / median, and the median of the per-round ratios). As sanity checks, the
+                 rows that differ from the base's greedy output (every kind should change the output) and the
+                 mixed rows identical to the same request in its kind's own configuration.
+  2. prefill     time to first token (TTFT: client side, until the first streamed chunk holding a token) of
+                 single greedy requests with max_new_tokens=1 on a raw prompt of `--prompt-tokens` tokens T, for
+                   base        no adapter, T tokens
+                   base+P      no adapter, T + P tokens (the control: a prefill of P more tokens)
+                   prefix      a prefix-tuning adapter with P = `--virtual-tokens` virtual tokens, T tokens
+                   prompt      a prompt-tuning adapter with the same P, T tokens
+                 `--ttft-repeats` rounds after one untimed warm-up of each; p50 (and p95) reported. Prompt
+                 tuning prepends P embeddings that run through every layer (a prefill of P + T positions, like
+                 base+P); prefix tuning writes P ready-made key/value entries into the cache and runs only the
+                 T prompt tokens (attending over P + T). The expectation, checked rather than assumed:
+                 prompt ~ base+P and prefix ~ base.
+
+Run:  python benchmarks/adapter_kinds.py          (N=16, 64 tokens, 3 repeats; TTFT 10 rounds; ~15 minutes)
+      python benchmarks/adapter_kinds.py --quick  (N=11: one request per target in the mixed run, 16 tokens,
+                                                 1 repeat; TTFT 3 rounds; a smoke run)
+Writes benchmarks/results/adapter_kinds.json (adapter_kinds-quick.json for --quick) and a PNG next to it
+(skipped with a warning when matplotlib is missing: pip install matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import transformers
+from common import CHAT_PROMPTS as PROMPTS
+from common import RESULTS, import_test_helpers, log, machine_info, ms_summary, write_json
+from deltaserve.client import AsyncClient, Client
+from deltaserve.server.app import ServerConfig
+from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+CALL_TIMEOUT_S = 1800.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark
+BASE = "base"
+MIXED = "mixed"
+# adapter id -> (factory, its name in tests/kinds.py: a PEFT_KINDS entry or a BOTTLENECK_PRESETS preset)
+KINDS: dict[str, tuple[str, str]] = {
+    "lora": ("peft", "lora16"),
+    "dora": ("peft", "dora"),
+    "adalora": ("peft", "adalora"),
+    "ia3": ("peft", "ia3"),
+    "prefix": ("peft", "prefix"),
+    "prompt": ("peft", "prompt"),
+    "ptuning": ("peft", "ptuning"),
+    "houlsby": ("bottleneck", "houlsby"),
+    "pfeiffer": ("bottleneck", "pfeiffer"),
+    "parallel": ("bottleneck", "parallel"),
+}
+CONFIGS = (BASE, *KINDS, MIXED)
+LORA_RANK = 16  # the largest rank among the kinds (lora16); the server's --max-lora-rank
+REDUCTION_FACTOR = 8  # bottleneck size = hidden size / 8
+# TTFT conditions -> adapter id ("" is the base); the two soft-prompt adapters have P virtual tokens each.
+TTFT_PREFIX, TTFT_PROMPT = "prefix-p", "prompt-p"
+TTFT_CONDITIONS = ("base", "base+P", "prefix", "prompt")
+TTFT_ADAPTERS = {"base": "", "base+P": "", "prefix": TTFT_PREFIX, "prompt": TTFT_PROMPT}
+
+
+@dataclass(frozen=True)
+class Settings:
+    n_requests: int
+    new_tokens: int
+    repeats: int
+    virtual_tokens: int
+    prompt_tokens: int
+    ttft_repeats: int
+    out: Path
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=11, 16 tokens, 1 repeat, 3 TTFT rounds")
+    parser.add_argument("--requests", type=int, default=None, help="concurrent requests N (default 16)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 64)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration (default 3)")
+    parser.add_argument("--virtual-tokens", type=int, default=20, help="P of the TTFT prefix/prompt adapters")
+    parser.add_argument("--prompt-tokens", type=int, default=100, help="T, the TTFT prompt's tokens (default 100)")
+    parser.add_argument("--ttft-repeats", type=int, default=None, help="TTFT rounds (default 10)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
+    args = parser.parse_args(argv)
+    defaults = (len(KINDS) + 1, 16, 1, 3) if args.quick else (16, 64, 3, 10)
+    given = (args.requests, args.new_tokens, args.repeats, args.ttft_repeats)
+    n, tokens, repeats, ttft_repeats = (d if g is None else g for g, d in zip(given, defaults, strict=True))
+    if min(n, tokens, repeats, ttft_repeats, args.virtual_tokens, args.prompt_tokens) < 1:
+        parser.error("counts (--requests, --new-tokens, --repeats, --*-tokens, --ttft-repeats) must be at least 1")
+    out = args.out or RESULTS / ("adapter_kinds-quick.json" if args.quick else "adapter_kinds.json")
+    return Settings(n, tokens, repeats, args.virtual_tokens, args.prompt_tokens, ttft_repeats, out)
+
+
+def import_kinds() -> ModuleType:
+    """tests/kinds.py: the adapter factories of every kind (import_test_helpers puts tests/ on the path)."""
+    import_test_helpers()
+    import kinds
+
+    return kinds
+
+
+def make_adapters(kinds: ModuleType, model_dir: str, root: str) -> dict[str, str]:
+    """One adapter of every kind; adapter id -> directory."""
+    paths = {}
+    for seed, (adapter_id, (factory, name)) in enumerate(KINDS.items()):
+        out_dir = os.path.join(root, adapter_id)
+        if factory == "peft":
+            paths[adapter_id] = kinds.make_peft_adapter(model_dir, out_dir, name, seed=seed)
+        else:
+            paths[adapter_id] = kinds.make_bottleneck(
+                model_dir, out_dir, name, seed=seed, reduction_factor=REDUCTION_FACTOR
+            )
+        log(f"made {adapter_id} ({factory} {name})")
+    return paths
+
+
+def make_soft_prompt(model_dir: str, out_dir: str, config_class: str, virtual_tokens: int, seed: int) -> str:
+    """A prefix- or prompt-tuning adapter with `virtual_tokens` virtual tokens, made as tests/kinds.py's
+    make_peft_adapter makes one (PEFT config, random non-identity weights, PEFT's save_pretrained)."""
+    import peft
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = getattr(peft, config_class)(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
+    model = peft.get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def fixed_length_prompt(tokenizer: PreTrainedTokenizerBase, tokens: int) -> str:
+    """Raw text of about `tokens` tokens (the chat prompts repeated, cut at a token boundary)."""
+    text = " ".join(PROMPTS)
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < tokens:
+        text += " " + text
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:tokens])
+
+
+async def load_adapters(target: str, adapters: dict[str, str]) -> dict[str, dict[str, object]]:
+    """LoadAdapter every adapter; adapter id -> what the server reports about it."""
+    infos = {}
+    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
+        for adapter_id, path in adapters.items():
+            info = await client.load_adapter(adapter_id, path)
+            infos[adapter_id] = {
+                "kind": info.kind,
+                "rank": info.rank,
+                "size_bytes": info.size_bytes,
+                "virtual_tokens": info.virtual_tokens,
+                "target_modules": info.target_modules,
+            }
+            log(f"loaded {adapter_id}: {info.kind}, {info.size_bytes / 1e6:.2f} MB, {info.virtual_tokens} virtual")
+    return infos
+
+
+# ---- part 1: throughput ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One timed batch: how long it took and the generated token ids of every request."""
+
+    seconds: float
+    outputs: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(row) for row in self.outputs)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass
+class Measurement:
+    config: str
+    adapter_ids: list[str]
+    runs: list[Run] = field(default_factory=list)
+
+    def rates(self) -> list[float]:
+        return [run.rate for run in self.runs]
+
+    @property
+    def best(self) -> float:
+        return max(self.rates())
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates())
+
+
+def request_targets(config: str, n: int) -> list[str]:
+    """The adapter id of each of the N requests ("" is the base)."""
+    if config == BASE:
+        return [""] * n
+    if config == MIXED:
+        targets = ["", *KINDS]
+        return [targets[i % len(targets)] for i in range(n)]
+    return [config] * n
+
+
+async def _batch(client: AsyncClient, adapter_ids: list[str], new_tokens: int) -> Run:
+    start = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            client.generate(
+                messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                adapter_id=adapter_id,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                temperature=0.0,
+            )
+            for i, adapter_id in enumerate(adapter_ids)
+        )
+    )
+    run = Run(time.perf_counter() - start, [result.token_ids for result in results])
+    if run.tokens != len(adapter_ids) * new_tokens:
+        raise RuntimeError(f"generated {run.tokens} tokens, expected {len(adapter_ids) * new_tokens}")
+    return run
+
+
+async def _measure_throughput(target: str, settings: Settings) -> tuple[dict[str, Measurement], list[float]]:
+    """A warm-up round, then `repeats` rounds of every configuration (rotating order); also the 1-minute load
+    average after each round (the machine is shared: above the core count, another process competed)."""
+    cells = {c: Measurement(c, request_targets(c, settings.n_requests)) for c in CONFIGS}
+    loads: list[float] = []
+    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
+        await client.model_info()  # connect before the clock starts
+        for config in CONFIGS:
+            run = await _batch(client, cells[config].adapter_ids, settings.new_tokens)
+            log(f"warm-up {config}: {run.rate:.1f} tok/s")
+        for round_ in range(settings.repeats):
+            k = round_ % len(CONFIGS)
+            for config in CONFIGS[k:] + CONFIGS[:k]:
+                run = await _batch(client, cells[config].adapter_ids, settings.new_tokens)
+                cells[config].runs.append(run)
+                log(f"round {round_ + 1}/{settings.repeats} {config}: {run.rate:.1f} tok/s")
+            loads.append(os.getloadavg()[0])
+            log(f"round {round_ + 1}/{settings.repeats} done; load average {loads[-1]:.2f}")
+    return cells, loads
+
+
+def throughput_summary(cells: dict[str, Measurement]) -> dict[str, object]:
+    base = cells[BASE]
+    out: dict[str, object] = {}
+    for config, cell in cells.items():
+        per_round = [r / b for r, b in zip(cell.rates(), base.rates(), strict=True)]
+        last, base_last = cell.runs[-1].outputs, base.runs[-1].outputs
+        out[config] = {
+            "median_tokens_per_s": cell.median,
+            "best_tokens_per_s": cell.best,
+            "tokens_per_s": cell.rates(),
+            "seconds": [run.seconds for run in cell.runs],
+            "median_over_base": cell.median / base.median,
+            "best_over_base": cell.best / base.best,
+            "per_round_over_base": per_round,
+            "median_of_per_round_over_base": statistics.median(per_round),
+            "rows_differing_from_base": sum(a != b for a, b in zip(last, base_last, strict=True)),
+            "adapter_ids": cell.adapter_ids,
+        }
+    # Mixed row i is request i of its target's own configuration (same prompt): identical greedy outputs show
+    # the batch's other kinds did not leak into it (fp32 batching noise may flip a near-tie, rarely).
+    mixed = cells[MIXED]
+    same = [
+        mixed.runs[-1].outputs[i] == cells[adapter_id or BASE].runs[-1].outputs[i]
+        for i, adapter_id in enumerate(mixed.adapter_ids)
+    ]
+    out[MIXED]["rows_identical_to_own_config"] = sum(same)
+    out[MIXED]["rows_differing_from_own_config"] = [
+        f"{i}:{mixed.adapter_ids[i] or BASE}" for i, ok in enumerate(same) if not ok
+    ]
+    return out
+
+
+# ---- part 2: prefill cost (TTFT) ------------------------------------------------------------------
+def _ttft(client: Client, prompt: str, adapter_id: str) -> tuple[float, float]:
+    """(time to the first chunk holding a token, end to end) of one greedy 1-token request, in seconds."""
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for chunk in client.generate_stream(prompt, adapter_id=adapter_id, max_new_tokens=1, temperature=0.0):
+        if chunk.token_ids and first is None:
+            first = time.perf_counter()
+        count += len(chunk.token_ids)
+    end = time.perf_counter()
+    if first is None or count != 1:
+        raise RuntimeError(f"TTFT request on {adapter_id or 'base'} streamed {count} tokens, expected 1")
+    return first - start, end - start
+
+
+def measure_ttft(target: str, prompts: dict[str, str], settings: Settings) -> dict[str, dict[str, list[float]]]:
+    """One warm-up request per condition, then `ttft_repeats` rounds (the order rotates every round)."""
+    times: dict[str, dict[str, list[float]]] = {c: {"ttft": [], "e2e": []} for c in TTFT_CONDITIONS}
+    with Client(target, timeout=CALL_TIMEOUT_S) as client:
+        client.model_info()  # connect before the clock starts
+        for condition in TTFT_CONDITIONS:
+            _ttft(client, prompts[condition], TTFT_ADAPTERS[condition])
+        for round_ in range(settings.ttft_repeats):
+            k = round_ % len(TTFT_CONDITIONS)
+            for condition in TTFT_CONDITIONS[k:] + TTFT_CONDITIONS[:k]:
+                ttft, e2e = _ttft(client, prompts[condition], TTFT_ADAPTERS[condition])
+                times[condition]["ttft"].append(ttft)
+                times[condition]["e2e"].append(e2e)
+            log(
+                f"TTFT round {round_ + 1}/{settings.ttft_repeats}: "
+                + ", ".join(f"{c} {times[c]['ttft'][-1] * 1e3:.0f} ms" for c in TTFT_CONDITIONS)
+            )
+    return times
+
+
+def ttft_summary(
+    times: dict[str, dict[str, list[float]]], prompt_tokens: dict[str, int], infos: dict[str, dict[str, object]]
+) -> dict[str, object]:
+    out: dict[str, object] = {}
+    base_p50 = ms_summary(times["base"]["ttft"])["p50"]
+    for condition in TTFT_CONDITIONS:
+        adapter_id = TTFT_ADAPTERS[condition]
+        virtual = int(infos[adapter_id]["virtual_tokens"]) if adapter_id else 0
+        tokens = prompt_tokens[condition]
+        ttft = ms_summary(times[condition]["ttft"])
+        out[condition] = {
+            "adapter_id": adapter_id,
+            "prompt_tokens": tokens,
+            "adapter_virtual_tokens": virtual,
+            # positions run through every layer in the prefill, and cache positions attended over
+            "prefill_positions_computed": tokens + (virtual if condition == "prompt" else 0),
+            "cache_positions_attended": tokens + virtual,
+            "ttft_ms": ttft,
+            "e2e_ms": ms_summary(times[condition]["e2e"]),
+            "ttft_seconds": times[condition]["ttft"],
+            "ttft_p50_minus_base_ms": ttft["p50"] - base_p50,
+        }
+    return out
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+def made_by(adapter_id: str, settings: Settings) -> str:
+    if adapter_id in KINDS:
+        factory, name = KINDS[adapter_id]
+        function = "make_peft_adapter" if factory == "peft" else "make_bottleneck"
+        return f"tests/kinds.py {function}({name!r})"
+    config_class = "PrefixTuningConfig" if adapter_id == TTFT_PREFIX else "PromptTuningConfig"
+    return f"benchmark: peft.{config_class}(num_virtual_tokens={settings.virtual_tokens})"
+
+
+def throughput_table(summary: dict[str, object], infos: dict[str, dict[str, object]]) -> str:
+    header = (
+        f"{'config':<9} {'kind':<10} {'MB':>6} {'virt':>4} {'tok/s (median)':>14} {'tok/s (best)':>12} "
+        f"{'vs base':>8} {'per-round vs base':>17} {'rows != base':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    for config in CONFIGS:
+        s = summary[config]
+        info = infos.get(config)
+        kind = info["kind"] if info else ("-" if config == BASE else "all")
+        size = f"{info['size_bytes'] / 1e6:.2f}" if info else "-"
+        virtual = str(info["virtual_tokens"]) if info else "-"
+        lines.append(
+            f"{config:<9} {kind:<10} {size:>6} {virtual:>4} {s['median_tokens_per_s']:>14.1f} "
+            f"{s['best_tokens_per_s']:>12.1f} {s['median_over_base']:>7.2f}x "
+            f"{s['median_of_per_round_over_base']:>16.2f}x {s['rows_differing_from_base']:>12}"
+        )
+    return "\n".join(lines)
+
+
+def ttft_table(summary: dict[str, object]) -> str:
+    header = (
+        f"{'condition':<9} {'prompt tok':>10} {'virtual':>7} {'computed':>8} {'attended':>8} {'n':>3} "
+        f"{'TTFT p50 ms':>11} {'TTFT p95 ms':>11} {'vs base':>8} {'- base ms':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    base = summary["base"]["ttft_ms"]["p50"]
+    for condition in TTFT_CONDITIONS:
+        s = summary[condition]
+        t = s["ttft_ms"]
+        lines.append(
+            f"{condition:<9} {s['prompt_tokens']:>10} {s['adapter_virtual_tokens']:>7} "
+            f"{s['prefill_positions_computed']:>8} {s['cache_positions_attended']:>8} {t['n']:>3} "
+            f"{t['p50']:>11.1f} {t['p95']:>11.1f} {t['p50'] / base:>7.2f}x {s['ttft_p50_minus_base_ms']:>+9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def report(
+    settings: Settings,
+    config: ServerConfig,
+    infos: dict[str, dict[str, object]],
+    throughput: dict[str, object],
+    loads: list[float],
+    ttft: dict[str, object],
+) -> dict[str, object]:
+    settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+    return {
+        "benchmark": "adapter_kinds",
+        "machine": machine_info(),
+        "model": EMBEDDED_NAME,
+        "device": "cpu",
+        "dtype": "float32",
+        "settings": settings_dict,
+        "server": {
+            "max_batch_size": config.max_batch_size,
+            "max_seq_len": config.max_seq_len,
+            "max_adapters": config.max_adapters,
+            "max_lora_rank": config.max_lora_rank,
+            "max_bottleneck_size": config.max_bottleneck_size,
+            "in_process": "the server runs in a thread of the benchmark process (tests/helpers.py ServerThread)",
+        },
+        "adapters": {
+            adapter_id: {"made_by": made_by(adapter_id, settings), **info} for adapter_id, info in infos.items()
+        },
+        "statistic": (
+            "throughput: generated tokens / wall seconds of the whole batch, client side, median (and best) of "
+            "repeats after one warm-up round; ratios to the base of the same run. TTFT: client side, until the "
+            "first streamed chunk holding a token; p50/p95 (linear interpolation)"
+        ),
+        "throughput": throughput,
+        "load_average_after_rounds": loads,
+        "prefill_ttft": ttft,
+    }
+
+
+def write_plot(data: dict[str, object], path: Path) -> bool:
+    """Throughput ratio to the base per configuration, and TTFT p50 per prefill condition."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+        return False
+    fig, (ax_rate, ax_ttft) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
+    throughput, settings = data["throughput"], data["settings"]
+    names = [c for c in CONFIGS if c != BASE]
+    ratios = [throughput[c]["median_over_base"] for c in names]
+    colors = ["#8172b3" if c == MIXED else ("#55a868" if KINDS[c][0] == "bottleneck" else "#4c72b0") for c in names]
+    bars = ax_rate.bar(names, ratios, color=colors)
+    ax_rate.bar_label(bars, fmt="%.2f", fontsize=8)
+    for x, c in enumerate(names):
+        per_round = throughput[c]["per_round_over_base"]
+        ax_rate.plot([x] * len(per_round), per_round, "k.", markersize=3)
+    ax_rate.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+    ax_rate.set_ylabel("tokens/s vs base (bars: median/median; dots: per round)")
+    ax_rate.set_title(
+        f"1. decode throughput, N={settings['n_requests']} x {settings['new_tokens']} tokens "
+        f"(base {throughput[BASE]['median_tokens_per_s']:.1f} tok/s, median of {settings['repeats']})",
+        fontsize=10,
+    )
+    ax_rate.tick_params(axis="x", labelrotation=30)
+
+    ttft = data["prefill_ttft"]
+    p50 = [ttft[c]["ttft_ms"]["p50"] for c in TTFT_CONDITIONS]
+    p95 = [ttft[c]["ttft_ms"]["p95"] for c in TTFT_CONDITIONS]
+    bars = ax_ttft.bar(
+        TTFT_CONDITIONS,
+        p50,
+        color=["#8c8c8c", "#c8c8c8", "#dd8452", "#c44e52"],
+        yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95, strict=True)]],
+        capsize=4,
+    )
+    ax_ttft.bar_label(bars, fmt="%.0f", label_type="center")
+    ax_ttft.set_ylabel("time to first token, ms (p50, whisker to p95)")
+    ax_ttft.set_title(
+        f"2. prefill: T={settings['prompt_tokens']} prompt tokens, P={settings['virtual_tokens']} virtual",
+        fontsize=10,
+    )
+    fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # keep the log readable
+    helpers, kinds = import_test_helpers(), import_kinds()
+    model_dir = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hidden = AutoConfig.from_pretrained(model_dir).hidden_size
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+        for m in PROMPTS
+    ]
+    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
+    p = settings.virtual_tokens
+    ttft_texts = {
+        "base": fixed_length_prompt(tokenizer, settings.prompt_tokens),
+        "base+P": fixed_length_prompt(tokenizer, settings.prompt_tokens + p),
+    }
+    ttft_texts |= {"prefix": ttft_texts["base"], "prompt": ttft_texts["base"]}
+    most_virtual = max(
+        [p] + [kinds.PEFT_KINDS[name][1].get("num_virtual_tokens", 0) for f, name in KINDS.values() if f == "peft"]
+    )
+    max_seq_len = max(longest + settings.new_tokens, settings.prompt_tokens + 2) + most_virtual + 16
+    with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
+        log(f"making one adapter of each of {len(KINDS)} kinds and two with {p} virtual tokens")
+        adapters = make_adapters(kinds, model_dir, root)
+        adapters[TTFT_PREFIX] = make_soft_prompt(model_dir, os.path.join(root, TTFT_PREFIX), "PrefixTuningConfig", p, 1)
+        adapters[TTFT_PROMPT] = make_soft_prompt(model_dir, os.path.join(root, TTFT_PROMPT), "PromptTuningConfig", p, 2)
+        config = ServerConfig(
+            model=model_dir,
+            dtype="float32",
+            device="cpu",
+            max_batch_size=settings.n_requests,
+            max_seq_len=max_seq_len,
+            max_adapters=len(adapters),
+            max_lora_rank=LORA_RANK,
+            max_bottleneck_size=hidden // REDUCTION_FACTOR,
+        )
+        log("starting the server")
+        with helpers.ServerThread(config) as server:
+            infos = asyncio.run(load_adapters(server.target, adapters))
+            with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
+                prompt_tokens = {c: len(client.tokenize(text).token_ids) for c, text in ttft_texts.items()}
+            log(f"throughput: {len(CONFIGS)} configurations, N={settings.n_requests} x {settings.new_tokens} tokens")
+            cells, loads = asyncio.run(_measure_throughput(server.target, settings))
+            log(f"prefill: TTFT of {', '.join(TTFT_CONDITIONS)}, prompt tokens {prompt_tokens}")
+            times = measure_ttft(server.target, ttft_texts, settings)
+    throughput = throughput_summary(cells)
+    ttft = ttft_summary(times, prompt_tokens, infos)
+    data = report(settings, config, infos, throughput, loads, ttft)
+    write_json(data, settings.out)
+    plotted = write_plot(data, settings.out.with_suffix(".png"))
+    print(
+        f"{EMBEDDED_NAME} fp32 CPU ({os.cpu_count()} cores), N={settings.n_requests} concurrent requests x "
+        f"{settings.new_tokens} tokens, median of {settings.repeats} (load average after rounds: "
+        + ", ".join(f"{x:.2f}" for x in loads)
+        + ")"
+    )
+    print(throughput_table(throughput, infos))
+    mixed = throughput[MIXED]
+    print(
+        f"mixed rows identical to the same request in its own configuration: "
+        f"{mixed['rows_identical_to_own_config']}/{settings.n_requests}"
+        + (
+            f" (differing: {', '.join(mixed['rows_differing_from_own_config'])})"
+            if mixed["rows_differing_from_own_config"]
+            else ""
+        )
+    )
+    print()
+    print(f"prefill: single requests, max_new_tokens=1, P={p} virtual tokens, p50 of {settings.ttft_repeats}")
+    print(ttft_table(ttft))
+    print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
