@@ -385,6 +385,8 @@ class Engine:
         """Emit the request's final output, release its adapter and mark its row for reuse."""
         if last_output is None:
             last_output = RequestOutput([], "", [], len(request.generated), finish_reason=reason, error=error)
+        if request.row >= 0:
+            self.runner.clear_row(request.row, request.cache_len)
         request.row = -2  # finished: _compact drops it from the running list
         if request.adapter is not None:
             self.registry.release(request.adapter, served=error is None)
@@ -408,6 +410,7 @@ class Engine:
         movers = sorted((r for r in survivors if r.row >= count), key=lambda r: r.row)
         for hole, request in zip(holes, movers, strict=True):
             self.runner.move_row(request.row, hole, request.cache_len)
+            self.runner.clear_row(request.row, request.cache_len)
             request.row = hole
         self._running = sorted(survivors, key=lambda r: r.row)
 

@@ -309,6 +309,13 @@ class ModelRunner:
             k_cache[target, :, :length] = k_cache[source, :, :length]
             v_cache[target, :, :length] = v_cache[source, :, :length]
 
+    def clear_row(self, row: int, length: int) -> None:
+        """Zero a vacated row's first `length` entries. A later occupant's attention masks them out, but a
+        masked NaN or inf (left by an adapter that overflowed) would still poison its softmax sum."""
+        for k_cache, v_cache in zip(self.k_cache, self.v_cache, strict=True):
+            k_cache[row, :, :length] = 0
+            v_cache[row, :, :length] = 0
+
     # ---- shared layer loop -----------------------------------------------------------------------
     def _forward(self, hidden, cos, sin, attend, batch: AdapterBatch, last: torch.Tensor | None) -> torch.Tensor:
         """Decoder layers, then final norm and LM head at each row's position `last` (None: the final one)

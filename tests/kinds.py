@@ -64,10 +64,11 @@ def _prune_adalora(model, steps: int) -> None:
         optimizer.zero_grad()
 
 
-def make_peft_adapter(model_dir: str, out_dir: str, name: str, seed: int, scale: float = 0.3) -> str:
+def make_peft_adapter(model_dir: str, out_dir: str, name: str, seed: int, scale: float = 0.3, **overrides) -> str:
     import peft
 
     config_class, kwargs = PEFT_KINDS[name]
+    kwargs = {**kwargs, **overrides}
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = peft.get_peft_model(base, getattr(peft, config_class)(task_type="CAUSAL_LM", **kwargs))
@@ -101,7 +102,9 @@ BOTTLENECK_PRESETS = {
 }
 
 
-def make_bottleneck(model_dir: str, out_dir: str, preset: str, seed: int, reduction_factor: int = 8) -> str:
+def make_bottleneck(
+    model_dir: str, out_dir: str, preset: str, seed: int, reduction_factor: int = 8, scale: float = 0.3
+) -> str:
     """A bottleneck adapter as the `adapters` library saves one (adapter_config.json + adapter.safetensors)."""
     mh, output, before, parallel, activation, scaling = BOTTLENECK_PRESETS[preset]
     config = AutoModelForCausalLM.from_pretrained(model_dir).config
@@ -113,10 +116,10 @@ def make_bottleneck(model_dir: str, out_dir: str, preset: str, seed: int, reduct
             if not present:
                 continue
             key = f"model.layers.{layer}.{site}.adapters.{preset}"
-            tensors[f"{key}.adapter_down.0.weight"] = torch.randn(size, hidden, generator=generator) * 0.3
-            tensors[f"{key}.adapter_down.0.bias"] = torch.randn(size, generator=generator) * 0.1
-            tensors[f"{key}.adapter_up.weight"] = torch.randn(hidden, size, generator=generator) * 0.3
-            tensors[f"{key}.adapter_up.bias"] = torch.randn(hidden, generator=generator) * 0.1
+            tensors[f"{key}.adapter_down.0.weight"] = torch.randn(size, hidden, generator=generator) * scale
+            tensors[f"{key}.adapter_down.0.bias"] = torch.randn(size, generator=generator) * scale / 3
+            tensors[f"{key}.adapter_up.weight"] = torch.randn(hidden, size, generator=generator) * scale
+            tensors[f"{key}.adapter_up.bias"] = torch.randn(hidden, generator=generator) * scale / 3
     settings = dict(
         mh_adapter=mh,
         output_adapter=output,

@@ -319,8 +319,46 @@ def test_every_kind_on_the_embedded_model(tmp_path_factory, smol_dir):
     dirs = {
         # Scaling vectors near 1 and AdaLoRA's product of three random factors need larger noise to show.
         name: make_peft_adapter(smol_dir, str(root / name), name, seed=20 + i, scale=0.3 if name in LOUD else 0.05)
-        for i, name in enumerate(["dora", "adalora", "ia3", "prefix", "prompt", "ptuning"])
+        for i, name in enumerate(["dora", "adalora", "ia3", "prefix", "ptuning"])
     }
+    # Random virtual tokens barely steer a trained model; start them from a real instruction, as users do.
+    dirs["prompt"] = make_peft_adapter(
+        smol_dir,
+        str(root / "prompt"),
+        "prompt",
+        seed=30,
+        scale=0.01,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="Answer only in French, with exclamation marks!",
+        tokenizer_name_or_path=smol_dir,
+    )
     for i, preset in enumerate(BOTTLENECK_PRESETS):
-        dirs[preset] = make_bottleneck(smol_dir, str(root / preset), preset, seed=50 + i, reduction_factor=16)
-    _serve_and_compare(smol_dir, dirs, PROMPTS[:1], 8, max_seq_len=256, max_lora_rank=8)
+        # SmolLM2's residual stream is large: a parallel adapter reading it needs small weights not to overflow.
+        dirs[preset] = make_bottleneck(
+            smol_dir, str(root / preset), preset, seed=50 + i, reduction_factor=16, scale=0.02
+        )
+    _serve_and_compare(smol_dir, dirs, PROMPTS[:2], 8, max_seq_len=256, max_lora_rank=8)
+
+
+def test_an_overflowing_adapter_does_not_poison_later_rows(server, kind_dirs, references, tmp_path):
+    """Finite weights can still overflow (here bottleneck biases near the float32 maximum, added twice per
+    layer): that request's cache row fills with inf/NaN. The row's next occupant, decoding beside a longer
+    request, must not see any of it through the masked positions of its attention."""
+    huge = shutil.copytree(kind_dirs["houlsby"], tmp_path / "huge")
+    tensors = load_file(huge / "adapter.safetensors")
+    tensors = {k: torch.full_like(v, 3e38) if k.endswith("adapter_up.bias") else v for k, v in tensors.items()}
+    save_file(tensors, huge / "adapter.safetensors")
+    long_prompt = PROMPTS[1] * 6
+    with Client(server.target, timeout=120) as client:
+        client.load_adapter("overflow", str(huge))
+        try:
+            poisoned = client.generate(long_prompt, adapter_id="overflow", max_new_tokens=MAX_NEW, logprobs=True)
+            assert any(lp != lp for lp in poisoned.logprobs)  # NaN: the adapter really overflows
+            with ThreadPoolExecutor(2) as pool:
+                short = pool.submit(_generate, server.target, 0)  # sorted first: it takes the poisoned row
+                pool.submit(lambda: client.generate(long_prompt, max_new_tokens=MAX_NEW)).result()
+                result = short.result()
+        finally:
+            client.unload_adapter("overflow")
+    assert result.token_ids == references["", 0].token_ids
+    assert_logprobs_close(result.logprobs, references["", 0].logprobs)
