@@ -315,7 +315,8 @@ def build_lora_batch(
     When at least half of the slots are in use, the layers read all S slots in place (extra compute on the
     unused ones, no copy); otherwise they gather only the used slots.
     """
-    index = [i for i, slot in enumerate(token_slots) if slot >= 0 and slot != merged_slot]
+    # Tokens whose slot has a low-rank part (prefix-only or IA3-only adapters have rank 0: no LoRA work).
+    index = [i for i, slot in enumerate(token_slots) if slot >= 0 and slot != merged_slot and slot_ranks[slot] > 0]
     unmerge = [i for i, slot in enumerate(token_slots) if slot != merged_slot and slot != PAD_SLOT]
     if merged_slot < 0 or not unmerge:
         correction = {}
