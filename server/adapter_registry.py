@@ -109,7 +109,8 @@ class DeviceSlots:
         self.device = device
         # Host copies per slot, for building batch descriptions without touching the device.
         self.ranks = [0] * num_slots
-        self.has_vectors = [False] * num_slots  # scales / bias deltas / bottlenecks: the forward needs a SlotBatch
+        self.vector_slots: set[int] = set()  # slots with scales or bias deltas (the forward needs a SlotBatch)
+        self.bottleneck_slots: set[int] = set()  # slots with bottleneck modules
         self.prompts = [NO_SOFT_PROMPT] * num_slots
         self._lock = threading.Lock()  # concurrent loads must not both allocate one layer's stacks
 
@@ -143,7 +144,11 @@ class DeviceSlots:
                 self._on_device(adapter.virtual_tokens),
             )
             self.ranks[slot] = adapter.rank
-            self.has_vectors[slot] = adapter.has_vectors or bool(adapter.bottlenecks)
+            for members, present in (
+                (self.vector_slots, adapter.has_vectors),
+                (self.bottleneck_slots, adapter.bottlenecks),
+            ):
+                members.add(slot) if present else members.discard(slot)
 
     @property
     def bytes_allocated(self) -> int:

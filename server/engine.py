@@ -328,8 +328,10 @@ class Engine:
 
         def describe(token_slots: list[int]) -> tuple[LoraBatch | None, SlotBatch | None]:
             lora = build_lora_batch(token_slots, slots.ranks, device, dtype, slots.num_slots, merged)
-            vectors = any(slots.has_vectors[s] for s in set(token_slots) if s >= 0)
-            return lora, build_slot_batch(token_slots, slots.num_slots, device, dtype) if vectors else None
+            slot_batch = build_slot_batch(
+                token_slots, slots.num_slots, slots.vector_slots, slots.bottleneck_slots, device, dtype
+            )
+            return lora, slot_batch
 
         lora, slot_batch = describe(token_slots)
         if head_slots is None:

@@ -48,12 +48,18 @@ class LoraBatch:
 class SlotBatch:
     """Each token's slot for the per-slot vectors and bottlenecks of one forward.
 
-    index   [N]     the token's slot, or S (an identity row: ones / zeros) for tokens without an adapter
-    one_hot [N, S]  1 at the token's slot (all zero for tokens without one), for the bottleneck banks
+    index     [N]     the token's slot, or S (an identity row: ones / zeros) for tokens without an adapter
+    vectors           some token's slot has scales or bias deltas (the linear layers apply their stacks)
+    columns   [U]     the U distinct slots with bottleneck modules in this forward (None: none), which the
+                      banks gather; `column_list` is the same on the host
+    one_hot   [N, U]  1 where a token's slot is column u
     """
 
     index: torch.Tensor
-    one_hot: torch.Tensor
+    vectors: bool
+    columns: torch.Tensor | None = None
+    column_list: tuple[int, ...] = ()
+    one_hot: torch.Tensor | None = None
 
 
 class ForwardContext:
@@ -126,12 +132,12 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slots = self._context.slots
-        if slots is not None and self.input_scale is not None:  # IA3 on a feed-forward layer: scale the input
+        if slots is not None and slots.vectors and self.input_scale is not None:  # IA3 feed-forward: scale x
             x_in = (x.reshape(-1, self.in_features) * self.input_scale.index_select(0, slots.index)).view_as(x)
             y = self.base(x_in)
         else:
             y = self.base(x)
-        if slots is not None:
+        if slots is not None and slots.vectors:
             self._apply_vectors(y, slots)
         lora = self._context.lora
         if lora is None or self.lora_a is None:
@@ -252,37 +258,64 @@ class BottleneckBank:
         self.up_bias[slot].copy_(module.up_bias)
 
     def delta(self, h: torch.Tensor, r: torch.Tensor, slots: SlotBatch) -> torch.Tensor | None:
-        """A(x) for each token's own slot (zero for tokens without one); None when no slot has a bottleneck
-        here. h: the block's output, r: its input (the residual stream), both [..., hidden]."""
-        if self.down is None:
+        """A(x) for each token's own slot (zero for tokens without one); None when no slot of the forward has a
+        bottleneck here. h: the block's output, r: its input (the residual stream), both [..., hidden]. Only
+        the forward's bottleneck slots are read (gathered when they are not all of them)."""
+        if self.down is None or not any(self.activations[c] is not None for c in slots.column_list):
             return None
         num_slots, size, hidden = self.down.shape
-        down = self.down.view(-1, hidden).t()  # [hidden, S*M]
-        z = (h.reshape(-1, hidden) @ down).view(-1, num_slots, size)
-        if any(mode != "block_output" for mode in self.input_modes):
-            from_residual = (r.reshape(-1, hidden) @ down).view(-1, num_slots, size)
-            z = z * self.reads[0] + from_residual * self.reads[1]
-        z = self._activate(z + self.down_bias) * slots.one_hot[:, :, None]
-        out = torch.addmm(
-            self.up_bias.index_select(0, slots.index), z.view(-1, num_slots * size), self.up.view(-1, hidden)
-        )
-        return out.view_as(h)
+        columns = slots.column_list
+        gather = len(columns) < num_slots
+        pick = (lambda t: t.index_select(0, slots.columns)) if gather else (lambda t: t)
+        down, up, down_bias = pick(self.down), pick(self.up), pick(self.down_bias)  # [U, m, D], [U, m]
+        down_t = down.view(-1, hidden).t()  # [D, U*m]
+        z = (h.reshape(-1, hidden) @ down_t).view(-1, len(columns), size)
+        if any(self.input_modes[c] != "block_output" for c in columns):
+            reads = self.reads.index_select(1, slots.columns) if gather else self.reads  # [2, U, 1]
+            z = z * reads[0] + (r.reshape(-1, hidden) @ down_t).view_as(z) * reads[1]
+        z = self._activate(z + down_bias, [self.activations[c] for c in columns]) * slots.one_hot[:, :, None]
+        bias = self.up_bias.index_select(0, slots.index)
+        return torch.addmm(bias, z.view(-1, len(columns) * size), up.view(-1, hidden)).view_as(h)
 
-    def _activate(self, z: torch.Tensor) -> torch.Tensor:
-        names = {name for name in self.activations if name is not None}
+    @staticmethod
+    def _activate(z: torch.Tensor, activations: list[str | None]) -> torch.Tensor:
+        names = {name for name in activations if name is not None}
         if len(names) == 1:
             return activation(names.pop())(z)
-        for name in names:  # slots with different non-linearities: one pass per non-linearity, not per adapter
-            owned = torch.tensor([a == name for a in self.activations], device=z.device)
+        for name in names:  # columns with different non-linearities: one pass per non-linearity, not per adapter
+            owned = torch.tensor([a == name for a in activations], device=z.device)
             z = torch.where(owned[None, :, None], activation(name)(z), z)
         return z
 
 
-def build_slot_batch(token_slots: list[int], num_slots: int, device: torch.device, dtype: torch.dtype) -> SlotBatch:
-    """Each token's slot (padding and adapter-less tokens -> the identity row S)."""
+def build_slot_batch(
+    token_slots: list[int],
+    num_slots: int,
+    vector_slots: set[int],
+    bottleneck_slots: set[int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SlotBatch | None:
+    """Describe a forward's per-slot vectors and bottlenecks (padding and adapter-less tokens -> the identity
+    row S); None when no token's slot has either."""
+    active = {slot for slot in token_slots if slot >= 0}
+    vectors = bool(active & vector_slots)
+    columns = sorted(active & bottleneck_slots)
+    if not vectors and not columns:
+        return None
     index = torch.tensor([slot if slot >= 0 else num_slots for slot in token_slots], device=device)
-    one_hot = torch.nn.functional.one_hot(index, num_slots + 1)[:, :num_slots].to(dtype)
-    return SlotBatch(index=index, one_hot=one_hot)
+    if not columns:
+        return SlotBatch(index=index, vectors=vectors)
+    position = {slot: c for c, slot in enumerate(columns)}
+    owner = torch.tensor([position.get(slot, -1) for slot in token_slots])
+    one_hot = (owner[:, None] == torch.arange(len(columns))[None, :]).to(device=device, dtype=dtype)
+    return SlotBatch(
+        index=index,
+        vectors=vectors,
+        columns=torch.tensor(columns, device=device),
+        column_list=tuple(columns),
+        one_hot=one_hot,
+    )
 
 
 def wrap_linear_layers(model: nn.Module, context: ForwardContext) -> dict[str, AdapterLinear]:

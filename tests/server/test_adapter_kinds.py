@@ -58,15 +58,20 @@ def reference_model(model_dir: str, name: str, dirs: dict[str, str]):
     return load_reference_model(model_dir, dirs[name] if name else None)
 
 
+def reference_table(model_dir: str, dirs: dict[str, str], prompts: list[str], max_new: int) -> dict:
+    """{(adapter or '', prompt index): Reference} for the base and every adapter, each run alone."""
+    tokenizer = tokenizer_for(model_dir)
+    table = {}
+    for name in ["", *dirs]:
+        model = reference_model(model_dir, name, dirs)
+        for i, prompt in enumerate(prompts):
+            table[name, i] = greedy_reference(model, tokenizer, tokenizer(prompt)["input_ids"], max_new)
+    return table
+
+
 @pytest.fixture(scope="module")
 def references(tiny_dir, kind_dirs):
-    tokenizer = tokenizer_for(tiny_dir)
-    table = {}
-    for name in ["", *kind_dirs]:
-        model = reference_model(tiny_dir, name, kind_dirs)
-        for i, prompt in enumerate(PROMPTS):
-            table[name, i] = greedy_reference(model, tokenizer, tokenizer(prompt)["input_ids"], MAX_NEW)
-    return table
+    return reference_table(tiny_dir, kind_dirs, PROMPTS, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -272,12 +277,7 @@ def test_refusals_name_the_problem_and_leave_nothing_behind(server, kind_dirs, t
 def _serve_and_compare(model_dir: str, dirs: dict[str, str], prompts: list[str], max_new: int, **config) -> None:
     """Every adapter (and the base) on every prompt, all submitted at once to one server: each row must equal
     its reference computed alone; each adapter must change the output somewhere."""
-    tokenizer = tokenizer_for(model_dir)
-    expected = {}
-    for name in ["", *dirs]:
-        model = reference_model(model_dir, name, dirs)
-        for i, prompt in enumerate(prompts):
-            expected[name, i] = greedy_reference(model, tokenizer, tokenizer(prompt)["input_ids"], max_new)
+    expected = reference_table(model_dir, dirs, prompts, max_new)
     for name in dirs:
         assert any(expected[name, i].token_ids != expected["", i].token_ids for i in range(len(prompts))), name
     server_config = ServerConfig(model=model_dir, max_batch_size=8, max_adapters=len(dirs) + 1, **config)
