@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -119,3 +120,19 @@ def summary(values: list[float]) -> dict[str, float]:
 def ms_summary(seconds: list[float]) -> dict[str, float]:
     """summary() of values in seconds, reported in milliseconds."""
     return {k: (v if k == "n" else v * 1e3) for k, v in summary(seconds).items()}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed batch: how long it took and the generated token ids of every request."""
+
+    seconds: float
+    outputs: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(row) for row in self.outputs)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds

@@ -40,7 +40,7 @@ from types import ModuleType
 import torch
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, import_test_helpers, log, machine_info, write_json
+from common import RESULTS, Run, import_test_helpers, log, machine_info, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
@@ -72,18 +72,6 @@ class Workload:
     rendered: list[str]
     adapter_ids: list[str]
     new_tokens: int
-
-
-@dataclass(frozen=True)
-class Run:
-    """One timed batch: how long it took and the generated token ids of every request."""
-
-    seconds: float
-    outputs: list[list[int]]
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(row) for row in self.outputs)
 
 
 @dataclass
