@@ -162,7 +162,7 @@ class ModelRunner:
         if getattr(weight, "quant_state", None) is not None:  # 4-bit
             return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
         if getattr(weight, "SCB", None) is not None:  # LLM.int8: per-row int8 with absmax scales
-            return weight.data.float() * weight.SCB.float()[:, None] / 127.0
+            return bnbf.int8_vectorwise_dequant(weight.data, weight.SCB).float()
         raise MergeError(f"cannot read the dense weight of {name} ({type(base).__name__})")
 
     def _base_bias(self, name: str) -> torch.Tensor | None:
