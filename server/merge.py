@@ -127,6 +127,10 @@ class AutoMergePolicy:
 
     def _merge(self, adapter_id: str, share: float) -> None:
         registry = self.controller.registry
+        current = next((r for r in registry.list() if r.adapter_id == adapter_id), None)
+        if current is None or not current.mergeable:  # not a pure low-rank delta: never pin it for nothing
+            self._refused.add(adapter_id)
+            return
         try:
             record = registry.set_merged(adapter_id, True)
         except (DeltaserveServerError, KeyError):  # unloaded meanwhile, or no slot can be pinned

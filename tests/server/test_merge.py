@@ -163,3 +163,20 @@ def test_auto_policy_merges_single_adapter_traffic_and_unmerges_mixed(tiny_dir, 
             assert _generate(server.target, *job).token_ids == references[job].token_ids, job
         assert client.model_info().merged_adapter_id == ""
         assert switches() == 2
+
+
+def test_auto_policy_leaves_unmergeable_kinds_alone(tiny_dir, tmp_path):
+    """All traffic on a prefix-tuning adapter: the policy must not merge (or pin) what is not a W + BA delta."""
+    from tests.kinds import make_peft_adapter
+
+    prefix = make_peft_adapter(tiny_dir, str(tmp_path / "prefix"), "prefix", seed=5)
+    config = ServerConfig(
+        model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=2, merge_policy="auto", merge_window_requests=2
+    )
+    with ServerThread(config) as server, Client(server.target, timeout=120) as client:
+        client.load_adapter("prefix", prefix)
+        first = client.generate(PROMPTS[0], adapter_id="prefix", max_new_tokens=4)
+        for _ in range(4):
+            assert client.generate(PROMPTS[0], adapter_id="prefix", max_new_tokens=4).token_ids == first.token_ids
+        assert client.model_info().merged_adapter_id == ""
+        assert not client.list_adapters()[0].pinned
