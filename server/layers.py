@@ -131,24 +131,22 @@ class AdapterLinear(nn.Module):
                 stack[slot].copy_(vector) if vector is not None else stack[slot].fill_(identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slots = self._context.slots
-        if slots is not None and slots.vectors and self.input_scale is not None:  # IA3 feed-forward: scale x
+        slots, lora = self._context.slots, self._context.lora
+        vectors = slots is not None and slots.vectors
+        x_in = x
+        if vectors and self.input_scale is not None:  # IA3 on a feed-forward layer: the base sees x * i
             x_in = (x.reshape(-1, self.in_features) * self.input_scale.index_select(0, slots.index)).view_as(x)
-            y = self.base(x_in)
-        else:
-            y = self.base(x)
-        if slots is not None and slots.vectors:
-            self._apply_vectors(y, slots)
-        lora = self._context.lora
-        if lora is None or self.lora_a is None:
-            return y
-        # y is the base layer's fresh output, so deltas are added in place (addmm_/index_add_).
-        x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
+        y = self.base(x_in)
+        adapters = lora is not None and self.lora_a is not None
+        # y is the base layer's fresh output, so everything below works in place (mul_/addmm_/index_add_).
         y2 = y.view(-1, self.out_features)
-        if lora.unmerge_slot >= 0:
-            self._subtract_merged(x2, y2, lora)
-        if lora.rank > 0:
-            self._add_lora(x2, y2, lora)
+        if adapters and lora.unmerge_slot >= 0:
+            # The merged base computed (W + dW_m) x_in: take dW_m back out before any scale applies to W x_in.
+            self._subtract_merged(x_in.reshape(-1, self.in_features).to(self.lora_a.dtype), y2, lora)
+        if vectors:
+            self._apply_vectors(y, slots)
+        if adapters and lora.rank > 0:
+            self._add_lora(x.reshape(-1, self.in_features).to(self.lora_a.dtype), y2, lora)
         return y
 
     def _apply_vectors(self, y: torch.Tensor, slots: SlotBatch) -> None:

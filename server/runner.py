@@ -147,15 +147,16 @@ class ModelRunner:
         )
 
     def _base_weight(self, name: str) -> torch.Tensor | None:
+        """The base's own weight (the saved original while an adapter is merged into it)."""
         base = self.adapter_layers[name].base
         quantized = type(base) is not nn.Linear  # bitsandbytes layers hold packed weights
-        return None if quantized else base.weight.detach()
+        return None if quantized else self._saved_weights.get(name, base.weight).detach()
 
     def _dense_weight(self, name: str) -> torch.Tensor:
-        """The weight a layer computes with: dequantized for bitsandbytes 4-bit / 8-bit layers."""
+        """The base weight a layer computes with: dequantized for bitsandbytes 4-bit / 8-bit layers."""
         base = self.adapter_layers[name].base
         if type(base) is nn.Linear:
-            return base.weight.detach().float()
+            return self._saved_weights.get(name, base.weight).detach().float()
         import bitsandbytes.functional as bnbf
 
         weight = base.weight

@@ -362,3 +362,25 @@ def test_an_overflowing_adapter_does_not_poison_later_rows(server, kind_dirs, re
             client.unload_adapter("overflow")
     assert result.token_ids == references["", 0].token_ids
     assert_logprobs_close(result.logprobs, references["", 0].logprobs)
+
+
+def test_every_kind_while_a_lora_is_merged(server, references, kind_dirs):
+    """With lora16 folded into the base weights, every other kind still sees the original base (the merged
+    delta is subtracted for its rows), and an adapter loaded meanwhile (DoRA, whose norms read the base
+    weights) is computed against the original weights, not the merged ones."""
+    with Client(server.target, timeout=120) as client:
+        client.merge_adapter("lora16")
+        try:
+            client.load_adapter("dora_late", kind_dirs["dora"])
+            jobs = [(name, i) for i in range(2) for name in ["", "lora16", *EXPECTED_KIND]]
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                results = list(pool.map(lambda job: _generate(server.target, job[1], adapter_id=job[0]), jobs))
+            late = _generate(server.target, 0, adapter_id="dora_late")
+        finally:
+            client.unmerge_adapter()
+            client.unload_adapter("dora_late")
+    for job, result in zip(jobs, results, strict=True):
+        assert result.token_ids == references[job].token_ids, job
+        assert_logprobs_close(result.logprobs, references[job].logprobs, rtol=1e-4, atol=1e-4)
+    assert late.token_ids == references["dora", 0].token_ids
+    assert_logprobs_close(late.logprobs, references["dora", 0].logprobs, rtol=1e-4, atol=1e-4)
