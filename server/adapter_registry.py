@@ -516,11 +516,3 @@ class AdapterRegistry:
     @property
     def slots(self) -> DeviceSlots:
         return self._slots
-
-    @property
-    def slot_ranks(self) -> list[int]:
-        return self._slots.ranks
-
-    @property
-    def num_slots(self) -> int:
-        return self._slots.num_slots

@@ -210,10 +210,10 @@ class BottleneckBank:
     Slot-major stacks, created when an adapter first places a bottleneck here:
       down [S, M, hidden], down_bias [S, M], up [S, M, hidden] (up transposed, scaling folded in),
       up_bias [S + 1, hidden] (last row zero, for tokens without an adapter)
-    A forward projects every token through all slots' down matrices at once, keeps each token's own block
-    with the slot one-hot, and projects back through the stacked up matrices: no loop over adapters.
-    Each slot reads x = a_s h + b_s r (h: the block's output, r: its input): Houlsby (1, 0), Pfeiffer (1, 1),
-    parallel (0, 1).
+    A forward gathers the blocks of the bottleneck slots it uses, projects every token through their down
+    matrices at once, keeps each token's own block with a one-hot, and projects back through the stacked up
+    matrices: no loop over adapters. Each slot reads x = a_s h + b_s r (h: the block's output, r: its
+    input): Houlsby (1, 0), Pfeiffer (1, 1), parallel (0, 1).
     """
 
     def __init__(self, hidden_size: int) -> None:

@@ -233,7 +233,7 @@ class ModelRunner:
         row_index = torch.tensor(rows, device=self.device)
         if any(offsets):
             self._write_prefixes(rows, soft)
-            attend = self._prefix_attention(row_index, offset, lengths, span)
+            attend = self._prefix_attention(row_index, positions, offsets, lengths)
         else:
 
             def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -253,15 +253,17 @@ class ModelRunner:
                 k_cache[row, :, :length] = prompt.prefix_keys[layer_idx]
                 v_cache[row, :, :length] = prompt.prefix_values[layer_idx]
 
-    def _prefix_attention(self, row_index: torch.Tensor, offset: torch.Tensor, lengths: list[int], span: int):
+    def _prefix_attention(
+        self, row_index: torch.Tensor, positions: torch.Tensor, offsets: list[int], lengths: list[int]
+    ):
         """Attention for a prefill where some rows start after prefix entries: each row's tokens go to cache
-        positions offset + t (only real tokens are written), and attend over the row's cache up to themselves."""
+        positions offset + t (`positions`, only real tokens are written), and attend over the row's cache up
+        to themselves."""
         batch_idx = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=self.device)
         token_idx = torch.tensor([t for n in lengths for t in range(n)], device=self.device)
-        cache_rows, cache_pos = row_index[batch_idx], offset[batch_idx] + token_idx
-        width = int(max(o + n for o, n in zip(offset.tolist(), lengths, strict=True)))
-        query_pos = offset[:, None] + torch.arange(span, device=self.device)[None]  # [n, T]
-        mask = (torch.arange(width, device=self.device)[None, None, :] <= query_pos[:, :, None])[:, None]  # [n,1,T,W]
+        cache_rows, cache_pos = row_index[batch_idx], positions[batch_idx, token_idx]
+        width = max(o + n for o, n in zip(offsets, lengths, strict=True))  # from the host lists: no device sync
+        mask = (torch.arange(width, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]  # [n,1,T,W]
 
         def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
