@@ -30,7 +30,7 @@ from deltaserve.adapters.base import (
     UnsupportedAdapterError,
 )
 from deltaserve.adapters.peft_files import PeftFiles, check_finite, check_vector, group_module_tensors, linear_shape
-from deltaserve.adapters.weights import ModuleDelta, ParsedAdapter
+from deltaserve.adapters.weights import ModuleDelta, ParsedAdapter, sum_present
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _module_delta(module: str, parts: dict[str, torch.Tensor], config: LoraConfi
     lora_b_scaled = lora_b.to(torch.float32) * scaling
     if "lora_B.bias" in parts:
         lora_bias = check_vector(f"{module}.lora_B.bias", parts["lora_B.bias"], shape.out_features)
-        bias_delta = scaling * lora_bias if bias_delta is None else bias_delta + scaling * lora_bias
+        bias_delta = sum_present([bias_delta, scaling * lora_bias])
     if "lora_magnitude_vector" in parts:
         return _dora_delta(module, parts["lora_magnitude_vector"], lora_a, lora_b_scaled, bias_delta, spec)
     return ModuleDelta(lora_a=lora_a, lora_b_scaled=lora_b_scaled.contiguous(), bias_delta=bias_delta)
@@ -167,17 +167,15 @@ def _dora_delta(
     check_finite(f"{module}.lora_magnitude_vector / weight norm", gain)
     base_bias = spec.bias_of(module)
     correction = None if base_bias is None else (1 - gain) * base_bias.to(torch.float32)
-    if bias_delta is not None:
-        correction = bias_delta if correction is None else correction + bias_delta
     return ModuleDelta(
         lora_a=lora_a,
         lora_b_scaled=(gain[:, None] * lora_b_scaled).contiguous(),
         output_scale=gain.contiguous(),
-        bias_delta=correction,
+        bias_delta=sum_present([correction, bias_delta]),
     )
 
 
-def check_base_copies(module: str, parts: dict[str, torch.Tensor], spec: BaseModelSpec) -> None:
+def _check_base_copies(module: str, parts: dict[str, torch.Tensor], spec: BaseModelSpec) -> None:
     """Saved copies of base weights are accepted only if they equal the resident base: the base is shared
     by every request, so an adapter can never change it (a resized vocabulary fails here too)."""
     tensor = parts.get("base_layer.weight")
@@ -200,7 +198,7 @@ def parse_lora(files: PeftFiles, spec: BaseModelSpec) -> ParsedAdapter:
     config = LoraConfig.from_dict(files.config)
     grouped = group_module_tensors(files.tensors, _PARTS, _UNSUPPORTED_PARTS, "LoRA")
     for module, parts in grouped.items():
-        check_base_copies(module, parts, spec)
+        _check_base_copies(module, parts, spec)
     modules = {
         name: _module_delta(name, parts, config, spec)
         for name, parts in sorted(grouped.items())

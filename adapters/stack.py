@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from deltaserve.adapters.base import AdapterKind, UnsupportedAdapterError
-from deltaserve.adapters.weights import ModuleDelta, ParsedAdapter, Prefix
+from deltaserve.adapters.weights import ModuleDelta, ParsedAdapter, Prefix, sum_present
 
 
 def _product(vectors: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -28,11 +28,6 @@ def _product(vectors: list[torch.Tensor | None]) -> torch.Tensor | None:
     return result
 
 
-def _sum(vectors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    present = [v for v in vectors if v is not None]
-    return None if not present else torch.stack(present).sum(0)
-
-
 def _compose_module(deltas: list[ModuleDelta]) -> ModuleDelta:
     low_rank = [d for d in deltas if d.lora_a is not None]
     return ModuleDelta(
@@ -40,7 +35,7 @@ def _compose_module(deltas: list[ModuleDelta]) -> ModuleDelta:
         lora_b_scaled=torch.cat([d.lora_b_scaled for d in low_rank], dim=1).contiguous() if low_rank else None,
         input_scale=_product([d.input_scale for d in deltas]),
         output_scale=_product([d.output_scale for d in deltas]),
-        bias_delta=_sum([d.bias_delta for d in deltas]),
+        bias_delta=sum_present(d.bias_delta for d in deltas),
     )
 
 

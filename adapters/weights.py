@@ -14,7 +14,7 @@ or feed-forward block. Every kind is exactly one of these shapes, or a sum of th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,12 @@ from deltaserve.adapters.base import AdapterKind, tensor_bytes
 ATTENTION_SITE = "attention"  # after the attention block's output projection, before the residual add
 OUTPUT_SITE = "output"  # after the feed-forward block, before the residual add
 BOTTLENECK_SITES = (ATTENTION_SITE, OUTPUT_SITE)
+
+
+def sum_present(vectors: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """The sum of the given vectors that are not None (None when all are): bias deltas compose this way."""
+    present = [v for v in vectors if v is not None]
+    return None if not present else torch.stack(present).sum(0)
 
 
 @dataclass(frozen=True)
