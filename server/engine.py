@@ -23,7 +23,7 @@ from deltaserve.server.detokenizer import IncrementalDetokenizer
 from deltaserve.server.errors import EngineStoppedError
 from deltaserve.server.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.runner import NO_SOFT_PROMPT, AdapterBatch, ModelRunner
+from deltaserve.server.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
 from deltaserve.server.sampling import RowState, SamplingParams, make_generator, sample
 from transformers import PreTrainedTokenizerBase
 
@@ -132,6 +132,8 @@ class Engine:
         self._commands: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
         self.merged: AdapterRecord | None = None  # the adapter folded into the base weights, if any
         self.admission_observer: Callable[[str], None] | None = None  # sees each admitted request's adapter
+        self._decode_key: tuple | None = None  # what the cached decode-step adapter batch was built for
+        self._decode_adapters = NO_ADAPTERS
         self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------
@@ -311,7 +313,7 @@ class Engine:
         device = self.runner.device
         input_ids = torch.tensor([r.last_token for r in running], device=device)
         positions = torch.tensor([r.cache_len for r in running], device=device)
-        batch = self._adapter_batch([r.slot for r in running], None)
+        batch = self._decode_batch([r.slot for r in running])
         logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), batch)
         self.metrics.batch_size.observe(len(running))
         tokens, logprobs = sample(logits, [r.sampler for r in running], self._eos)
@@ -327,7 +329,7 @@ class Engine:
         device, dtype, merged = self.runner.device, self.runner.dtype, self.merged_slot
 
         def describe(token_slots: list[int]) -> tuple[LoraBatch | None, SlotBatch | None]:
-            lora = build_lora_batch(token_slots, slots.ranks, device, dtype, slots.num_slots, merged)
+            lora = build_lora_batch(token_slots, slots.ranks, device, slots.num_slots, merged)
             slot_batch = build_slot_batch(
                 token_slots, slots.num_slots, slots.vector_slots, slots.bottleneck_slots, device, dtype
             )
@@ -337,6 +339,21 @@ class Engine:
         if head_slots is None:
             return AdapterBatch(lora, slot_batch, lora, slot_batch)
         return AdapterBatch(lora, slot_batch, *describe(head_slots))
+
+    def _decode_batch(self, row_slots: list[int]) -> AdapterBatch:
+        """The decode step's adapter description, rebuilt only when the rows' slots or the slots' contents
+        changed since the previous step (most steps reuse it: no host work, no host-to-device copies)."""
+        slots = self.registry.slots
+        key = (
+            tuple(row_slots),
+            self.merged_slot,
+            tuple(slots.ranks),
+            frozenset(slots.vector_slots),
+            frozenset(slots.bottleneck_slots),
+        )
+        if key != self._decode_key:
+            self._decode_key, self._decode_adapters = key, self._adapter_batch(row_slots, None)
+        return self._decode_adapters
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------
     def _accept(self, request: Request, token: int, logprob: float | None) -> None:

@@ -13,32 +13,31 @@ from dataclasses import dataclass
 
 import torch
 from deltaserve.adapters import Bottleneck, ModuleDelta
+from deltaserve.server import triton_lora
+from deltaserve.server.lora_ops import PER_TOKEN_MAX_TOKENS, LoraGroups, grouped_lora_, plan_groups
 from torch import nn
 from transformers.activations import ACT2FN
 
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """Which tokens of one forward carry which LoRA device slot.
+    """Which tokens of one forward carry which LoRA device slot (see `deltaserve.server.lora_ops`).
 
-    Shapes (N = tokens in the forward, M = tokens with an adapter, C = slot columns used: all S slots, or
-    the U distinct active ones, r = max rank of the active slots):
-      token_index  [M]      rows of the flattened [N, in] input that carry an adapter (None: all N rows)
-      column_slots [C]      the slots gathered from the stacks, or None for all S slots in order
-      slot_mask    [M, r*C] 1 at columns k*C + c where column c is row m's slot, else 0 (rank-major)
-    `single_slot` is set when every token of the forward uses one slot (a prefill): a dense path.
-    `rank` 0 means no token has an adapter of its own (only the merged adapter's correction below).
+    `rank` is the largest rank among the forward's slots; 0 means no token has an adapter of its own (only the
+    merged adapter's correction below). Exactly one way of applying the deltas is set when rank > 0:
+      single_slot   every token uses this slot (a prefill of one adapter): two dense GEMMs
+      groups        tokens grouped by slot for two batched GEMMs (SGMV-style)
+      token_slots   [N] each token's slot or -1, for the per-token Triton kernels on CUDA (BGMV-style)
 
     While an adapter is merged into the base weights (`unmerge_slot` >= 0, its device slot), tokens of the
     base or of other adapters subtract its delta again: y -= (x A_m^T) B_m on `unmerge_index` [K] (None:
     every token). Tokens of the merged adapter itself need nothing.
     """
 
-    token_index: torch.Tensor | None
-    column_slots: torch.Tensor | None
-    slot_mask: torch.Tensor | None
     rank: int
     single_slot: int | None = None
+    groups: LoraGroups | None = None
+    token_slots: torch.Tensor | None = None
     unmerge_slot: int = -1
     unmerge_rank: int = 0
     unmerge_index: torch.Tensor | None = None
@@ -73,10 +72,10 @@ class ForwardContext:
 class AdapterLinear(nn.Module):
     """A base linear layer plus a bank of LoRA device slots.
 
-    Slots are preallocated, zero-padded stacks, rank-major so that the first r ranks of every slot are one
-    contiguous block (no copy when a batch uses all slots):
-      lora_a [R, S, in_features]
-      lora_b [R, S, out_features]   (B transposed, scaling folded in)
+    Slots are preallocated, zero-padded stacks, slot-major so that the first r ranks of a slot are one
+    contiguous block (see `deltaserve.server.lora_ops` for how a forward reads them):
+      lora_a [S, R, in_features]
+      lora_b [S, R, out_features]   (B transposed, scaling folded in)
     An empty slot or a padded rank contributes exactly zero, and loading an adapter is a copy into its
     slot, never an allocation in the step loop. Per-slot vectors live in [S + 1, features] stacks (created
     when an adapter first uses them) whose last row is the identity for tokens without an adapter:
@@ -101,8 +100,8 @@ class AdapterLinear(nn.Module):
         """Create the stacks `delta` needs the first time an adapter uses them here (at load time)."""
         if delta.lora_a is not None and self.lora_a is None:
             # lora_b first: forward() checks lora_a, so it never sees half-allocated stacks.
-            self.lora_b = torch.zeros(max_rank, num_slots, self.out_features, dtype=dtype, device=device)
-            self.lora_a = torch.zeros(max_rank, num_slots, self.in_features, dtype=dtype, device=device)
+            self.lora_b = torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
+            self.lora_a = torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
         rows = num_slots + 1
         if delta.input_scale is not None and self.input_scale is None:
             self.input_scale = torch.ones(rows, self.in_features, dtype=dtype, device=device)
@@ -116,12 +115,12 @@ class AdapterLinear(nn.Module):
         when `delta` is None, become the identity."""
         delta = delta or ModuleDelta()
         if self.lora_a is not None and self.lora_b is not None:
-            self.lora_a[:, slot].zero_()
-            self.lora_b[:, slot].zero_()
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
             if delta.lora_a is not None:
                 rank = delta.rank
-                self.lora_a[:rank, slot].copy_(delta.lora_a)
-                self.lora_b[:rank, slot].copy_(delta.lora_b_scaled.t())
+                self.lora_a[slot, :rank].copy_(delta.lora_a)
+                self.lora_b[slot, :rank].copy_(delta.lora_b_scaled.t())
         for stack, vector, identity in (
             (self.input_scale, delta.input_scale, 1.0),
             (self.output_scale, delta.output_scale, 1.0),
@@ -158,8 +157,8 @@ class AdapterLinear(nn.Module):
             y2.add_(self.bias_delta.index_select(0, slots.index))
 
     def _subtract_merged(self, x2: torch.Tensor, y2: torch.Tensor, lora: LoraBatch) -> None:
-        a = self.lora_a[: lora.unmerge_rank, lora.unmerge_slot]  # [r, in]
-        b = self.lora_b[: lora.unmerge_rank, lora.unmerge_slot].to(y2.dtype)  # [r, out]
+        a = self.lora_a[lora.unmerge_slot, : lora.unmerge_rank]  # [r, in]
+        b = self.lora_b[lora.unmerge_slot, : lora.unmerge_rank].to(y2.dtype)  # [r, out]
         if lora.unmerge_index is None:
             y2.addmm_(x2 @ a.t(), b, alpha=-1)
         else:
@@ -169,25 +168,13 @@ class AdapterLinear(nn.Module):
     def _add_lora(self, x2: torch.Tensor, y2: torch.Tensor, lora: LoraBatch) -> None:
         if lora.single_slot is not None:
             # y += (x A^T) B^T for one adapter: two dense GEMMs at the adapter's own rank.
-            a = self.lora_a[: lora.rank, lora.single_slot]  # [r, in]
-            b = self.lora_b[: lora.rank, lora.single_slot]  # [r, out]
+            a = self.lora_a[lora.single_slot, : lora.rank]  # [r, in]
+            b = self.lora_b[lora.single_slot, : lora.rank]  # [r, out]
             y2.addmm_(x2 @ a.t(), b.to(y2.dtype))
-            return
-        # Mixed slots: project every adapter row through all used slots' A at once, keep each row's own
-        # block with the mask, and project back through the stacked B — two GEMMs, no loop over adapters.
-        a, b = self._slot_columns(lora)  # [r*C, in], [r*C, out]
-        if lora.token_index is None:  # every token carries an adapter (a decode step of adapter rows)
-            y2.addmm_((x2 @ a.t()) * lora.slot_mask, b.to(y2.dtype))
-            return
-        rows = x2.index_select(0, lora.token_index)  # [M, in]
-        delta = ((rows @ a.t()) * lora.slot_mask) @ b  # [M, out]
-        y2.index_add_(0, lora.token_index, delta.to(y2.dtype))
-
-    def _slot_columns(self, lora: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.lora_a[: lora.rank], self.lora_b[: lora.rank]  # contiguous views [r, S, *]
-        if lora.column_slots is not None:  # few of many slots are used: gather them (a small copy)
-            a, b = a.index_select(1, lora.column_slots), b.index_select(1, lora.column_slots)
-        return a.reshape(-1, self.in_features), b.reshape(-1, self.out_features)
+        elif lora.token_slots is not None:
+            triton_lora.lora_(y2, x2, self.lora_a, self.lora_b, lora.rank, lora.token_slots)
+        else:
+            grouped_lora_(y2, x2, self.lora_a, self.lora_b, lora.rank, lora.groups)
 
 
 def _leaky_relu(x: torch.Tensor) -> torch.Tensor:
@@ -336,44 +323,40 @@ def build_lora_batch(
     token_slots: list[int],
     slot_ranks: list[int],
     device: torch.device,
-    dtype: torch.dtype,
     num_slots: int,
     merged_slot: int = -1,
+    per_token: bool | None = None,
 ) -> LoraBatch | None:
     """Describe a forward's adapter tokens (slot -1 = no adapter, PAD_SLOT = padding); None when no
     token needs adapter work. `merged_slot` is the slot of the adapter merged into the base, if any.
-
-    When at least half of the slots are in use, the layers read all S slots in place (extra compute on the
-    unused ones, no copy); otherwise they gather only the used slots.
-    """
+    `per_token` picks the Triton per-token kernels (default: on CUDA with Triton, for small forwards)."""
     # Tokens whose slot has a low-rank part (prefix-only or IA3-only adapters have rank 0: no LoRA work).
-    index = [i for i, slot in enumerate(token_slots) if slot >= 0 and slot != merged_slot and slot_ranks[slot] > 0]
+    slot_rows: dict[int, list[int]] = {}
+    for row, slot in enumerate(token_slots):
+        if slot >= 0 and slot != merged_slot and slot_ranks[slot] > 0:
+            slot_rows.setdefault(slot, []).append(row)
+    correction = _merge_correction(token_slots, slot_ranks, device, merged_slot)
+    if not slot_rows:
+        return LoraBatch(rank=0, **correction) if correction else None
+    rank = max(slot_ranks[slot] for slot in slot_rows)
+    if len(slot_rows) == 1 and len(next(iter(slot_rows.values()))) == len(token_slots):
+        return LoraBatch(rank=rank, single_slot=next(iter(slot_rows)), **correction)
+    if per_token is None:
+        per_token = device.type == "cuda" and len(token_slots) <= PER_TOKEN_MAX_TOKENS and triton_lora.available()
+    if per_token:
+        served = [slot if slot in slot_rows else -1 for slot in token_slots]
+        return LoraBatch(rank=rank, token_slots=torch.tensor(served, device=device, dtype=torch.int32), **correction)
+    return LoraBatch(rank=rank, groups=plan_groups(slot_rows, num_slots, device), **correction)
+
+
+def _merge_correction(token_slots: list[int], slot_ranks: list[int], device: torch.device, merged_slot: int) -> dict:
+    """The LoraBatch fields that take a merged adapter's delta back out of every other real token."""
     unmerge = [i for i, slot in enumerate(token_slots) if slot != merged_slot and slot != PAD_SLOT]
     if merged_slot < 0 or not unmerge:
-        correction = {}
-    else:
-        every = len(unmerge) == len(token_slots)
-        correction = dict(
-            unmerge_slot=merged_slot,
-            unmerge_rank=slot_ranks[merged_slot],
-            unmerge_index=None if every else torch.tensor(unmerge, device=device),
-        )
-    if not index:
-        return LoraBatch(None, None, None, rank=0, **correction) if correction else None
-    slots = [token_slots[i] for i in index]
-    active = sorted(set(slots))
-    rank = max(slot_ranks[s] for s in active)
-    if len(active) == 1 and len(index) == len(token_slots):
-        return LoraBatch(None, None, None, rank=rank, single_slot=active[0], **correction)
-    gather = 2 * len(active) < num_slots
-    columns = active if gather else list(range(num_slots))
-    position = {slot: c for c, slot in enumerate(columns)}
-    owner = torch.tensor([position[s] for s in slots])  # [M]
-    one_hot = torch.arange(len(columns))[None, :] == owner[:, None]  # [M, C]
-    return LoraBatch(
-        token_index=None if len(index) == len(token_slots) else torch.tensor(index, device=device),
-        column_slots=torch.tensor(active, device=device) if gather else None,
-        slot_mask=one_hot.repeat(1, rank).to(device=device, dtype=dtype),  # column k*C + c
-        rank=rank,
-        **correction,
+        return {}
+    every = len(unmerge) == len(token_slots)
+    return dict(
+        unmerge_slot=merged_slot,
+        unmerge_rank=slot_ranks[merged_slot],
+        unmerge_index=None if every else torch.tensor(unmerge, device=device),
     )

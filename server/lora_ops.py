@@ -1,0 +1,97 @@
+"""Mixed-adapter LoRA: y += (x A_s^T) B_s^T for each token's device slot s, with no Python loop over adapters.
+
+The slot stacks are slot-major and zero-padded (see `AdapterLinear`):
+  lora_a [S, R, in]    lora_b [S, R, out] (B transposed, scaling folded in)
+so an empty slot or a padded rank adds exactly zero, and the first r ranks of a slot are one contiguous block.
+
+A forward with tokens of several slots runs one of two strategies, chosen by `plan_lora` from the batch shape:
+- grouped (SGMV-style, every device): the adapter tokens are grouped by slot into G chunks of k rows; two
+  batched GEMMs over the chunks, `[G, k, in] x [G, in, r] -> [G, k, r] x [G, r, out]`, then one scatter-add.
+  Each chunk reads its slot's weights once and the arithmetic is each token's own rank (plus padding).
+  A skewed batch (one slot owns most tokens) is cut into chunks of about M / C rows so the padding stays
+  small; a batch that uses at least half of the slots reads the stacks in place (no copy of the weights).
+- per-token (BGMV-style, CUDA with Triton): `deltaserve.server.triton_lora` kernels read each token's own
+  slot rows directly; no grouping, no copies. Used for small forwards (decode steps), like Punica's BGMV.
+
+`reference_lora` is the plain per-token definition that the tests compare both against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PER_TOKEN_MAX_TOKENS = 256  # forwards up to this many tokens use the per-token kernel where it is available
+
+
+@dataclass(frozen=True)
+class LoraGroups:
+    """Adapter tokens grouped by slot for the batched GEMMs: G chunks of `size` rows each.
+
+    rows     [G * size]     the token (row of the flattened input) of each chunk entry; padding repeats a row
+    slots    [G] | None     each chunk's slot; None when chunk g is slot g for all S slots (stacks read in place)
+    padding  [G, size, 1] | None   True at padding entries (their products are zeroed); None when there are none
+    """
+
+    rows: torch.Tensor
+    slots: torch.Tensor | None
+    padding: torch.Tensor | None
+    size: int
+
+
+def plan_groups(
+    slot_rows: dict[int, list[int]], num_slots: int, device: torch.device, chunk_size: int | None = None
+) -> LoraGroups:
+    """Chunks for `slot_rows` (slot -> its token rows, every list non-empty). Chunk size: the largest group,
+    unless that pads the batch to more than twice its tokens (a skewed batch), then about M / C rows (or
+    `chunk_size` when given, for tests)."""
+    total = sum(len(rows) for rows in slot_rows.values())
+    largest = max(len(rows) for rows in slot_rows.values())
+    size = chunk_size or largest
+    if chunk_size is None and len(slot_rows) * largest > 2 * total:
+        size = math.ceil(total / len(slot_rows))
+    chunks = [(slot, rows[i : i + size]) for slot, rows in sorted(slot_rows.items()) for i in range(0, len(rows), size)]
+    in_place = len(chunks) == len(slot_rows) and 2 * len(slot_rows) >= num_slots
+    if in_place:  # every slot is a chunk, in order; a slot unused by this forward is all padding
+        by_slot = dict(chunks)
+        chunks = [(slot, by_slot.get(slot, [])) for slot in range(num_slots)]
+    first_row = next(iter(slot_rows.values()))[0]
+    rows, padding = [], []
+    for _, members in chunks:
+        filler = members[0] if members else first_row
+        rows += members + [filler] * (size - len(members))
+        padding += [False] * len(members) + [True] * (size - len(members))
+    return LoraGroups(
+        rows=torch.tensor(rows, device=device),
+        slots=None if in_place else torch.tensor([slot for slot, _ in chunks], device=device),
+        padding=torch.tensor(padding, device=device).view(len(chunks), size, 1) if any(padding) else None,
+        size=size,
+    )
+
+
+def grouped_lora_(
+    y2: torch.Tensor, x2: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, groups: LoraGroups
+) -> None:
+    """y2 [N, out] += each grouped token's LoRA delta, in place. x2 [N, in] in the stacks' dtype."""
+    a, b = lora_a[:, :rank], lora_b[:, :rank]  # [S, r, in], [S, r, out]
+    if groups.slots is not None:
+        a, b = a.index_select(0, groups.slots), b.index_select(0, groups.slots)
+    xg = x2.index_select(0, groups.rows).view(-1, groups.size, x2.shape[1])  # [G, k, in]
+    z = torch.bmm(xg, a.transpose(1, 2))  # [G, k, r]
+    if groups.padding is not None:
+        z.masked_fill_(groups.padding, 0.0)  # not a multiply: an overflowed padding product must not leak NaN
+    delta = torch.bmm(z, b).view(-1, b.shape[-1])  # [G * k, out]
+    y2.index_add_(0, groups.rows, delta.to(y2.dtype))
+
+
+def reference_lora(
+    x2: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, token_slots: list[int]
+) -> torch.Tensor:
+    """The definition, one token at a time: delta[t] = (x[t] A_s^T) B_s^T for s = token_slots[t] (< 0: none)."""
+    delta = torch.zeros(x2.shape[0], lora_b.shape[-1], dtype=lora_b.dtype, device=x2.device)
+    for t, slot in enumerate(token_slots):
+        if slot >= 0:
+            delta[t] = (x2[t] @ lora_a[slot].t()) @ lora_b[slot]
+    return delta
