@@ -141,12 +141,17 @@ class AdapterLinear(nn.Module):
         y2 = y.view(-1, self.out_features)
         if adapters and lora.unmerge_slot >= 0:
             # The merged base computed (W + dW_m) x_in: take dW_m back out before any scale applies to W x_in.
-            self._subtract_merged(x_in.reshape(-1, self.in_features).to(self.lora_a.dtype), y2, lora)
+            self._subtract_merged(self._rows(x_in), y2, lora)
         if vectors:
             self._apply_vectors(y, slots)
         if adapters and lora.rank > 0:
-            self._add_lora(x.reshape(-1, self.in_features).to(self.lora_a.dtype), y2, lora)
+            self._add_lora(self._rows(x), y2, lora)
         return y
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [tokens, in] in the stacks' dtype (a view when it already is)."""
+        x2 = x.reshape(-1, self.in_features)
+        return x2 if x2.dtype == self.lora_a.dtype else x2.to(self.lora_a.dtype)
 
     def _apply_vectors(self, y: torch.Tensor, slots: SlotBatch) -> None:
         """y = o * y + beta per token, in place (y is the base layer's fresh output)."""
@@ -168,9 +173,9 @@ class AdapterLinear(nn.Module):
     def _add_lora(self, x2: torch.Tensor, y2: torch.Tensor, lora: LoraBatch) -> None:
         if lora.single_slot is not None:
             # y += (x A^T) B^T for one adapter: two dense GEMMs at the adapter's own rank.
-            a = self.lora_a[lora.single_slot, : lora.rank]  # [r, in]
-            b = self.lora_b[lora.single_slot, : lora.rank]  # [r, out]
-            y2.addmm_(x2 @ a.t(), b.to(y2.dtype))
+            a = self.lora_a[lora.single_slot].narrow(0, 0, lora.rank)  # [r, in]
+            b = self.lora_b[lora.single_slot].narrow(0, 0, lora.rank)  # [r, out]
+            y2.addmm_(x2 @ a.t(), b if b.dtype == y2.dtype else b.to(y2.dtype))
         elif lora.token_slots is not None:
             triton_lora.lora_(y2, x2, self.lora_a, self.lora_b, lora.rank, lora.token_slots)
         else:

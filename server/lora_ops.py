@@ -75,7 +75,8 @@ def grouped_lora_(
     y2: torch.Tensor, x2: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, groups: LoraGroups
 ) -> None:
     """y2 [N, out] += each grouped token's LoRA delta, in place. x2 [N, in] in the stacks' dtype."""
-    a, b = lora_a[:, :rank], lora_b[:, :rank]  # [S, r, in], [S, r, out]
+    # narrow, not a[:, :rank]: this runs for every layer of every step, and tensor indexing costs ~10 us.
+    a, b = lora_a.narrow(1, 0, rank), lora_b.narrow(1, 0, rank)  # [S, r, in], [S, r, out]
     if groups.slots is not None:
         a, b = a.index_select(0, groups.slots), b.index_select(0, groups.slots)
     xg = x2.index_select(0, groups.rows).view(-1, groups.size, x2.shape[1])  # [G, k, in]
@@ -83,7 +84,7 @@ def grouped_lora_(
     if groups.padding is not None:
         z.masked_fill_(groups.padding, 0.0)  # not a multiply: an overflowed padding product must not leak NaN
     delta = torch.bmm(z, b).view(-1, b.shape[-1])  # [G * k, out]
-    y2.index_add_(0, groups.rows, delta.to(y2.dtype))
+    y2.index_add_(0, groups.rows, delta if delta.dtype == y2.dtype else delta.to(y2.dtype))
 
 
 def reference_lora(
