@@ -202,12 +202,17 @@ def _check(condition: bool, message: str) -> None:
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
+def clean_request_id(given: str | None) -> str:
+    """`given` (a caller's x-request-id, gRPC metadata or HTTP header) when it is a sane token, else a fresh id."""
+    if isinstance(given, str) and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
     """The caller's `x-request-id` metadata when it is a sane token, else a fresh id (logged and returned)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
-            return value
-    return uuid.uuid4().hex
+    given = [value for key, value in context.invocation_metadata() or () if key == "x-request-id"]
+    return clean_request_id(given[0] if given else None)
 
 
 def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
@@ -231,10 +236,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.builder = builder
         self.model_info = model_info
 
-    async def _run(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[RequestOutput, Request]]:
-        """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it."""
+    async def run(self, request: pb.GenerateRequest, request_id: str) -> AsyncIterator[tuple[RequestOutput, Request]]:
+        """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it. Every front
+        door (gRPC here, the OpenAI HTTP one in openai_http.py) generates through this."""
         adapter = await self._acquire_adapter(request)
         try:
             prompt_ids, params = self.builder.build(request, adapter.extra_positions if adapter is not None else 0)
@@ -248,7 +252,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         def sink(output: RequestOutput) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, output)
 
-        engine_request = Request(request_id(context), prompt_ids, params, adapter, sink)
+        engine_request = Request(request_id, prompt_ids, params, adapter, sink)
         try:
             self.engine.submit(engine_request)
         except BaseException:
@@ -309,7 +313,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         text, token_ids, logprobs = [], [], []
         last = owner = None
-        async for output, engine_request in self._run(request, context):
+        async for output, engine_request in self.run(request, request_id(context)):
             owner = engine_request
             text.append(output.text)
             token_ids.extend(output.token_ids)
@@ -322,7 +326,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_stream_errors
     async def GenerateStream(self, request, context):
-        async for output, engine_request in self._run(request, context):
+        async for output, engine_request in self.run(request, request_id(context)):
             if output.token_ids or output.finished:
                 yield _response(output, engine_request)
 
@@ -399,15 +403,18 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     @_unary_errors
     async def LoadAdapter(self, request, context):
+        return adapter_info(await self.load(request.adapter_id, request.path, replace=request.replace, pin=request.pin))
+
+    async def load(self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False) -> AdapterRecord:
+        """Validate and register an adapter, with its metrics and log line (gRPC LoadAdapter and the HTTP
+        load endpoint both come here)."""
         # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
         started = time.monotonic()
         try:
-            record = await asyncio.to_thread(
-                self.registry.load, request.adapter_id, request.path, replace=request.replace, pin=request.pin
-            )
+            record = await asyncio.to_thread(self.registry.load, adapter_id, path, replace=replace, pin=pin)
         except Exception as err:
             self.metrics.observe_load(
-                _declared_kind(request.path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
+                _declared_kind(path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
             )
             raise
         self.metrics.observe_load(record.kind, "ok", time.monotonic() - started)
@@ -419,13 +426,18 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             record.state.value,
             record.path,
         )
-        return adapter_info(record)
+        return record
 
     @_unary_errors
     async def UnloadAdapter(self, request, context):
-        draining = await asyncio.to_thread(self.registry.unload, request.adapter_id)
-        log.info("unloaded adapter %r (%d requests still finishing)", request.adapter_id, draining)
+        draining = await self.unload(request.adapter_id)
         return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, draining_requests=draining)
+
+    async def unload(self, adapter_id: str) -> int:
+        """Unload an adapter; returns how many in-flight requests still finish with it."""
+        draining = await asyncio.to_thread(self.registry.unload, adapter_id)
+        log.info("unloaded adapter %r (%d requests still finishing)", adapter_id, draining)
+        return draining
 
     @_unary_errors
     async def MergeAdapter(self, request, context):
