@@ -255,9 +255,12 @@ class Server:
             admin_token=self.config.admin_token,
             max_request_bytes=self.config.max_request_bytes,
             shutdown_grace_seconds=self.config.shutdown_grace_seconds,
+            tls_cert=self.config.tls_cert,
+            tls_key=self.config.tls_key,
         )
         self.http_port = await self.http.start(self.config.host, self.config.http_port)
-        log.info("OpenAI-compatible HTTP on http://%s:%d/v1", self.config.host, self.http_port)
+        scheme = "https" if self.config.tls_cert else "http"
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", scheme, self.config.host, self.http_port)
 
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace), exit."""

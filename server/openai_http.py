@@ -414,8 +414,11 @@ class OpenAIFrontDoor:
         admin_token: str | None = None,
         max_request_bytes: int = 4 * 1024 * 1024,
         shutdown_grace_seconds: float = 30.0,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.generation = generation
+        self.tls = (tls_cert, tls_key) if tls_cert else None  # HTTPS with the gRPC server's certificate
         self.adapters = adapters
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
@@ -798,6 +801,8 @@ class OpenAIFrontDoor:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=int(self.shutdown_grace_seconds) + 1,
+            ssl_certfile=self.tls[0] if self.tls else None,
+            ssl_keyfile=self.tls[1] if self.tls else None,
         )
         self._uvicorn = _Uvicorn(config)
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -531,6 +534,28 @@ def test_cli_flag_reaches_the_config():
     args = build_parser(add_serve_subcommand).parse_args(["serve", "--http-port", "8000"])
     assert args.http_port == 8000
     assert ServerConfig().http_port is None, "the HTTP front door is off unless asked for"
+
+
+def test_https_with_the_grpc_certificate(tiny_dir, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subject = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), *subject],
+        check=True,
+        capture_output=True,
+    )
+    config = ServerConfig(model=tiny_dir, max_seq_len=64, http_port=0, tls_cert=str(cert), tls_key=str(key))
+    with ServerThread(config) as running:
+        port = running.server.http_port
+        trusted = openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(cert)))
+        with openai.OpenAI(base_url=f"https://localhost:{port}/v1", api_key="unused", http_client=trusted) as client:
+            reply = client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens == 3
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as plain:
+            with pytest.raises(openai.APIConnectionError):
+                plain.completions.create(model="base", prompt=PROMPTS[0], max_tokens=3)
 
 
 @pytest.mark.slow
