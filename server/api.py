@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import time
 import uuid
@@ -171,11 +172,17 @@ class RequestBuilder:
             max_new = min(self.default_max_new_tokens, room)
         _check(request.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {request.min_new_tokens}")
         _check(request.temperature >= 0, f"temperature must be >= 0, got {request.temperature}")
+        # float32 on the wire: 1e-4 arrives a hair below 1e-4, hence the tolerance.
+        temperature_ok = request.temperature == 0 or MIN_TEMPERATURE * (1 - 1e-6) <= request.temperature < math.inf
+        _check(
+            temperature_ok,
+            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {request.temperature}",
+        )
         _check(request.top_k >= 0, f"top_k must be >= 0, got {request.top_k}")
         top_p = request.top_p if request.HasField("top_p") else 1.0
         _check(0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")
         penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
-        _check(penalty > 0, f"repetition_penalty must be > 0, got {penalty}")
+        _check(0 < penalty < math.inf, f"repetition_penalty must be a finite number > 0, got {penalty}")
         _check(all(request.stop), "stop strings must not be empty")
         return SamplingParams(
             max_new_tokens=max_new,
@@ -188,6 +195,11 @@ class RequestBuilder:
             repetition_penalty=float(penalty),
             logprobs=request.logprobs,
         )
+
+
+# Smaller positive temperatures (or an infinite one) can turn logits / temperature into inf or NaN, which would
+# fail the sampling step of every request in the batch, not only this one.
+MIN_TEMPERATURE = 1e-4
 
 
 def _with_extra(extra_positions: int) -> str:

@@ -380,6 +380,39 @@ def test_bad_requests_do_not_disturb_a_running_stream(oai, grpc_client):
     assert "".join(pieces) == reference.text
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(temperature=1e-40),
+        dict(temperature=1e39, extra_body={"min_tokens": 3}),
+        dict(extra_body={"repetition_penalty": 1e39}),
+    ],
+    ids=["tiny temperature", "temperature overflowing float32", "infinite repetition_penalty"],
+)
+def test_overflowing_sampling_values_are_400_not_a_batch_failure(oai, grpc_client, overrides):
+    """Non-finite sampling values, and temperatures so small that logits / temperature overflow, are refused up
+    front (shared validation, gRPC too): the two temperatures once failed the sampling step of the whole batch."""
+    reference = grpc_client.generate(PROMPTS[2], adapter_id="qv8", max_new_tokens=30)
+    stream = oai.completions.create(model="qv8", prompt=PROMPTS[2], max_tokens=30, temperature=0, stream=True)
+    pieces = [next(stream).choices[0].text]
+    request = dict(model="base", prompt="hi", max_tokens=4, temperature=0.8) | overrides
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(**request)
+    assert info.value.body["param"] in ("temperature", "repetition_penalty") and "finite" in info.value.body["message"]
+    pieces += [chunk.choices[0].text for chunk in stream]
+    assert "".join(pieces) == reference.text
+    with pytest.raises(DeltaserveError) as grpc_info:
+        grpc_client.generate("hi", max_new_tokens=4, temperature=1e-40)
+    assert grpc_info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_smallest_allowed_temperature_is_served(oai):
+    from deltaserve.server.api import MIN_TEMPERATURE
+
+    reply = oai.completions.create(model="base", prompt="hi", max_tokens=3, temperature=MIN_TEMPERATURE, seed=1)
+    assert reply.usage.completion_tokens == 3
+
+
 # ---- adapter admin over HTTP ---------------------------------------------------------------------------
 def test_admin_endpoints_need_the_token(base_url, lora_dirs, grpc_client):
     body = {"lora_name": "sneaky", "lora_path": lora_dirs["all16_rs"]}
