@@ -44,6 +44,7 @@ from deltaserve.server.merge import MergeController
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.mixes import MixSpec, combine, mix_spec
 from deltaserve.server.sampling import SamplingParams
+from jinja2 import TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,10 @@ class RequestBuilder:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequestError("this model has no chat template; send a prompt instead of messages")
         chat = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        try:
+            rendered = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # e.g. a template's raise_exception("roles must alternate user/assistant")
+            raise InvalidRequestError(f"the model's chat template refuses these messages: {err}") from err
         # The template already holds any special tokens (BOS), so it is not tokenized with them again.
         return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 

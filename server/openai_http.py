@@ -142,7 +142,9 @@ def _in_openai_terms(message: str, prompt_field: str, max_tokens_field: str) -> 
     for name in (max_tokens_field, *_SAMPLING_PARAMS):
         if re.match(rf"{name}\b", message):
             return message, name
-    if message.startswith(("the prompt", "messages", prompt_field, "this model has no chat template")):
+    if message.startswith(
+        ("the prompt", "messages", prompt_field, "this model has no chat template", "the model's chat")
+    ):
         return message, prompt_field
     return message, None
 

@@ -413,6 +413,30 @@ def test_smallest_allowed_temperature_is_served(oai):
     assert reply.usage.completion_tokens == 3
 
 
+def test_chat_template_refusal_is_400(tiny_dir, tmp_path):
+    """Templates raise on messages they do not take (Mistral's "roles must alternate"); that is the
+    request's fault, not an internal error."""
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_dir, strict)
+    tokenizer = AutoTokenizer.from_pretrained(strict)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant:"
+    )
+    tokenizer.save_pretrained(strict)
+    with ServerThread(ServerConfig(model=str(strict), max_seq_len=64, http_port=0)) as running:
+        url = f"http://127.0.0.1:{running.server.http_port}/v1"
+        with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as client:
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model="base", messages=CHAT, max_tokens=3)
+            assert info.value.body["param"] == "messages" and "System role not supported" in info.value.body["message"]
+            user_only = client.chat.completions.create(model="base", messages=CHAT[1:], max_tokens=3, temperature=0)
+        assert user_only.usage.completion_tokens == 3
+        with Client(running.target, timeout=60) as grpc_client, pytest.raises(DeltaserveError) as grpc_info:
+            grpc_client.generate(messages=CHAT, max_new_tokens=3)
+        assert grpc_info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 # ---- adapter admin over HTTP ---------------------------------------------------------------------------
 def test_admin_endpoints_need_the_token(base_url, lora_dirs, grpc_client):
     body = {"lora_name": "sneaky", "lora_path": lora_dirs["all16_rs"]}
