@@ -151,6 +151,13 @@ class RequestBuilder:
         """Token ids and sampling parameters; `extra_positions` are the adapter's prefix entries and virtual
         tokens, which take context positions before the prompt."""
         ids = self.prompt_ids(request.prompt, request.messages, "prompt")
+        return self.build_from_ids(ids, request, extra_positions)
+
+    def build_from_ids(
+        self, ids: list[int], request: pb.GenerateRequest, extra_positions: int = 0
+    ) -> tuple[list[int], SamplingParams]:
+        """`build` for a prompt already tokenized (a front door that truncates it, as TGIS does); the
+        request's prompt and messages are not read."""
         if not ids:
             raise InvalidRequestError("the prompt tokenizes to no tokens")
         used = len(ids) + extra_positions
@@ -252,12 +259,23 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.builder = builder
         self.model_info = model_info
 
-    async def run(self, request: pb.GenerateRequest, request_id: str) -> AsyncIterator[tuple[RequestOutput, Request]]:
+    async def run(
+        self,
+        request: pb.GenerateRequest,
+        request_id: str,
+        build: Callable[[int], tuple[list[int], SamplingParams]] | None = None,
+    ) -> AsyncIterator[tuple[RequestOutput, Request]]:
         """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it. Every front
-        door (gRPC here, the OpenAI HTTP one in openai_http.py) generates through this."""
+        door (gRPC here, the OpenAI HTTP one in openai_http.py, the TGIS one in tgis.py) generates through
+        this. `build(extra_positions)` replaces `self.builder.build(request, extra_positions)` for a front
+        door that prepares the prompt ids itself; the adapter is still taken from `request`."""
         adapter = await self._acquire_adapter(request)
+        extra_positions = adapter.extra_positions if adapter is not None else 0
         try:
-            prompt_ids, params = self.builder.build(request, adapter.extra_positions if adapter is not None else 0)
+            if build is None:
+                prompt_ids, params = self.builder.build(request, extra_positions)
+            else:
+                prompt_ids, params = build(extra_positions)
         except BaseException:
             if adapter is not None:
                 self.engine.registry.release(adapter, served=False)
