@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import grpc
 from deltaserve.adapters import ReadOptions, load_adapter, served_kinds, tensor_bytes
+from deltaserve.client.fmaas import generation_pb2 as tgis_pb
+from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.adapter_registry import AdapterRegistry, DeviceSlots
@@ -22,6 +24,7 @@ from deltaserve.server.metrics import Metrics
 from deltaserve.server.model_loader import LoadedModel, load_model
 from deltaserve.server.runner import NO_ADAPTERS, ModelRunner
 from deltaserve.server.security import AdapterPathPolicy, AdminTokenInterceptor
+from deltaserve.server.tgis import TgisGenerationService
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -219,10 +222,13 @@ class Server:
         adapters = AdaptersService(self.engine, self.metrics, self.merges)
         pb_grpc.add_GenerationServicer_to_server(generation, server)
         pb_grpc.add_AdaptersServicer_to_server(adapters, server)
+        # TGIS's fmaas.GenerationService: a front door onto the same GenerationService (open like Generation)
+        tgis_grpc.add_GenerationServiceServicer_to_server(TgisGenerationService(generation), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             pb.DESCRIPTOR.services_by_name["Generation"].full_name,
             pb.DESCRIPTOR.services_by_name["Adapters"].full_name,
+            tgis_pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
@@ -240,7 +246,7 @@ class Server:
             self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.http_port is not None:
             await self._start_http(generation, adapters)
-        for service in ("", *names[:2]):
+        for service in ("", *names[:3]):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.host, self.port)
         return self.port
