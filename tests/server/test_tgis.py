@@ -20,6 +20,7 @@ from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.server.app import ServerConfig
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from tests.helpers import PROMPTS, ServerThread
@@ -362,6 +363,25 @@ def _assert_still_serving(tgis: TgisClient, server) -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING
     response = _generate(tgis, [PROMPTS[0]], {"stopping": {"max_new_tokens": 3}}, adapter_id="qv8")[0]
     assert response["generated_token_count"] == 3
+
+
+def test_health_and_reflection_name_the_service(server):
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service="fmaas.GenerationService"), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        asks = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="fmaas.GenerationService"),
+        ]
+        listed, described = list(reflection.ServerReflectionInfo(iter(asks), timeout=10))
+    assert "fmaas.GenerationService" in {s.name for s in listed.list_services_response.service}
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(f)
+        for f in described.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(f.package == "fmaas" and f.service[0].name == "GenerationService" for f in files)
 
 
 # ---- the admin token guards the Adapters service only --------------------------------------------------------
