@@ -10,6 +10,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -363,6 +364,29 @@ def _assert_still_serving(tgis: TgisClient, server) -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING
     response = _generate(tgis, [PROMPTS[0]], {"stopping": {"max_new_tokens": 3}}, adapter_id="qv8")[0]
     assert response["generated_token_count"] == 3
+
+
+def test_cancelled_stream_leaves_the_batch(server):
+    """A TGIS client that hangs up mid-stream cancels its engine request (this repository's stubs: the call must
+    be cancelled from this process)."""
+    metrics = server.server.metrics.registry
+    labels = {"adapter": "base", "status": "cancelled"}
+    cancelled_before = metrics.get_sample_value("deltaserve_requests_total", labels) or 0
+    with grpc.insecure_channel(server.target) as channel:
+        stub = tgis_grpc.GenerationServiceStub(channel)
+        request = tgis_pb.SingleGenerationRequest(
+            request=tgis_pb.GenerationRequest(text=PROMPTS[0]),
+            params=tgis_pb.Parameters(stopping=tgis_pb.StoppingCriteria(max_new_tokens=110, min_new_tokens=110)),
+        )
+        call = stub.GenerateStream(request, timeout=60)
+        received = [next(call) for _ in range(4)]
+        call.cancel()
+    assert all(message.stop_reason == tgis_pb.NOT_FINISHED for message in received)
+    deadline = time.monotonic() + 10
+    while server.server.engine.num_running:
+        assert time.monotonic() < deadline, "the cancelled request is still running"
+        time.sleep(0.02)
+    assert metrics.get_sample_value("deltaserve_requests_total", labels) == cancelled_before + 1  # not finished
 
 
 def test_health_and_reflection_name_the_service(server):
