@@ -1,7 +1,8 @@
-"""Regenerate the Python protobuf/gRPC modules from protos/ into client/v1 (run: `make proto`).
+"""Regenerate the Python protobuf/gRPC modules from protos/ into the client package (run: `make proto`).
 
-The generated gRPC module imports its messages as `deltaserve.v1`; the modules live in the client
-package, so that import is rewritten to `deltaserve.client.v1`.
+protos/deltaserve/v1 -> client/v1 and protos/fmaas (the TGIS-compatible API) -> client/fmaas. A generated
+gRPC module imports its messages by proto package (`deltaserve.v1`, `fmaas`); the modules live in the client
+package, so that import is rewritten to `deltaserve.client.v1` / `deltaserve.client.fmaas`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
-OUT_DIR = ROOT / "client" / "v1"
+# proto package directory -> (output directory, the import path its modules are rewritten to)
+OUTPUTS = {
+    "deltaserve/v1": (ROOT / "client" / "v1", "deltaserve.client.v1"),
+    "fmaas": (ROOT / "client" / "fmaas", "deltaserve.client.fmaas"),
+}
 
 
 def main() -> int:
@@ -31,12 +36,14 @@ def main() -> int:
     if protoc.main(args) != 0:
         print("protoc failed", file=sys.stderr)
         return 1
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    for generated in sorted((staging / "deltaserve" / "v1").glob("*.py*")):
-        text = generated.read_text()
-        text = text.replace("from deltaserve.v1 import", "from deltaserve.client.v1 import")
-        (OUT_DIR / generated.name).write_text(text)
-        print(f"wrote {(OUT_DIR / generated.name).relative_to(ROOT)}")
+    for package_dir, (out_dir, import_path) in OUTPUTS.items():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        proto_import = package_dir.replace("/", ".")
+        for generated in sorted((staging / package_dir).glob("*.py*")):
+            text = generated.read_text()
+            text = text.replace(f"from {proto_import} import", f"from {import_path} import")
+            (out_dir / generated.name).write_text(text)
+            print(f"wrote {(out_dir / generated.name).relative_to(ROOT)}")
     return 0
 
 

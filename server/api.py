@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import time
 import uuid
@@ -43,6 +44,7 @@ from deltaserve.server.merge import MergeController
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.mixes import MixSpec, combine, mix_spec
 from deltaserve.server.sampling import SamplingParams
+from jinja2 import TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,10 @@ class RequestBuilder:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequestError("this model has no chat template; send a prompt instead of messages")
         chat = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        try:
+            rendered = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # e.g. a template's raise_exception("roles must alternate user/assistant")
+            raise InvalidRequestError(f"the model's chat template refuses these messages: {err}") from err
         # The template already holds any special tokens (BOS), so it is not tokenized with them again.
         return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
@@ -146,6 +151,13 @@ class RequestBuilder:
         """Token ids and sampling parameters; `extra_positions` are the adapter's prefix entries and virtual
         tokens, which take context positions before the prompt."""
         ids = self.prompt_ids(request.prompt, request.messages, "prompt")
+        return self.build_from_ids(ids, request, extra_positions)
+
+    def build_from_ids(
+        self, ids: list[int], request: pb.GenerateRequest, extra_positions: int = 0
+    ) -> tuple[list[int], SamplingParams]:
+        """`build` for a prompt already tokenized (a front door that truncates it, as TGIS does); the
+        request's prompt and messages are not read."""
         if not ids:
             raise InvalidRequestError("the prompt tokenizes to no tokens")
         used = len(ids) + extra_positions
@@ -171,11 +183,17 @@ class RequestBuilder:
             max_new = min(self.default_max_new_tokens, room)
         _check(request.min_new_tokens >= 0, f"min_new_tokens must be >= 0, got {request.min_new_tokens}")
         _check(request.temperature >= 0, f"temperature must be >= 0, got {request.temperature}")
+        # float32 on the wire: 1e-4 arrives a hair below 1e-4, hence the tolerance.
+        temperature_ok = request.temperature == 0 or MIN_TEMPERATURE * (1 - 1e-6) <= request.temperature < math.inf
+        _check(
+            temperature_ok,
+            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {request.temperature}",
+        )
         _check(request.top_k >= 0, f"top_k must be >= 0, got {request.top_k}")
         top_p = request.top_p if request.HasField("top_p") else 1.0
         _check(0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")
         penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
-        _check(penalty > 0, f"repetition_penalty must be > 0, got {penalty}")
+        _check(0 < penalty < math.inf, f"repetition_penalty must be a finite number > 0, got {penalty}")
         _check(all(request.stop), "stop strings must not be empty")
         return SamplingParams(
             max_new_tokens=max_new,
@@ -190,6 +208,11 @@ class RequestBuilder:
         )
 
 
+# Smaller positive temperatures (or an infinite one) can turn logits / temperature into inf or NaN, which would
+# fail the sampling step of every request in the batch, not only this one.
+MIN_TEMPERATURE = 1e-4
+
+
 def _with_extra(extra_positions: int) -> str:
     return f" plus {extra_positions} prefix/virtual tokens of its adapter" if extra_positions else ""
 
@@ -202,12 +225,17 @@ def _check(condition: bool, message: str) -> None:
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
+def clean_request_id(given: str | None) -> str:
+    """`given` (a caller's x-request-id, gRPC metadata or HTTP header) when it is a sane token, else a fresh id."""
+    if isinstance(given, str) and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
     """The caller's `x-request-id` metadata when it is a sane token, else a fresh id (logged and returned)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
-            return value
-    return uuid.uuid4().hex
+    given = [value for key, value in context.invocation_metadata() or () if key == "x-request-id"]
+    return clean_request_id(given[0] if given else None)
 
 
 def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
@@ -231,13 +259,23 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.builder = builder
         self.model_info = model_info
 
-    async def _run(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    async def run(
+        self,
+        request: pb.GenerateRequest,
+        request_id: str,
+        build: Callable[[int], tuple[list[int], SamplingParams]] | None = None,
     ) -> AsyncIterator[tuple[RequestOutput, Request]]:
-        """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it."""
+        """Submit one request and yield its outputs; leaving early (cancel, deadline) cancels it. Every front
+        door (gRPC here, the OpenAI HTTP one in openai_http.py, the TGIS one in tgis.py) generates through
+        this. `build(extra_positions)` replaces `self.builder.build(request, extra_positions)` for a front
+        door that prepares the prompt ids itself; the adapter is still taken from `request`."""
         adapter = await self._acquire_adapter(request)
+        extra_positions = adapter.extra_positions if adapter is not None else 0
         try:
-            prompt_ids, params = self.builder.build(request, adapter.extra_positions if adapter is not None else 0)
+            if build is None:
+                prompt_ids, params = self.builder.build(request, extra_positions)
+            else:
+                prompt_ids, params = build(extra_positions)
         except BaseException:
             if adapter is not None:
                 self.engine.registry.release(adapter, served=False)
@@ -248,7 +286,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         def sink(output: RequestOutput) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, output)
 
-        engine_request = Request(request_id(context), prompt_ids, params, adapter, sink)
+        engine_request = Request(request_id, prompt_ids, params, adapter, sink)
         try:
             self.engine.submit(engine_request)
         except BaseException:
@@ -309,7 +347,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         text, token_ids, logprobs = [], [], []
         last = owner = None
-        async for output, engine_request in self._run(request, context):
+        async for output, engine_request in self.run(request, request_id(context)):
             owner = engine_request
             text.append(output.text)
             token_ids.extend(output.token_ids)
@@ -322,7 +360,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_stream_errors
     async def GenerateStream(self, request, context):
-        async for output, engine_request in self._run(request, context):
+        async for output, engine_request in self.run(request, request_id(context)):
             if output.token_ids or output.finished:
                 yield _response(output, engine_request)
 
@@ -399,15 +437,18 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     @_unary_errors
     async def LoadAdapter(self, request, context):
+        return adapter_info(await self.load(request.adapter_id, request.path, replace=request.replace, pin=request.pin))
+
+    async def load(self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False) -> AdapterRecord:
+        """Validate and register an adapter, with its metrics and log line (gRPC LoadAdapter and the HTTP
+        load endpoint both come here)."""
         # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
         started = time.monotonic()
         try:
-            record = await asyncio.to_thread(
-                self.registry.load, request.adapter_id, request.path, replace=request.replace, pin=request.pin
-            )
+            record = await asyncio.to_thread(self.registry.load, adapter_id, path, replace=replace, pin=pin)
         except Exception as err:
             self.metrics.observe_load(
-                _declared_kind(request.path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
+                _declared_kind(path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
             )
             raise
         self.metrics.observe_load(record.kind, "ok", time.monotonic() - started)
@@ -419,13 +460,18 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             record.state.value,
             record.path,
         )
-        return adapter_info(record)
+        return record
 
     @_unary_errors
     async def UnloadAdapter(self, request, context):
-        draining = await asyncio.to_thread(self.registry.unload, request.adapter_id)
-        log.info("unloaded adapter %r (%d requests still finishing)", request.adapter_id, draining)
+        draining = await self.unload(request.adapter_id)
         return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, draining_requests=draining)
+
+    async def unload(self, adapter_id: str) -> int:
+        """Unload an adapter; returns how many in-flight requests still finish with it."""
+        draining = await asyncio.to_thread(self.registry.unload, adapter_id)
+        log.info("unloaded adapter %r (%d requests still finishing)", adapter_id, draining)
+        return draining
 
     @_unary_errors
     async def MergeAdapter(self, request, context):

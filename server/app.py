@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import grpc
 from deltaserve.adapters import ReadOptions, load_adapter, served_kinds, tensor_bytes
+from deltaserve.client.fmaas import generation_pb2 as tgis_pb
+from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.adapter_registry import AdapterRegistry, DeviceSlots
@@ -22,6 +24,7 @@ from deltaserve.server.metrics import Metrics
 from deltaserve.server.model_loader import LoadedModel, load_model
 from deltaserve.server.runner import NO_ADAPTERS, ModelRunner
 from deltaserve.server.security import AdapterPathPolicy, AdminTokenInterceptor
+from deltaserve.server.tgis import TgisGenerationService
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,6 +38,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP front door (server/openai_http.py); off if None
     dtype: str = "auto"
     device: str = "auto"
     quantize: str = "none"
@@ -147,6 +151,8 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.http = None  # the OpenAIFrontDoor when --http-port is set
+        self.http_port: int | None = None
 
     def _bind_metrics(self, slots: DeviceSlots) -> None:
         model = self.loaded.model
@@ -212,12 +218,17 @@ class Server:
         builder = RequestBuilder(
             self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
         )
-        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.engine, builder, self.model_info), server)
-        pb_grpc.add_AdaptersServicer_to_server(AdaptersService(self.engine, self.metrics, self.merges), server)
+        generation = GenerationService(self.engine, builder, self.model_info)
+        adapters = AdaptersService(self.engine, self.metrics, self.merges)
+        pb_grpc.add_GenerationServicer_to_server(generation, server)
+        pb_grpc.add_AdaptersServicer_to_server(adapters, server)
+        # TGIS's fmaas.GenerationService: a front door onto the same GenerationService (open like Generation)
+        tgis_grpc.add_GenerationServiceServicer_to_server(TgisGenerationService(generation), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             pb.DESCRIPTOR.services_by_name["Generation"].full_name,
             pb.DESCRIPTOR.services_by_name["Adapters"].full_name,
+            tgis_pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
@@ -233,18 +244,40 @@ class Server:
         self.grpc_server = server
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port, self.config.host)
-        for service in ("", *names[:2]):
+        if self.config.http_port is not None:
+            await self._start_http(generation, adapters)
+        for service in ("", *names[:3]):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.host, self.port)
         return self.port
+
+    async def _start_http(self, generation: GenerationService, adapters: AdaptersService) -> None:
+        from deltaserve.server.openai_http import OpenAIFrontDoor  # FastAPI is imported only when used
+
+        self.http = OpenAIFrontDoor(
+            generation,
+            adapters,
+            model_name=self.loaded.name,
+            admin_token=self.config.admin_token,
+            max_request_bytes=self.config.max_request_bytes,
+            shutdown_grace_seconds=self.config.shutdown_grace_seconds,
+            tls_cert=self.config.tls_cert,
+            tls_key=self.config.tls_key,
+        )
+        self.http_port = await self.http.start(self.config.host, self.config.http_port)
+        scheme = "https" if self.config.tls_cert else "http"
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", scheme, self.config.host, self.http_port)
 
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace), exit."""
         await self.health.enter_graceful_shutdown()
         grace = self.config.shutdown_grace_seconds
         engine_stop = asyncio.create_task(asyncio.to_thread(self.engine.stop, grace))
+        http_stop = asyncio.create_task(self.http.stop()) if self.http is not None else None
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace + 1.0)
+        if http_stop is not None:
+            await http_stop
         await engine_stop
         self.registry.close()
 

@@ -33,6 +33,12 @@ def add_serve_subcommand(subparsers) -> None:
     serve.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     serve.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) here",
+    )
+    serve.add_argument(
         "--metrics-max-adapters",
         type=int,
         default=64,
