@@ -30,10 +30,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def needs_processing(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.min_new_tokens > 0 or not self.greedy
-
 
 @dataclass
 class RowState:
@@ -53,16 +49,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def _process_row(logits: torch.Tensor, row: RowState, eos_ids: torch.Tensor) -> torch.Tensor:
-    """Apply one request's logits processors to its [V] logits (a copy)."""
+def _process_row(logits: torch.Tensor, row: RowState) -> torch.Tensor:
+    """Apply one request's repetition penalty and sampling warpers to its [V] logits (in place when greedy)."""
     params = row.params
-    logits = logits.clone()
     if params.repetition_penalty != 1.0 and row.seen_tokens:
         seen = torch.tensor(row.seen_tokens, device=logits.device).unique()
         scores = logits[seen]
         logits[seen] = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
-    if row.generated < params.min_new_tokens and eos_ids.numel():
-        logits[eos_ids] = float("-inf")
     if params.greedy:
         return logits
     logits = logits / params.temperature
@@ -81,15 +74,15 @@ def _process_row(logits: torch.Tensor, row: RowState, eos_ids: torch.Tensor) -> 
 def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor) -> tuple[list[int], list[float] | None]:
     """Choose one token per row from logits [B, V] (fp32). Returns token ids and, if any row asked, the
     raw log-probability of each chosen token (None otherwise)."""
-    if any(row.params.needs_processing for row in rows):
-        processed = torch.stack(
-            [
-                _process_row(logits[i], row, eos_ids) if row.params.needs_processing else logits[i]
-                for i, row in enumerate(rows)
-            ]
-        )
-    else:
-        processed = logits
+    too_early = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens]
+    warped = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 or not row.params.greedy]
+    processed = logits
+    if (too_early and eos_ids.numel()) or warped:
+        processed = logits.clone()
+        if too_early and eos_ids.numel():  # every such row at once: no per-row work for min_new_tokens
+            processed[torch.tensor(too_early, device=logits.device)[:, None], eos_ids[None, :]] = float("-inf")
+        for i in warped:  # EOS already masked: the penalty keeps -inf at -inf, so the order does not matter
+            processed[i] = _process_row(processed[i], rows[i])
     chosen = processed.argmax(dim=-1)
     for i, row in enumerate(rows):
         if not row.params.greedy:

@@ -67,16 +67,33 @@ def test_stop_string_cuts_the_text(client):
 
 
 def test_min_new_tokens_masks_eos():
-    eos = torch.tensor([2])
+    eos = torch.tensor([2, 7])
     row = RowState(SamplingParams(max_new_tokens=5, min_new_tokens=3), None, [], generated=1)
     logits = torch.zeros(10)
-    logits[2] = 100.0  # EOS is by far the most likely token
-    assert _process_row(logits, row, eos)[2] == float("-inf")
+    logits[2], logits[7] = 100.0, 90.0  # EOS ids are by far the most likely tokens
     tokens, _ = sample(logits[None], [row], eos)
-    assert tokens[0] != 2
+    assert tokens[0] not in (2, 7)
     row.generated = 3
     tokens, _ = sample(logits[None], [row], eos)
     assert tokens[0] == 2
+
+
+def test_rows_are_processed_independently_in_one_batch():
+    """Masked, penalised, sampled and plain rows side by side: each gets what it would alone."""
+    eos = torch.tensor([2])
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(3))
+    logits[:, 2] = 50.0
+    rows = [
+        RowState(SamplingParams(max_new_tokens=5, min_new_tokens=2), None, [], 0),
+        RowState(SamplingParams(max_new_tokens=5, repetition_penalty=1e6, min_new_tokens=2), None, [4, 5], 1),
+        RowState(SamplingParams(max_new_tokens=5), None, [], 0),
+        RowState(SamplingParams(max_new_tokens=5, temperature=0.5, seed=1), torch.Generator().manual_seed(1), [], 0),
+    ]
+    tokens, _ = sample(logits, rows, eos)
+    alone = [sample(logits[i : i + 1].clone(), [row], eos)[0][0] for i, row in enumerate(rows[:3])]
+    assert tokens[:3] == alone
+    assert tokens[0] != 2 and tokens[1] not in (2, 4, 5) and tokens[2] == 2
+    assert _process_row(logits[1].clone(), rows[1])[4] < logits[1, 4]  # the penalty lowers a seen token
 
 
 def test_logprobs_are_raw_model_logprobs_even_when_sampling():
