@@ -54,7 +54,7 @@ from types import ModuleType
 
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, Run, import_test_helpers, log, machine_info, ms_summary, write_json
+from common import RESULTS, Run, import_test_helpers, log, machine_info, ms_summary, pyplot, write_json
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -423,13 +423,8 @@ def report(
 
 def write_plot(data: dict[str, object], path: Path) -> bool:
     """Throughput ratio to the base per configuration, and TTFT p50 per prefill condition."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax_rate, ax_ttft) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
     throughput, settings = data["throughput"], data["settings"]

@@ -56,6 +56,7 @@ from common import (
     make_adapter,
     ms_summary,
     percentile,
+    pyplot,
     write_json,
 )
 from deltaserve.client import AsyncClient, Client
@@ -526,13 +527,8 @@ def report(
 
 def write_plot(data: dict[str, object], path: Path) -> bool:
     """Load latency per rank (p50 bars, p95 whiskers), the gap distributions, and latency per adapter state."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax_load, ax_gap, ax_tier) = plt.subplots(1, 3, figsize=(15, 4.2))
     hot = list(data["hot_load"].values())

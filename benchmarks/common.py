@@ -80,6 +80,19 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def pyplot() -> ModuleType | None:
+    """matplotlib.pyplot on the Agg backend, or None (with a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+        return None
+    return plt
+
+
 def write_json(data: dict[str, object], path: Path) -> None:
     """Write through a temporary file so an interrupted run never leaves half a result."""
     path.parent.mkdir(parents=True, exist_ok=True)

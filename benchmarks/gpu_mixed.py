@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import transformers
 from adapter_files import clone_adapter, lora_bytes
-from common import RESULTS, log, machine_info, write_json
+from common import RESULTS, log, machine_info, pyplot, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.server.adapter_registry import AdapterRegistry, DeviceSlots
 from deltaserve.server.engine import Engine, EngineConfig, Request, RequestOutput
@@ -353,13 +353,8 @@ def table(summary: dict[str, dict], floors: dict[str, float]) -> str:
 
 
 def write_plot(summary: dict[str, dict], floors: dict[str, float], title: str, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return False
     names = list(summary)
     fig, ax = plt.subplots(figsize=(7.5, 4.2))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import transformers
 from adapter_files import adapter_set
-from common import RESULTS, import_test_helpers, log, machine_info, write_json
+from common import RESULTS, import_test_helpers, log, machine_info, pyplot, write_json
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -133,13 +133,8 @@ def table(rows: list[dict[str, object]]) -> str:
 
 def write_plot(rows: list[dict[str, object]], title: str, path: Path) -> bool:
     """Stacked bars of the accounted parts per step, with the measured RSS over the baseline as markers."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     labels = [str(r["step"]) for r in rows]

@@ -61,7 +61,7 @@ from types import ModuleType
 
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, import_test_helpers, log, machine_info, make_adapter, ms_summary, write_json
+from common import RESULTS, import_test_helpers, log, machine_info, make_adapter, ms_summary, pyplot, write_json
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -680,13 +680,8 @@ def report(
 
 def write_plot(data: dict[str, object], path: Path) -> bool:
     """Decode tokens/s per condition, merge/unmerge latency, and the auto-policy trace."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax_speed, ax_cost, ax_auto) = plt.subplots(
         1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 0.7, 1.6]}

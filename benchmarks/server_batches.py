@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter_files import lora_bytes
-from common import CHAT_PROMPTS, log
+from common import CHAT_PROMPTS, Run, log, pyplot
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
@@ -42,18 +42,10 @@ class Config:
 
 
 @dataclass(frozen=True)
-class Batch:
-    seconds: float
-    outputs: list[list[int]]
+class Batch(Run):
+    """A timed batch of streams, with when each chunk arrived."""
+
     chunks: list[list[tuple[float, int]]]  # per request: (arrival time, tokens) of every streamed chunk with tokens
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(row) for row in self.outputs)
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.seconds
 
     @property
     def decode_window(self) -> tuple[float, int]:
@@ -250,13 +242,8 @@ def table(summary: dict[str, dict[str, object]], adapter_mb: dict[str, float]) -
 def write_plot(summary: dict[str, dict[str, object]], x_key: str, x_label: str, title: str, path: Path) -> bool:
     """Decode and end-to-end throughput relative to the base against `x_key` (adapters or rank), with the
     bandwidth floor; False (with a warning) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return False
     points = [s for name, s in summary.items() if name != BASE]
     xs = [s[x_key] for s in points]

@@ -40,7 +40,7 @@ from types import ModuleType
 import torch
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, Run, import_test_helpers, log, machine_info, write_json
+from common import RESULTS, Run, import_test_helpers, log, machine_info, pyplot, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
@@ -313,13 +313,8 @@ def report(
 
 def write_plot(measurements: list[Measurement], settings: Settings, path: Path) -> bool:
     """A bar chart of the best tokens/s per system; False (with a warning) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("warning: matplotlib is not installed (pip install matplotlib); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [m.system for m in measurements]
