@@ -36,6 +36,8 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 log = logging.getLogger(__name__)
@@ -255,6 +257,16 @@ class DeltaserveReplica:
 
 
 # ---- the HTTP ingress -----------------------------------------------------------------------------------
+async def _after_head(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body chunks; a replica lost once the head was sent ends the body early (an event stream then lacks
+    its `data: [DONE]`, which is how a streaming client sees it)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except RayActorError as err:
+        log.warning("replica lost in the middle of a response: %s", type(err).__name__)
+
+
 ingress_app = FastAPI(title="deltaserve on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 # Only these are forwarded: the front door reads them (request id, timeout, content type).
@@ -279,8 +291,25 @@ class OpenAIIngress:
         headers = [(name, request.headers[name]) for name in _FORWARDED_HEADERS if name in request.headers]
         handle = self.replicas.options(stream=True, multiplexed_model_id=adapter_id)
         chunks = handle.forward.remote(request.method, request.url.path, headers, body)
-        head = await chunks.__anext__()
-        return StreamingResponse(chunks, status_code=head["status"], headers=dict(head["headers"]))
+        try:
+            head = await chunks.__anext__()
+        except (RayActorError, BackPressureError, DeploymentUnavailableError) as err:
+            # The replica died (or none can take the request now): nothing was generated for the caller, who
+            # may retry; Ray Serve restarts the replica and routes retries to live ones.
+            log.warning("request failed on its replica: %s", type(err).__name__)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"the replica serving this request is unavailable ({type(err).__name__}); retry",
+                        "type": "service_unavailable_error",
+                        "param": None,
+                        "code": "unavailable",
+                    }
+                },
+                status_code=503,
+                headers={"retry-after": "1"},
+            )
+        return StreamingResponse(_after_head(chunks), status_code=head["status"], headers=dict(head["headers"]))
 
     @ingress_app.post("/v1/completions")
     async def completions(self, request: HttpRequest) -> Response:

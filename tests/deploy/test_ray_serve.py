@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 ADAPTERS = [f"lora{i}" for i in range(8)]
 MAX_SEQ_LEN = 128
+LONG, LONG_TOKENS = "long", 110  # requests long enough to be in flight when a replica is killed
 
 
 def _free_port() -> int:
@@ -31,14 +33,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _complete(base_url: str, model: str, prompt: str) -> tuple[str, dict[str, str]]:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+def _post(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> tuple[int, dict, dict[str, str]]:
+    """(HTTP status, JSON answer, headers) of one greedy completion."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
     request = urllib.request.Request(
         f"{base_url}/v1/completions", data=body, headers={"content-type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        answer = json.loads(response.read())
-        return answer["choices"][0]["text"], {k.lower(): v for k, v in response.headers.items()}
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, raw, headers = response.status, response.read(), response.headers
+    except urllib.error.HTTPError as err:
+        status, raw, headers = err.code, err.read(), err.headers
+    return status, json.loads(raw), {k.lower(): v for k, v in headers.items()}
+
+
+def _complete(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> tuple[str, dict[str, str]]:
+    status, answer, headers = _post(base_url, model, prompt, max_tokens)
+    assert status == 200, answer
+    return answer["choices"][0]["text"], headers
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +82,10 @@ def reference(tiny_dir, adapter_dirs) -> dict[tuple[str, str], str]:
     config.http_port = 0
     with ServerThread(config) as server:
         url = f"http://127.0.0.1:{server.server.http_port}"
-        return {(model, p): _complete(url, model, p)[0] for model in ["base", *ADAPTERS] for p in PROMPTS[:2]}
+        answers = {(model, p): _complete(url, model, p)[0] for model in ["base", *ADAPTERS] for p in PROMPTS[:2]}
+        for model in ADAPTERS:
+            answers[(model, LONG)] = _complete(url, model, PROMPTS[2], LONG_TOKENS)[0]
+        return answers
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +134,47 @@ def test_outputs_match_a_single_server_and_requests_follow_their_adapter(cluster
                 assert headers["x-deltaserve-adapter-loads"] == "1", f"{adapter} was loaded again"
     for prompt in PROMPTS[:2]:
         assert _complete(cluster, "base", prompt)[0] == reference[("base", prompt)]
+
+
+def test_a_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(cluster, reference):
+    home = {adapter: _complete(cluster, adapter, PROMPTS[0])[1]["x-deltaserve-replica"] for adapter in ADAPTERS}
+    victim = home[ADAPTERS[0]]
+    survivors = [adapter for adapter in ADAPTERS if home[adapter] != victim]
+    actor = ray.get_actor(f"SERVE_REPLICA::deltaserve#DeltaserveReplica#{victim}", namespace="serve")
+
+    def long_request(adapter: str) -> tuple[int, dict, dict[str, str]]:
+        return _post(cluster, adapter, PROMPTS[2], LONG_TOKENS)
+
+    with ThreadPoolExecutor(len(ADAPTERS)) as pool:
+        futures = {adapter: pool.submit(long_request, adapter) for adapter in ADAPTERS}
+        time.sleep(0.3)
+        ray.kill(actor, no_restart=True)
+        results = {adapter: future.result() for adapter, future in futures.items()}
+
+    failed = [adapter for adapter, (status, _, _) in results.items() if status != 200]
+    assert failed, "no request was in flight on the killed replica: the test proves nothing"
+    for adapter, (status, answer, _) in results.items():
+        if status == 200:
+            assert answer["choices"][0]["text"] == reference[(adapter, LONG)], adapter
+        else:
+            assert status == 503, answer
+            assert answer["error"]["code"] == "unavailable"
+            assert home[adapter] == victim, f"{adapter} failed but its replica was not killed"
+    assert not set(failed) & set(survivors)
+
+    deadline = time.monotonic() + 60
+    for adapter in failed:  # retried, they succeed (on the survivor or on the restarted replica)
+        while True:
+            status, answer, _ = long_request(adapter)
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == reference[(adapter, LONG)], adapter
+
+    while True:  # Ray Serve replaces the dead replica
+        replicas = serve.status().applications["deltaserve"].deployments["DeltaserveReplica"].replica_states
+        if replicas.get("RUNNING", 0) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert replicas.get("RUNNING", 0) == 2, replicas
