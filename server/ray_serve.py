@@ -19,6 +19,7 @@ Each response carries `x-deltaserve-replica` (the replica's id), which is how af
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from typing import Any
 from deltaserve.server.app import Server, ServerConfig
 from deltaserve.server.errors import AdapterExistsError, AdapterNotFoundError
 from deltaserve.server.model_loader import EMBEDDED_NAME
-from deltaserve.server.openai_http import BASE_ALIASES, OpenAIFrontDoor, _error_body
+from deltaserve.server.openai_http import BASE_ALIASES, OpenAIFrontDoor, OpenAIHttpError, _error_body
 from deltaserve.server.security import AdapterPathPolicy
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -54,6 +55,7 @@ class ClusterConfig:
     replicas: int = 2
     max_adapters_per_replica: int = 8
     replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
     torch_threads: int | None = None  # per replica; None leaves torch's default
     # Ray Serve autoscaling_config (e.g. {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8});
     # when set, `replicas` is ignored.
@@ -276,10 +278,21 @@ _FORWARDED_HEADERS = ("content-type", "x-request-id", "x-request-timeout")
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(ingress_app)
 class OpenAIIngress:
-    def __init__(self, replicas: DeploymentHandle, catalog: DeploymentHandle, model_name: str) -> None:
+    def __init__(
+        self, replicas: DeploymentHandle, catalog: DeploymentHandle, model_name: str, admin_token: str | None
+    ) -> None:
         self.replicas = replicas
         self.catalog = catalog
         self.model_name = model_name
+        self._expected_auth = f"Bearer {admin_token}".encode() if admin_token else None
+
+    def _check_admin(self, request: HttpRequest) -> None:
+        """Registering and unregistering adapters need the admin token, as on a single server."""
+        if self._expected_auth is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self._expected_auth):
+            raise OpenAIHttpError(401, "adapter loading and unloading need 'Authorization: Bearer <admin token>'")
 
     async def _forward(self, request: HttpRequest) -> Response:
         body = await request.body()
@@ -329,6 +342,7 @@ class OpenAIIngress:
     @ingress_app.post("/v1/load_lora_adapter")
     async def load_adapter(self, request: HttpRequest) -> JSONResponse:
         try:
+            self._check_admin(request)
             body = await request.json()
             adapter_id, path = body["lora_name"], body["lora_path"]
             version = await self.catalog.register.remote(adapter_id, path, bool(body.get("load_inplace")))
@@ -340,6 +354,7 @@ class OpenAIIngress:
     @ingress_app.post("/v1/unload_lora_adapter")
     async def unload_adapter(self, request: HttpRequest) -> JSONResponse:
         try:
+            self._check_admin(request)
             adapter_id = (await request.json())["lora_name"]
             await self.catalog.unregister.remote(adapter_id)
         except Exception as err:
@@ -357,7 +372,7 @@ def build_app(config: ClusterConfig) -> serve.Application:
     """The Ray Serve application: catalog, replicas, ingress."""
     catalog = AdapterCatalog.bind(config.server.adapter_root, config.server.preload)
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         "max_ongoing_requests": config.max_ongoing_requests,
     }
     if config.autoscaling:
@@ -365,4 +380,55 @@ def build_app(config: ClusterConfig) -> serve.Application:
     else:
         options["num_replicas"] = config.replicas
     replicas = DeltaserveReplica.options(**options).bind(config, catalog)
-    return OpenAIIngress.bind(replicas, catalog, served_name(config.server.model))
+    return OpenAIIngress.bind(replicas, catalog, served_name(config.server.model), config.server.admin_token)
+
+
+def app_from_args(args: dict[str, str]) -> serve.Application:
+    """The application builder for `serve run` and Serve config files (deploy/ray/serve.yaml): `args` are
+    strings. Keys: model, replicas, max_adapters_per_replica, replica_cpus, replica_gpus, torch_threads,
+    max_replicas and target_ongoing_requests (autoscaling), adapter_root and adapter_dir (comma-separated),
+    preload (comma-separated id=path), and ServerConfig's numeric and text fields by name (max_seq_len, dtype...)."""
+    args = {name: str(value) for name, value in args.items()}  # a YAML config may give numbers
+    cluster = ClusterConfig()
+    for name, kind in (("replicas", int), ("max_adapters_per_replica", int), ("torch_threads", int)):
+        if name in args:
+            setattr(cluster, name, kind(args.pop(name)))
+    for name in ("replica_cpus", "replica_gpus"):
+        if name in args:
+            setattr(cluster, name, float(args.pop(name)))
+    if "max_replicas" in args:
+        cluster.autoscaling = {
+            "min_replicas": cluster.replicas,
+            "max_replicas": int(args.pop("max_replicas")),
+            "target_ongoing_requests": float(args.pop("target_ongoing_requests", "8")),
+        }
+    server = cluster.server
+    for name in ("adapter_root", "adapter_dir"):
+        setattr(server, name, [part for part in args.pop(name, "").split(",") if part])
+    for item in [part for part in args.pop("preload", "").split(",") if part]:
+        adapter_id, _, path = item.partition("=")
+        server.preload.append((adapter_id, path))
+    server.preload += _adapters_in(server.adapter_dir)
+    server.adapter_dir = []
+    types = {item.name: type(getattr(server, item.name)) for item in dataclasses.fields(ServerConfig)}
+    for name, value in args.items():
+        if name not in types:
+            raise ValueError(f"unknown deltaserve application argument {name!r}")
+        if name in ("metrics_port", "max_adapter_bytes"):  # int or None
+            value = int(value)
+        elif types[name] is bool:
+            value = value.lower() in ("1", "true", "yes")
+        elif types[name] not in (str, type(None)):
+            value = types[name](value)
+        setattr(server, name, value)
+    return build_app(cluster)
+
+
+def _adapters_in(directories: list[str]) -> list[tuple[str, str]]:
+    """(id, path) for every adapter directory directly under each of `directories`; the id is its name."""
+    found = []
+    for directory in directories:
+        for name in sorted(os.listdir(directory)):
+            if os.path.isfile(os.path.join(directory, name, "adapter_config.json")):
+                found.append((name, os.path.join(directory, name)))
+    return found

@@ -178,3 +178,20 @@ def test_a_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(clus
             break
         time.sleep(0.5)
     assert replicas.get("RUNNING", 0) == 2, replicas
+
+
+def test_the_serve_config_files_validate_and_build(tmp_path):
+    import yaml
+    from deltaserve.server.ray_serve import app_from_args
+    from ray.serve.schema import ServeDeploySchema
+
+    deploy = os.path.join(os.path.dirname(__file__), "..", "..", "deploy")
+    with open(os.path.join(deploy, "ray", "serve.yaml")) as file:
+        config = yaml.safe_load(file)
+    with open(os.path.join(deploy, "kubernetes", "rayservice.yaml")) as file:
+        kuberay = yaml.safe_load(yaml.safe_load(file)["spec"]["serveConfigV2"])
+    for each in (config, kuberay):
+        ServeDeploySchema.model_validate(each)
+        args = dict(each["applications"][0]["args"], adapter_dir=str(tmp_path), adapter_root=str(tmp_path))
+        assert each["applications"][0]["import_path"] == "deltaserve.server.ray_serve:app_from_args"
+        app_from_args(args)  # every argument is understood
