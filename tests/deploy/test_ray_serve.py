@@ -136,6 +136,42 @@ def test_outputs_match_a_single_server_and_requests_follow_their_adapter(cluster
         assert _complete(cluster, "base", prompt)[0] == reference[("base", prompt)]
 
 
+def _admin(base_url: str, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{base_url}{path}", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_registering_replacing_and_unregistering_reach_every_replica(cluster, reference, adapter_dirs):
+    prompt = PROMPTS[0]
+    assert (
+        _admin(cluster, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": adapter_dirs["lora0"]})[0] == 200
+    )
+    assert _complete(cluster, "extra", prompt)[0] == reference[("lora0", prompt)]
+    models = json.loads(urllib.request.urlopen(f"{cluster}/v1/models", timeout=30).read())
+    assert "extra" in [card["id"] for card in models["data"]]
+
+    status, _ = _admin(cluster, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": adapter_dirs["lora1"]})
+    assert status == 409  # registered already: replacing needs load_inplace
+    replace = {"lora_name": "extra", "lora_path": adapter_dirs["lora1"], "load_inplace": True}
+    assert _admin(cluster, "/v1/load_lora_adapter", replace)[0] == 200
+    for _ in range(4):  # whichever replica answers, it serves the new weights
+        assert _complete(cluster, "extra", prompt)[0] == reference[("lora1", prompt)]
+
+    assert _admin(cluster, "/v1/unload_lora_adapter", {"lora_name": "extra"})[0] == 200
+    for _ in range(4):
+        status, answer, _ = _post(cluster, "extra", prompt)
+        assert status == 404, answer
+        assert answer["error"]["code"] == "model_not_found"
+    outside = {"lora_name": "elsewhere", "lora_path": "/etc"}
+    assert _admin(cluster, "/v1/load_lora_adapter", outside)[0] == 403  # paths stay under the allowed roots
+
+
 def test_a_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(cluster, reference):
     home = {adapter: _complete(cluster, adapter, PROMPTS[0])[1]["x-deltaserve-replica"] for adapter in ADAPTERS}
     victim = home[ADAPTERS[0]]
