@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-deltaserve-replica"
 LOADS_HEADER = "x-deltaserve-adapter-loads"  # times the answering replica has loaded the request's adapter
+HIT_HEADER = "x-deltaserve-adapter-hit"  # 1: the adapter was already resident on the answering replica
 
 
 @dataclass
@@ -175,6 +176,7 @@ class DeltaserveReplica:
         """Serve one HTTP request with this replica's OpenAI front door. Yields a head dict (status, headers)
         first, then the body in chunks (one for a JSON answer, one per event for a stream)."""
         adapter_id = serve.get_multiplexed_model_id()
+        loads_before = self.loads[adapter_id]
         if adapter_id and adapter_id not in (*BASE_ALIASES, self.server.loaded.name):
             try:
                 await self._ensure_adapter(adapter_id)
@@ -186,7 +188,8 @@ class DeltaserveReplica:
             self.served[adapter_id] += 1
         async for item in self._asgi(method, path, headers, body):
             if isinstance(item, dict) and adapter_id:
-                item["headers"].append((LOADS_HEADER, str(self.loads[adapter_id])))
+                hit = "1" if self.loads[adapter_id] == loads_before else "0"  # found it resident here
+                item["headers"] += [(LOADS_HEADER, str(self.loads[adapter_id])), (HIT_HEADER, hit)]
             yield item
 
     async def _asgi(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> AsyncIterator:
