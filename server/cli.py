@@ -171,6 +171,12 @@ def add_cluster_subcommand(subparsers) -> None:
     cluster.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     cluster.add_argument("--host", default="127.0.0.1", help="Ray Serve HTTP proxy address (default 127.0.0.1)")
     cluster.add_argument("--http-port", type=int, default=8000, help="Ray Serve HTTP proxy port (default 8000)")
+    cluster.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="each replica serves its deltaserve /metrics on this port plus its rank on the node",
+    )
     cluster.add_argument("--replicas", type=int, default=2, help="deltaserve replicas (default 2)")
     cluster.add_argument(
         "--max-adapters-per-replica",

@@ -124,7 +124,9 @@ class DeltaserveReplica:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        server_config = dataclasses.replace(config.server, host="127.0.0.1", port=0, http_port=None, preload=[])
+        server_config = dataclasses.replace(
+            config.server, host="127.0.0.1", port=0, http_port=None, metrics_port=None, preload=[]
+        )
         self.server = await asyncio.to_thread(Server.create, server_config)
         await self.server.start()  # the engine, and this replica's own gRPC server on a loopback port
         self.front = OpenAIFrontDoor(
@@ -134,7 +136,17 @@ class DeltaserveReplica:
             max_request_bytes=server_config.max_request_bytes,
         )
         self.catalog = catalog
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.metrics_port = None
+        if config.server.metrics_port is not None:
+            # Replicas on one node take consecutive ports from --metrics-port, by their rank on the node.
+            port = config.server.metrics_port + context.rank.local_rank
+            try:
+                self.server.metrics.serve(port, config.server.host)
+                self.metrics_port = port
+            except OSError as err:
+                log.warning("replica %s cannot serve its metrics on port %d: %s", self.replica_id, port, err)
         self.loads: Counter[str] = Counter()  # adapter id -> times this replica loaded it
         self.served: Counter[str] = Counter()  # adapter id -> requests this replica served for it
 
@@ -249,6 +261,7 @@ class DeltaserveReplica:
         """This replica's id, the adapters it loaded (and how often) and served, and those resident now."""
         return {
             "replica": self.replica_id,
+            "metrics_port": self.metrics_port,
             "loads": dict(self.loads),
             "served": dict(self.served),
             "resident": [record.adapter_id for record in self.server.registry.list()],

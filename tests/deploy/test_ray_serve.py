@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 ADAPTERS = [f"lora{i}" for i in range(8)]
 MAX_SEQ_LEN = 128
+METRICS_PORT = [0]  # set by the cluster fixture
 LONG, LONG_TOKENS = "long", 110  # requests long enough to be in flight when a replica is killed
 
 
@@ -96,8 +98,10 @@ def cluster(tiny_dir, adapter_dirs):
     ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    server = _server_config(tiny_dir, adapter_dirs)
+    server.metrics_port = METRICS_PORT[0] = _free_port()  # replica k serves its metrics on this port + k
     config = ClusterConfig(
-        server=_server_config(tiny_dir, adapter_dirs),
+        server=server,
         replicas=2,
         max_adapters_per_replica=8,
         replica_cpus=1,
@@ -134,6 +138,16 @@ def test_outputs_match_a_single_server_and_requests_follow_their_adapter(cluster
                 assert headers["x-deltaserve-adapter-loads"] == "1", f"{adapter} was loaded again"
     for prompt in PROMPTS[:2]:
         assert _complete(cluster, "base", prompt)[0] == reference[("base", prompt)]
+
+    # Each replica's own deltaserve metrics show the same affinity: an adapter's requests on one replica only.
+    ports = [METRICS_PORT[0], METRICS_PORT[0] + 1]
+    served = {}
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+        served[port] = set(re.findall(r'deltaserve_requests_total\{adapter="(lora\d)"', text))
+    assert served[ports[0]] | served[ports[1]] == set(ADAPTERS), served
+    assert not served[ports[0]] & served[ports[1]], served
+    assert sorted(len(s) for s in served.values()) == sorted(list(home.values()).count(r) for r in set(home.values()))
 
 
 def _admin(base_url: str, path: str, body: dict) -> tuple[int, dict]:
