@@ -54,7 +54,7 @@ from types import ModuleType
 
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, Run, import_test_helpers, log, machine_info, ms_summary, pyplot, write_json
+from common import RESULTS, Run, import_test_helpers, log, machine_info, ms_summary, pyplot, save_figure, write_json
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -462,9 +462,7 @@ def write_plot(data: dict[str, object], path: Path) -> bool:
         fontsize=10,
     )
     fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -57,6 +57,7 @@ from common import (
     ms_summary,
     percentile,
     pyplot,
+    save_figure,
     write_json,
 )
 from deltaserve.client import AsyncClient, Client
@@ -577,9 +578,7 @@ def write_plot(data: dict[str, object], path: Path) -> bool:
         fontsize=10,
     )
     fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 

@@ -93,6 +93,13 @@ def pyplot() -> ModuleType | None:
     return plt
 
 
+def save_figure(figure: object, path: Path, dpi: int = 120) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+
+
 def write_json(data: dict[str, object], path: Path) -> None:
     """Write through a temporary file so an interrupted run never leaves half a result."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import transformers
 from adapter_files import clone_adapter, lora_bytes
-from common import RESULTS, log, machine_info, pyplot, write_json
+from common import RESULTS, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.server.adapter_registry import AdapterRegistry, DeviceSlots
 from deltaserve.server.engine import Engine, EngineConfig, Request, RequestOutput
@@ -375,9 +375,7 @@ def write_plot(summary: dict[str, dict], floors: dict[str, float], title: str, p
     ax.set_ylabel("generated tokens/s (median)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import transformers
 from adapter_files import adapter_set
-from common import RESULTS, import_test_helpers, log, machine_info, pyplot, write_json
+from common import RESULTS, import_test_helpers, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
@@ -149,9 +149,7 @@ def write_plot(rows: list[dict[str, object]], title: str, path: Path) -> bool:
     ax.set_ylim(0, max(max(bottom), *(r["rss_over_baseline"] / 1e6 for r in rows)) * 1.3)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter_files import lora_bytes
-from common import CHAT_PROMPTS, Run, log, pyplot
+from common import CHAT_PROMPTS, Run, log, pyplot, save_figure
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
@@ -262,7 +262,5 @@ def write_plot(summary: dict[str, dict[str, object]], x_key: str, x_label: str, 
     ax.set_ylabel("tokens/s relative to the base (same run)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

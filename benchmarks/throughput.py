@@ -40,7 +40,7 @@ from types import ModuleType
 import torch
 import transformers
 from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, Run, import_test_helpers, log, machine_info, pyplot, write_json
+from common import RESULTS, Run, import_test_helpers, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
@@ -327,9 +327,7 @@ def write_plot(measurements: list[Measurement], settings: Settings, path: Path) 
         f"{settings.new_tokens} tokens, K={settings.adapters} LoRA r={settings.rank}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -12,7 +12,6 @@ kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1), where `lor
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -27,10 +26,6 @@ except ImportError:  # the CPU install: no Triton, so no per-token kernels
 def available() -> bool:
     """Triton is installed and a CUDA device is present (the kernels are never picked otherwise)."""
     return triton is not None and torch.cuda.is_available()
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
