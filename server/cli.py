@@ -172,6 +172,12 @@ def add_cluster_subcommand(subparsers) -> None:
     cluster.add_argument("--host", default="127.0.0.1", help="Ray Serve HTTP proxy address (default 127.0.0.1)")
     cluster.add_argument("--http-port", type=int, default=8000, help="Ray Serve HTTP proxy port (default 8000)")
     cluster.add_argument(
+        "--grpc-port",
+        type=int,
+        default=50051,
+        help="Ray Serve gRPC proxy port for the deltaserve and TGIS gRPC APIs (default 50051; -1 turns it off)",
+    )
+    cluster.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -226,6 +232,7 @@ def run_serve_cluster(args: argparse.Namespace) -> int:
         return 2
     try:
         import ray
+        from deltaserve.server.ray_grpc import SERVICER_FUNCTIONS
         from deltaserve.server.ray_serve import ClusterConfig, _adapters_in, build_app
         from ray import serve
     except ImportError as err:
@@ -250,7 +257,10 @@ def run_serve_cluster(args: argparse.Namespace) -> int:
         autoscaling=autoscaling,
     )
     ray.init(address=args.address)
-    serve.start(http_options={"host": args.host, "port": args.http_port})
+    grpc_options = None
+    if args.grpc_port >= 0:
+        grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS}
+    serve.start(http_options={"host": args.host, "port": args.http_port}, grpc_options=grpc_options)
     serve.run(build_app(cluster), name="deltaserve", route_prefix="/", blocking=True)
     return 0
 

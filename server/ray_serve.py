@@ -9,11 +9,12 @@ Three deployments make the application (`build_app`):
   replica's registry (validated there like a LoadAdapter call); Ray Serve's LRU (`max_adapters_per_replica`)
   unloads the least recently used one. Requests run through the replica's own `OpenAIFrontDoor` app, called
   in-process over ASGI, so generation is `GenerationService.run` as in every other front door.
-- `OpenAIIngress` (Ray Serve's HTTP proxy routes here): reads `model` from the body and calls a replica with
-  `multiplexed_model_id=model`, so Ray Serve's router prefers replicas that already hold the adapter.
-  `/v1/models` and the load/unload endpoints are answered from the catalog.
+- `Ingress` (Ray Serve's HTTP proxy, and its gRPC proxy when started, route here): reads the adapter from the
+  request (`model` over HTTP; see `ray_grpc` for gRPC) and calls a replica with it as `multiplexed_model_id`, so
+  Ray Serve's router prefers replicas that already hold the adapter. Listing, registering and unregistering
+  adapters are answered from the catalog.
 
-Each response carries `x-deltaserve-replica` (the replica's id), which is how affinity is observed.
+Each HTTP response carries `x-deltaserve-replica` (the replica's id), which is how affinity is observed.
 """
 
 import asyncio
@@ -24,14 +25,17 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+from deltaserve.server.api import status_for
 from deltaserve.server.app import Server, ServerConfig
-from deltaserve.server.errors import AdapterExistsError, AdapterNotFoundError
+from deltaserve.server.errors import AdapterExistsError, AdapterNotFoundError, InvalidRequestError
 from deltaserve.server.model_loader import EMBEDDED_NAME
 from deltaserve.server.openai_http import BASE_ALIASES, OpenAIFrontDoor, OpenAIHttpError, _error_body
+from deltaserve.server.ray_grpc import GrpcIngressMethods
 from deltaserve.server.security import AdapterPathPolicy
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -62,6 +66,9 @@ class ClusterConfig:
     # when set, `replicas` is ignored.
     autoscaling: dict[str, Any] | None = None
     max_ongoing_requests: int = 32
+    # Route by adapter (Ray Serve multiplexing). False sends requests to any replica, the adapters still loaded
+    # on demand there; it exists to measure what affinity is worth (benchmarks/ray_replicas.py).
+    adapter_affinity: bool = True
 
 
 # ---- the shared adapter registry ---------------------------------------------------------------------
@@ -77,15 +84,16 @@ class AdapterCatalog:
         for adapter_id, path in preload:
             self.register(adapter_id, path)
 
-    def register(self, adapter_id: str, path: str, replace: bool = False) -> int:
+    def register(self, adapter_id: str, path: str, replace: bool = False) -> tuple[str, int]:
+        """Register (or with `replace`, re-point) an id; returns its resolved path and new version."""
         if not adapter_id:
-            raise AdapterNotFoundError("adapter_id must not be empty")
+            raise InvalidRequestError("adapter_id must not be empty")
         resolved = self.policy.resolve(path)  # PermissionDeniedError outside the roots
         if adapter_id in self.entries and not replace:
             raise AdapterExistsError(f"adapter {adapter_id!r} is already registered (replace it to change it)")
         self.version += 1
         self.entries[adapter_id] = (resolved, self.version)
-        return self.version
+        return resolved, self.version
 
     def unregister(self, adapter_id: str) -> None:
         if self.entries.pop(adapter_id, None) is None:
@@ -97,24 +105,27 @@ class AdapterCatalog:
     def ids(self) -> list[str]:
         return sorted(self.entries)
 
+    def entries_list(self) -> list[tuple[str, str]]:
+        """(id, resolved path) of every registered adapter, by id."""
+        return [(adapter_id, self.entries[adapter_id][0]) for adapter_id in sorted(self.entries)]
+
 
 # ---- one replica: one deltaserve engine ----------------------------------------------------------------
 class _ResidentAdapter:
-    """Ray Serve's multiplexed "model" for one adapter on one replica. Ray Serve calls `__del__` when its LRU
-    evicts the adapter; that unloads it from this replica's registry (once)."""
+    """Ray Serve's multiplexed "model" for one adapter on one replica. Ray Serve's LRU calls `__del__` when it
+    evicts the adapter (from an executor thread); the replica then unloads it once no request uses it."""
 
-    def __init__(self, server: Server, adapter_id: str, version: int) -> None:
-        self.server = server
+    def __init__(self, replica: "DeltaserveReplica", adapter_id: str) -> None:
+        self.replica = replica
         self.adapter_id = adapter_id
-        self.version = version
-        self.unloaded = False
+        self.evicted = False
 
     def __del__(self) -> None:
-        if self.unloaded:
+        if self.evicted:
             return
-        self.unloaded = True
-        with contextlib.suppress(Exception):  # already gone (unregistered, replaced) is fine
-            self.server.registry.unload(self.adapter_id)
+        self.evicted = True
+        with contextlib.suppress(RuntimeError):  # the replica's loop is gone: the process is ending anyway
+            self.replica.loop.call_soon_threadsafe(self.replica.release, self.adapter_id)
 
 
 @serve.deployment
@@ -124,11 +135,26 @@ class DeltaserveReplica:
             import torch
 
             torch.set_num_threads(config.torch_threads)
+        # The replica's own gRPC server listens on loopback only: the ingress reaches it through this replica, and
+        # adapter administration goes through the catalog (the ingress checks the admin token).
         server_config = dataclasses.replace(
-            config.server, host="127.0.0.1", port=0, http_port=None, metrics_port=None, preload=[]
+            config.server,
+            host="127.0.0.1",
+            port=0,
+            http_port=None,
+            metrics_port=None,
+            preload=[],
+            tls_cert=None,
+            tls_key=None,
+            admin_token=None,
         )
         self.server = await asyncio.to_thread(Server.create, server_config)
         await self.server.start()  # the engine, and this replica's own gRPC server on a loopback port
+        self.loop = asyncio.get_running_loop()
+        self.channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{self.server.port}",
+            options=[("grpc.max_send_message_length", server_config.max_request_bytes)],
+        )
         self.front = OpenAIFrontDoor(
             self.server.generation,
             self.server.adapters,
@@ -138,15 +164,10 @@ class DeltaserveReplica:
         self.catalog = catalog
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self.metrics_port = None
-        if config.server.metrics_port is not None:
-            # Replicas on one node take consecutive ports from --metrics-port, by their rank on the node.
-            port = config.server.metrics_port + context.rank.local_rank
-            try:
-                self.server.metrics.serve(port, config.server.host)
-                self.metrics_port = port
-            except OSError as err:
-                log.warning("replica %s cannot serve its metrics on port %d: %s", self.replica_id, port, err)
+        self.metrics_port = self._serve_metrics(config, context.rank.local_rank)
+        self.versions: dict[str, int] = {}  # adapter id -> the catalog version loaded here
+        self.in_use: Counter[str] = Counter()  # adapter id -> requests on this replica that use it now
+        self.evicted: set[str] = set()  # dropped by Ray's LRU while in use: unloaded when its last request ends
         self.loads: Counter[str] = Counter()  # adapter id -> times this replica loaded it
         self.served: Counter[str] = Counter()  # adapter id -> requests this replica served for it
 
@@ -156,53 +177,141 @@ class DeltaserveReplica:
         self._resident = serve.multiplexed(max_num_models_per_replica=config.max_adapters_per_replica)(_load_resident)
         log.info("replica %s serving %s", self.replica_id, self.server.loaded.name)
 
+    def _serve_metrics(self, config: ClusterConfig, local_rank: int) -> int | None:
+        """Replicas on one node take consecutive ports from --metrics-port, by their rank on the node."""
+        if config.server.metrics_port is None:
+            return None
+        port = config.server.metrics_port + local_rank
+        try:
+            self.server.metrics.serve(port, config.server.host)
+        except OSError as err:
+            log.warning("replica %s cannot serve its metrics on port %d: %s", self.replica_id, port, err)
+            return None
+        return port
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic probe: a replica whose engine stopped is replaced."""
+        if not self.server.engine.alive:
+            raise RuntimeError("the deltaserve engine of this replica has stopped")
+
+    # ---- adapters: loaded on demand, evicted by Ray Serve's LRU, never while a request uses them ----
     async def _load(self, adapter_id: str) -> _ResidentAdapter:
+        """Ray Serve's multiplexed loader: the first request for an adapter here (or after its eviction)."""
         entry = await self.catalog.lookup.remote(adapter_id)
         if entry is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-        path, version = entry
-        replace = any(record.adapter_id == adapter_id for record in self.server.registry.list())
-        await self.server.adapters.load(adapter_id, path, replace=replace)
+        self.evicted.discard(adapter_id)  # evicted but still in use: Ray Serve tracks it again, so it stays
+        await self._load_version(adapter_id, *entry)
+        return _ResidentAdapter(self, adapter_id)
+
+    async def _load_version(self, adapter_id: str, path: str, version: int) -> None:
+        if self.versions.get(adapter_id, 0) >= version:  # versions only grow: never step back to older weights
+            return
+        # A replaced adapter switches to the new weights; its running requests finish on the old ones.
+        await self.server.adapters.load(adapter_id, path, replace=adapter_id in self.versions)
+        self.versions[adapter_id] = version
         self.loads[adapter_id] += 1
         log.info("replica %s loaded adapter %r (version %d)", self.replica_id, adapter_id, version)
-        return _ResidentAdapter(self.server, adapter_id, version)
 
-    async def _ensure_adapter(self, adapter_id: str) -> None:
-        """Make `adapter_id` resident here at the catalog's current version; unknown ids are left for the front
-        door to refuse (404 model_not_found). Replace and unregister propagate through this check."""
-        try:
-            resident = await self._resident(adapter_id)
-        except AdapterNotFoundError:
-            return
+    async def _sync(self, adapter_id: str) -> None:
+        """Make `adapter_id` resident here at the catalog's current version. Unknown ids are left for the server
+        to refuse (NOT_FOUND / 404 model_not_found). Replace and unregister propagate through this check."""
         entry = await self.catalog.lookup.remote(adapter_id)
-        if entry is None:  # unregistered since it was loaded here
-            resident.__del__()
+        if entry is None:  # never registered, or unregistered since it was loaded here
+            self._unload(adapter_id)
             return
-        path, version = entry
-        if version != resident.version:  # replaced: the new weights, running requests finish on the old
-            await self.server.adapters.load(adapter_id, path, replace=True)
-            resident.version = version
-            self.loads[adapter_id] += 1
+        await self._resident(adapter_id)  # Ray Serve's LRU bookkeeping; loads on a miss
+        await self._load_version(adapter_id, *entry)  # a replaced adapter's new weights
 
-    async def forward(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> AsyncIterator:
-        """Serve one HTTP request with this replica's OpenAI front door. Yields a head dict (status, headers)
-        first, then the body in chunks (one for a JSON answer, one per event for a stream)."""
-        adapter_id = serve.get_multiplexed_model_id()
+    def release(self, adapter_id: str) -> None:
+        """Ray Serve's LRU evicted the adapter: unload it now, or when its last request here ends."""
+        if self.in_use[adapter_id]:
+            self.evicted.add(adapter_id)
+        else:
+            self._unload(adapter_id)
+
+    def _unload(self, adapter_id: str) -> None:
+        self.evicted.discard(adapter_id)
+        if self.versions.pop(adapter_id, None) is not None:
+            with contextlib.suppress(AdapterNotFoundError):
+                self.server.registry.unload(adapter_id)
+
+    async def _sync_all(self, adapter_ids: list[str]) -> None:
+        for adapter_id in adapter_ids:
+            await self._sync(adapter_id)
+            self.served[adapter_id] += 1
+
+    @contextlib.contextmanager
+    def _holding(self, adapter_ids: list[str]) -> Iterator[None]:
+        """Marks the adapters in use for one request: Ray Serve evicting one meanwhile waits for the request to
+        end, so a request never loses its adapter between being routed here and reaching the engine."""
+        for adapter_id in adapter_ids:
+            self.in_use[adapter_id] += 1
+        try:
+            yield
+        finally:
+            for adapter_id in adapter_ids:
+                self.in_use[adapter_id] -= 1
+                if not self.in_use[adapter_id]:
+                    del self.in_use[adapter_id]
+                    if adapter_id in self.evicted:
+                        self._unload(adapter_id)
+
+    # ---- requests ----
+    async def forward(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, adapter_id: str
+    ) -> AsyncIterator:
+        """Serve one HTTP request for `adapter_id` ("" for the base) with this replica's OpenAI front door. Yields
+        a head dict (status, headers) first, then the body in chunks (one for a JSON answer, one per event for a
+        stream)."""
+        adapters = [adapter_id] if adapter_id else []
         loads_before = self.loads[adapter_id]
-        if adapter_id and adapter_id not in (*BASE_ALIASES, self.server.loaded.name):
+        with self._holding(adapters):
             try:
-                await self._ensure_adapter(adapter_id)
-            except Exception as err:
+                await self._sync_all(adapters)
+            except Exception as err:  # e.g. the adapter's files no longer load
                 status, error = _error_body(err, "prompt", "max_tokens")
                 yield {"status": status, "headers": [(REPLICA_HEADER, self.replica_id)]}
                 yield json.dumps({"error": error}).encode()
                 return
-            self.served[adapter_id] += 1
-        async for item in self._asgi(method, path, headers, body):
-            if isinstance(item, dict) and adapter_id:
-                hit = "1" if self.loads[adapter_id] == loads_before else "0"  # found it resident here
-                item["headers"] += [(LOADS_HEADER, str(self.loads[adapter_id])), (HIT_HEADER, hit)]
-            yield item
+            async for item in self._asgi(method, path, headers, body):
+                if isinstance(item, dict) and adapter_id:
+                    hit = "1" if self.loads[adapter_id] == loads_before else "0"  # found it resident here
+                    item["headers"] += [(LOADS_HEADER, str(self.loads[adapter_id])), (HIT_HEADER, hit)]
+                yield item
+
+    async def grpc_unary(
+        self, path: str, payload: bytes, metadata: list[tuple[str, Any]], adapters: list[str]
+    ) -> tuple[str, str, bytes]:
+        """Replay one unary call on this replica's own gRPC server: (status name, details, response bytes)."""
+        with self._holding(adapters):
+            try:
+                await self._sync_all(adapters)
+                response = await self.channel.unary_unary(path)(payload, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                return err.code().name, err.details() or "", b""
+            except Exception as err:
+                return (*_status_of(err), b"")
+        return "OK", "", response
+
+    async def grpc_stream(
+        self, path: str, payload: bytes, metadata: list[tuple[str, Any]], adapters: list[str]
+    ) -> AsyncIterator[bytes | tuple[str, str]]:
+        """Replay one server-streaming call here: its messages' bytes, then (status name, details) if it failed."""
+        call = None
+        with self._holding(adapters):
+            try:
+                await self._sync_all(adapters)
+                call = self.channel.unary_stream(path)(payload, metadata=metadata)
+                async for message in call:
+                    yield message
+            except grpc.aio.AioRpcError as err:
+                yield err.code().name, err.details() or ""
+            except Exception as err:
+                yield _status_of(err)
+            finally:
+                if call is not None:
+                    call.cancel()  # ends the engine request too when the caller went away mid-stream
 
     async def _asgi(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> AsyncIterator:
         messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -274,6 +383,11 @@ class DeltaserveReplica:
         return generate_latest(self.server.metrics.registry)
 
 
+def _status_of(err: BaseException) -> tuple[str, str]:
+    """(gRPC status name, details) for an error raised on the replica outside its gRPC server."""
+    return status_for(err).name, str(err) or type(err).__name__
+
+
 # ---- the HTTP ingress -----------------------------------------------------------------------------------
 async def _after_head(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The body chunks; a replica lost once the head was sent ends the body early (an event stream then lacks
@@ -293,14 +407,31 @@ _FORWARDED_HEADERS = ("content-type", "x-request-id", "x-request-timeout")
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(ingress_app)
-class OpenAIIngress:
+class Ingress(GrpcIngressMethods):
+    """The application's entry: the OpenAI-compatible HTTP API (Ray Serve's HTTP proxy) and, when Serve's gRPC
+    proxy is started with `ray_grpc.SERVICER_FUNCTIONS`, deltaserve's and TGIS's gRPC APIs (`GrpcIngressMethods`).
+    """
+
     def __init__(
-        self, replicas: DeploymentHandle, catalog: DeploymentHandle, model_name: str, admin_token: str | None
+        self,
+        replicas: DeploymentHandle,
+        catalog: DeploymentHandle,
+        model_name: str,
+        admin_token: str | None,
+        adapter_affinity: bool = True,
     ) -> None:
         self.replicas = replicas
         self.catalog = catalog
         self.model_name = model_name
         self._expected_auth = f"Bearer {admin_token}".encode() if admin_token else None
+        self.adapter_affinity = adapter_affinity
+
+    def _replica_for(self, adapter_id: str, stream: bool = False) -> DeploymentHandle:
+        """The replicas' handle, routing to a replica that holds `adapter_id` where one does (Ray Serve
+        multiplexing: the router prefers replicas that reported the id as loaded)."""
+        if self.adapter_affinity and adapter_id:
+            return self.replicas.options(stream=stream, multiplexed_model_id=adapter_id)
+        return self.replicas.options(stream=stream)
 
     def _check_admin(self, request: HttpRequest) -> None:
         """Registering and unregistering adapters need the admin token, as on a single server."""
@@ -318,8 +449,9 @@ class OpenAIIngress:
             model = ""  # the replica's front door answers the malformed body
         adapter_id = "" if not isinstance(model, str) or model in (*BASE_ALIASES, self.model_name) else model
         headers = [(name, request.headers[name]) for name in _FORWARDED_HEADERS if name in request.headers]
-        handle = self.replicas.options(stream=True, multiplexed_model_id=adapter_id)
-        chunks = handle.forward.remote(request.method, request.url.path, headers, body)
+        chunks = self._replica_for(adapter_id, stream=True).forward.remote(
+            request.method, request.url.path, headers, body, adapter_id
+        )
         try:
             head = await chunks.__anext__()
         except (RayActorError, BackPressureError, DeploymentUnavailableError) as err:
@@ -361,7 +493,7 @@ class OpenAIIngress:
             self._check_admin(request)
             body = await request.json()
             adapter_id, path = body["lora_name"], body["lora_path"]
-            version = await self.catalog.register.remote(adapter_id, path, bool(body.get("load_inplace")))
+            _, version = await self.catalog.register.remote(adapter_id, path, bool(body.get("load_inplace")))
         except Exception as err:
             status, error = _error_body(err, "prompt", "max_tokens")
             return JSONResponse({"error": error}, status_code=status)
@@ -396,7 +528,9 @@ def build_app(config: ClusterConfig) -> serve.Application:
     else:
         options["num_replicas"] = config.replicas
     replicas = DeltaserveReplica.options(**options).bind(config, catalog)
-    return OpenAIIngress.bind(replicas, catalog, served_name(config.server.model), config.server.admin_token)
+    return Ingress.bind(
+        replicas, catalog, served_name(config.server.model), config.server.admin_token, config.adapter_affinity
+    )
 
 
 def app_from_args(args: dict[str, str]) -> serve.Application:
