@@ -1,5 +1,6 @@
 """Throughput of deltaserve on Ray Serve with 1 and with 2 replicas (same run, same machine), and the routing
-hit rate under a skewed (zipf) adapter popularity.
+hit rate under a skewed (zipf) adapter popularity; 2 replicas also without adapter affinity (requests routed to
+any replica, adapters loaded on demand there), which isolates what the routing is worth.
 
     python benchmarks/ray_replicas.py [--requests 160] [--adapters 16] [--per-replica 4]
 
@@ -7,7 +8,7 @@ A local Ray cluster is started; each replica is one deltaserve engine (server/ra
 greedy OpenAI completions through the Ray Serve HTTP proxy, `--concurrency` at a time, each naming an
 adapter drawn from a zipf(s) popularity. A "hit" is a request whose adapter was already resident on the
 replica that answered it (the x-deltaserve-adapter-hit header); with `--per-replica` below the number of
-adapters, a miss means a load (and an LRU eviction). Writes benchmarks/results/ray-replicas-cpu.json.
+adapters, a miss means a load (and an LRU eviction). Writes benchmarks/results/ray-replicas-cpu.json and .png.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[int, 
         return answer["usage"]["completion_tokens"], response.headers.get("x-deltaserve-adapter-hit") == "1"
 
 
-def run_one(args, model_dir: str, adapters: dict[str, str], replicas: int, traffic: list[str]) -> dict:
+def run_one(args, model_dir: str, adapters: dict[str, str], replicas: int, affinity: bool, traffic: list[str]) -> dict:
     from deltaserve.server.app import ServerConfig
     from deltaserve.server.ray_serve import ClusterConfig, build_app
     from ray import serve
@@ -62,6 +63,7 @@ def run_one(args, model_dir: str, adapters: dict[str, str], replicas: int, traff
         max_adapters_per_replica=args.per_replica,
         replica_cpus=1,
         torch_threads=max(1, (os.cpu_count() or 2) // replicas),
+        adapter_affinity=affinity,
     )
     serve.run(build_app(config), name="deltaserve", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
@@ -81,6 +83,7 @@ def run_one(args, model_dir: str, adapters: dict[str, str], replicas: int, traff
     hits = sum(hit for _, hit in results)
     return {
         "replicas": replicas,
+        "affinity": affinity,
         "requests": len(traffic),
         "seconds": seconds,
         "requests_per_s": len(traffic) / seconds,
@@ -118,18 +121,44 @@ def main() -> None:
     ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, logging_level="warning")
     serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config={"log_level": "WARNING"})
     runs = []
-    for replicas in (1, 2):
-        common.log(f"{replicas} replica(s): {args.requests} requests over {args.adapters} adapters (zipf {args.zipf})")
-        runs.append(run_one(args, model_dir, adapters, replicas, traffic))
+    for replicas, affinity in ((1, True), (2, True), (2, False)):
+        routing = "adapter-affine" if affinity else "any replica"
+        common.log(f"{replicas} replica(s), {routing}: {args.requests} requests over {args.adapters} adapters")
+        runs.append(run_one(args, model_dir, adapters, replicas, affinity, traffic))
     serve.shutdown()
     ray.shutdown()
 
-    print(f"{'replicas':>8} {'req/s':>8} {'tok/s':>8} {'hit rate':>9}")
+    base = runs[0]["tokens_per_s"]
+    print(f"{'replicas':>8} {'routing':>15} {'req/s':>8} {'tok/s':>8} {'vs 1':>6} {'hit rate':>9}")
     for run in runs:
-        print(f"{run['replicas']:>8} {run['requests_per_s']:>8.2f} {run['tokens_per_s']:>8.1f} {run['hit_rate']:>9.2f}")
+        routing = "adapter-affine" if run["affinity"] else "any replica"
+        run["vs_one_replica"] = run["tokens_per_s"] / base
+        print(
+            f"{run['replicas']:>8} {routing:>15} {run['requests_per_s']:>8.2f} {run['tokens_per_s']:>8.1f}"
+            f" {run['vs_one_replica']:>5.2f}x {run['hit_rate']:>9.2f}"
+        )
     settings = {k: v for k, v in vars(args).items() if k != "port"}
     result = {"benchmark": "ray_replicas", "machine": common.machine_info(), "settings": settings, "runs": runs}
     common.write_json(result, common.RESULTS / "ray-replicas-cpu.json")
+    plot(runs, common.RESULTS / "ray-replicas-cpu.png")
+
+
+def plot(runs: list[dict], path) -> None:
+    plt = common.pyplot()
+    if plt is None:
+        return
+    labels = [
+        f"{run['replicas']} replica{'s' if run['replicas'] > 1 else ''}\n" + ("affine" if run["affinity"] else "any")
+        for run in runs
+    ]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.bar(labels, [run["tokens_per_s"] for run in runs], color="tab:blue")
+    left.set_ylabel("generated tokens/s")
+    right.bar(labels, [run["hit_rate"] for run in runs], color="tab:green")
+    right.set_ylabel("adapter already resident (hit rate)")
+    right.set_ylim(0, 1)
+    figure.suptitle("deltaserve on Ray Serve, zipf adapter popularity (same run)")
+    common.save_figure(figure, path)
 
 
 if __name__ == "__main__":
