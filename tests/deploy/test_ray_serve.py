@@ -33,6 +33,8 @@ ADAPTERS = [f"lora{i}" for i in range(8)]
 MAX_SEQ_LEN = 128
 METRICS_PORT = [0]  # set by the `deployed` fixture
 SMALL_METRICS_PORT = [0]  # set by the `small` fixture
+RAY_METRICS_PORT = [0]  # set by the `ray_cluster` fixture
+DEPLOY = os.path.join(os.path.dirname(__file__), "..", "..", "deploy")
 LORA_LOADS = r'deltaserve_adapter_loads_total\{kind="lora",result="ok"\} (\S+)'
 RESIDENT = r"deltaserve_adapters_resident\{tier=\"[a-z]+\"\} (\S+)"
 LONG, LONG_TOKENS = "long", 110  # requests long enough to be in flight when a replica is killed
@@ -133,7 +135,8 @@ def ray_cluster(tiny_dir, adapter_dirs):
     from deltaserve.server.ray_grpc import SERVICER_FUNCTIONS
 
     started = time.monotonic()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
+    RAY_METRICS_PORT[0] = _free_port()  # Ray's own metrics (Ray Serve's included), as `ray start --metrics-export-port`
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", _metrics_export_port=RAY_METRICS_PORT[0])
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
@@ -337,6 +340,41 @@ def test_a_streamed_completion_through_the_cluster_equals_the_single_server(clus
     texts = [json.loads(event)["choices"][0]["text"] for event in events[:-1]]
     assert len(texts) > 1
     assert "".join(texts) == reference[("lora3", PROMPTS[0])]
+
+
+def test_one_prometheus_config_scrapes_every_replica_and_ray_serve_multiplexing(deployed, tmp_path):
+    """deploy/ray/prometheus.yml as shipped, with this test's ports: each replica's deltaserve series (one
+    `instance` per replica) and Ray Serve's multiplexing series come back from one real Prometheus."""
+    import yaml
+
+    from tests.deploy.test_prometheus import Prometheus, _binary
+
+    binary = _binary("prometheus")
+    with open(os.path.join(DEPLOY, "ray", "prometheus.yml")) as file:
+        config = yaml.safe_load(file)
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    replicas = [f"127.0.0.1:{METRICS_PORT[0] + rank}" for rank in (0, 1)]
+    jobs["deltaserve"]["static_configs"] = [{"targets": replicas}]
+    # What the Ray head writes to its service discovery file (with the dashboard on): the nodes' export ports.
+    discovery = tmp_path / "prom_metrics_service_discovery.json"
+    discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{RAY_METRICS_PORT[0]}"]}]))
+    jobs["ray"]["file_sd_configs"] = [{"files": [str(discovery)]}]
+    prometheus = Prometheus(binary, "", tmp_path, config_text=yaml.safe_dump(config))
+    try:
+        per_replica = 'sum by (instance) (deltaserve_requests_total{job="deltaserve", adapter=~"lora.*"})'
+        prometheus.wait(lambda: len(prometheus.query(per_replica)["data"]["result"]) == 2, "replicas not scraped")
+        assert {series["metric"]["instance"] for series in prometheus.query(per_replica)["data"]["result"]} == set(
+            replicas
+        )
+        resident = 'ray_serve_num_multiplexed_models{job="ray", application="deltaserve"}'
+        prometheus.wait(lambda: len(prometheus.query(resident)["data"]["result"]) == 2, "no Ray Serve series", 90)
+        for series in prometheus.query(resident)["data"]["result"]:
+            assert float(series["value"][1]) >= 1, series  # each replica holds adapters (Ray Serve's own count)
+        loads = 'sum({__name__=~"ray_serve_multiplexed_models_load_counter(_total)?", application="deltaserve"})'
+        assert prometheus.scalar(loads) >= len(ADAPTERS)
+    finally:
+        prometheus.stop()
 
 
 def test_a_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(cluster, reference):
