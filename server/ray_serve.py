@@ -458,10 +458,12 @@ class Ingress(GrpcIngressMethods):
             # The replica died (or none can take the request now): nothing was generated for the caller, who
             # may retry; Ray Serve restarts the replica and routes retries to live ones.
             log.warning("request failed on its replica: %s", type(err).__name__)
+            actor = getattr(err, "actor_id", None)  # the lost replica's Ray actor, for the operator
+            lost = f"{type(err).__name__}, actor {actor}" if actor else type(err).__name__
             return JSONResponse(
                 {
                     "error": {
-                        "message": f"the replica serving this request is unavailable ({type(err).__name__}); retry",
+                        "message": f"the replica serving this request is unavailable ({lost}); retry",
                         "type": "service_unavailable_error",
                         "param": None,
                         "code": "unavailable",

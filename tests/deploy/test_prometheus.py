@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "deltaserve.json"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 # Values for the Grafana variables the dashboard uses.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$adapter": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$adapter": ".*", "$replica": ".*"}
 
 
 def _binary(name: str) -> str:
