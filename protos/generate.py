@@ -2,7 +2,9 @@
 
 protos/deltaserve/v1 -> client/v1 and protos/fmaas (the TGIS-compatible API) -> client/fmaas. A generated
 gRPC module imports its messages by proto package (`deltaserve.v1`, `fmaas`); the modules live in the client
-package, so that import is rewritten to `deltaserve.client.v1` / `deltaserve.client.fmaas`.
+package, so that import is rewritten to `deltaserve.client.v1` / `deltaserve.client.fmaas`. Likewise the module
+name a message module gives its classes (their `__module__`), so that pickle finds them: Ray Serve's gRPC proxy
+pickles each request on its way to the deployment.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> int:
         for generated in sorted((staging / package_dir).glob("*.py*")):
             text = generated.read_text()
             text = text.replace(f"from {proto_import} import", f"from {import_path} import")
+            text = text.replace(f"'{proto_import}.{generated.stem}'", f"'{import_path}.{generated.stem}'")
             (out_dir / generated.name).write_text(text)
             print(f"wrote {(out_dir / generated.name).relative_to(ROOT)}")
     return 0

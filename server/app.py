@@ -151,6 +151,8 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.generation: GenerationService | None = None  # set by start(); every front door generates through it
+        self.adapters: AdaptersService | None = None
         self.http = None  # the OpenAIFrontDoor when --http-port is set
         self.http_port: int | None = None
 
@@ -218,8 +220,8 @@ class Server:
         builder = RequestBuilder(
             self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
         )
-        generation = GenerationService(self.engine, builder, self.model_info)
-        adapters = AdaptersService(self.engine, self.metrics, self.merges)
+        generation = self.generation = GenerationService(self.engine, builder, self.model_info)
+        adapters = self.adapters = AdaptersService(self.engine, self.metrics, self.merges)
         pb_grpc.add_GenerationServicer_to_server(generation, server)
         pb_grpc.add_AdaptersServicer_to_server(adapters, server)
         # TGIS's fmaas.GenerationService: a front door onto the same GenerationService (open like Generation)

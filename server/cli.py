@@ -24,11 +24,6 @@ def add_serve_subcommand(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="start the gRPC server", description="Start the deltaserve gRPC server on a base model."
     )
-    serve.add_argument(
-        "--model",
-        default=None,
-        help="a local Hugging Face causal-LM directory (default: embedded SmolLM2-135M-Instruct)",
-    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
@@ -37,6 +32,17 @@ def add_serve_subcommand(subparsers) -> None:
         type=int,
         default=None,
         help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) here",
+    )
+    add_engine_flags(serve)
+    add_cluster_subcommand(subparsers)
+
+
+def add_engine_flags(serve: argparse.ArgumentParser) -> None:
+    """The flags named after ServerConfig's model, engine and adapter fields (`serve` and `serve-cluster`)."""
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face causal-LM directory (default: embedded SmolLM2-135M-Instruct)",
     )
     serve.add_argument(
         "--metrics-max-adapters",
@@ -156,22 +162,117 @@ def add_serve_subcommand(subparsers) -> None:
     serve.add_argument("--log-level", default="INFO")
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from deltaserve.server.app import Server, ServerConfig  # torch is imported only when serving
-    from deltaserve.server.errors import DeltaserveServerError
+def add_cluster_subcommand(subparsers) -> None:
+    cluster = subparsers.add_parser(
+        "serve-cluster",
+        help="serve on Ray Serve: N replicas, adapter-affine routing, one OpenAI-compatible endpoint",
+        description="Run deltaserve as a Ray Serve application (server/ray_serve.py; needs the 'cluster' extra).",
+    )
+    cluster.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    cluster.add_argument("--host", default="127.0.0.1", help="Ray Serve HTTP proxy address (default 127.0.0.1)")
+    cluster.add_argument("--http-port", type=int, default=8000, help="Ray Serve HTTP proxy port (default 8000)")
+    cluster.add_argument(
+        "--grpc-port",
+        type=int,
+        default=50051,
+        help="Ray Serve gRPC proxy port for the deltaserve and TGIS gRPC APIs (default 50051; -1 turns it off)",
+    )
+    cluster.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="each replica serves its deltaserve /metrics on this port plus its rank on the node",
+    )
+    cluster.add_argument("--replicas", type=int, default=2, help="deltaserve replicas (default 2)")
+    cluster.add_argument(
+        "--max-adapters-per-replica",
+        type=int,
+        default=8,
+        help="adapters one replica keeps loaded; the least recently used is unloaded for a new one",
+    )
+    cluster.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    cluster.add_argument("--replica-gpus", type=float, default=0.0, help="Ray GPUs reserved per replica")
+    cluster.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica")
+    cluster.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        help="autoscale between --replicas and this many replicas on queue depth (Ray Serve autoscaling)",
+    )
+    cluster.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=8.0,
+        help="with --max-replicas: requests in flight per replica that the autoscaler aims for",
+    )
+    add_engine_flags(cluster)
+
+
+def _server_config(args: argparse.Namespace):
+    """ServerConfig from the parsed flags, or None after printing why they are refused."""
+    from deltaserve.server.app import ServerConfig  # torch is imported only when serving
 
     positive = ("max_batch_size", "max_seq_len", "max_adapters", "max_lora_rank", "max_bottleneck_size")
     for name in (*positive, "default_max_new_tokens"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
+            return None
     # Flags are named after ServerConfig's fields; only the grace period is spelled differently.
     names = {field.name for field in dataclasses.fields(ServerConfig)}
-    config = ServerConfig(
+    return ServerConfig(
         **{name: value for name, value in vars(args).items() if name in names},
         shutdown_grace_seconds=args.shutdown_grace,
     )
+
+
+def run_serve_cluster(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _server_config(args)
+    if config is None:
+        return 2
+    try:
+        import ray
+        from deltaserve.server.ray_grpc import SERVICER_FUNCTIONS
+        from deltaserve.server.ray_serve import ClusterConfig, _adapters_in, build_app
+        from ray import serve
+    except ImportError as err:
+        print(f"error: serve-cluster needs Ray Serve (pip install 'deltaserve[cluster]'): {err}", file=sys.stderr)
+        return 1
+    config.preload = [*config.preload, *_adapters_in(config.adapter_dir)]
+    config.adapter_dir = []
+    autoscaling = None
+    if args.max_replicas is not None:
+        autoscaling = {
+            "min_replicas": args.replicas,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+        }
+    cluster = ClusterConfig(
+        server=config,
+        replicas=args.replicas,
+        max_adapters_per_replica=args.max_adapters_per_replica,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
+        torch_threads=args.torch_threads,
+        autoscaling=autoscaling,
+    )
+    ray.init(address=args.address)
+    grpc_options = None
+    if args.grpc_port >= 0:
+        grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS}
+    serve.start(http_options={"host": args.host, "port": args.http_port}, grpc_options=grpc_options)
+    serve.run(build_app(cluster), name="deltaserve", route_prefix="/", blocking=True)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deltaserve.server.app import Server
+    from deltaserve.server.errors import DeltaserveServerError
+
+    config = _server_config(args)
+    if config is None:
+        return 2
     try:
         server = Server.create(config)
         asyncio.run(server.serve_until_signalled())
@@ -186,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "serve-cluster":
+        return run_serve_cluster(args)
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2

@@ -160,6 +160,11 @@ class Engine:
         return future.result(timeout)
 
     @property
+    def alive(self) -> bool:
+        """The engine thread runs (it ends on stop, or if a step raised outside any request)."""
+        return self._thread.is_alive()
+
+    @property
     def merged_slot(self) -> int:
         return self.merged.slot if self.merged is not None else -1
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "deltaserve.json"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 # Values for the Grafana variables the dashboard uses.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$adapter": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$adapter": ".*", "$replica": ".*"}
 
 
 def _binary(name: str) -> str:
@@ -45,10 +45,12 @@ def _free_port() -> int:
 
 
 class Prometheus:
-    def __init__(self, binary: str, scrape_target: str, workdir: Path) -> None:
+    def __init__(self, binary: str, scrape_target: str, workdir: Path, config_text: str | None = None) -> None:
+        """Scrapes `scrape_target` every second as job `deltaserve`, or runs `config_text` when given."""
         config = workdir / "prometheus.yml"
         config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            config_text
+            or "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             f"scrape_configs:\n  - job_name: deltaserve\n    static_configs:\n      - targets: ['{scrape_target}']\n"
         )
         self.port = _free_port()
