@@ -85,7 +85,7 @@ def _eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
 
 
-def _adapters_under(directories: list[str]) -> list[tuple[str, str]]:
+def adapters_under(directories: list[str]) -> list[tuple[str, str]]:
     """(id, path) for every adapter directory directly under each of `directories`; the id is its name."""
     found = []
     for directory in directories:
@@ -208,7 +208,7 @@ class Server:
     async def start(self) -> int:
         """Start the engine and the gRPC server; returns the bound port. Health turns SERVING at the end."""
         await asyncio.to_thread(self.warm_up)
-        for adapter_id, path in [*self.config.preload, *_adapters_under(self.config.adapter_dir)]:
+        for adapter_id, path in [*self.config.preload, *adapters_under(self.config.adapter_dir)]:
             record = await asyncio.to_thread(self.registry.load, adapter_id, path)
             log.info("registered adapter %r (%s) from %s", adapter_id, record.state.value, path)
         self.engine.start()

@@ -232,21 +232,18 @@ def run_serve_cluster(args: argparse.Namespace) -> int:
         return 2
     try:
         import ray
+        from deltaserve.server.app import adapters_under
         from deltaserve.server.ray_grpc import SERVICER_FUNCTIONS
-        from deltaserve.server.ray_serve import ClusterConfig, _adapters_in, build_app
+        from deltaserve.server.ray_serve import ClusterConfig, autoscaling_config, build_app
         from ray import serve
     except ImportError as err:
         print(f"error: serve-cluster needs Ray Serve (pip install 'deltaserve[cluster]'): {err}", file=sys.stderr)
         return 1
-    config.preload = [*config.preload, *_adapters_in(config.adapter_dir)]
+    config.preload = [*config.preload, *adapters_under(config.adapter_dir)]
     config.adapter_dir = []
     autoscaling = None
     if args.max_replicas is not None:
-        autoscaling = {
-            "min_replicas": args.replicas,
-            "max_replicas": args.max_replicas,
-            "target_ongoing_requests": args.target_ongoing_requests,
-        }
+        autoscaling = autoscaling_config(args.replicas, args.max_replicas, args.target_ongoing_requests)
     cluster = ClusterConfig(
         server=config,
         replicas=args.replicas,

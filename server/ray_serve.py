@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 from deltaserve.server.api import status_for
-from deltaserve.server.app import Server, ServerConfig
+from deltaserve.server.app import Server, ServerConfig, adapters_under
 from deltaserve.server.errors import AdapterExistsError, AdapterNotFoundError, InvalidRequestError
 from deltaserve.server.model_loader import EMBEDDED_NAME
 from deltaserve.server.openai_http import BASE_ALIASES, OpenAIFrontDoor, OpenAIHttpError, _error_body
@@ -518,6 +518,15 @@ def served_name(model: str | None) -> str:
     return EMBEDDED_NAME if model is None else os.path.basename(os.path.normpath(model))
 
 
+def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing_requests: float) -> dict[str, Any]:
+    """Ray Serve's autoscaling_config scaling on queue depth: requests in flight per replica."""
+    return {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": target_ongoing_requests,
+    }
+
+
 def build_app(config: ClusterConfig) -> serve.Application:
     """The Ray Serve application: catalog, replicas, ingress."""
     catalog = AdapterCatalog.bind(config.server.adapter_root, config.server.preload)
@@ -549,18 +558,16 @@ def app_from_args(args: dict[str, str]) -> serve.Application:
         if name in args:
             setattr(cluster, name, float(args.pop(name)))
     if "max_replicas" in args:
-        cluster.autoscaling = {
-            "min_replicas": cluster.replicas,
-            "max_replicas": int(args.pop("max_replicas")),
-            "target_ongoing_requests": float(args.pop("target_ongoing_requests", "8")),
-        }
+        max_replicas = int(args.pop("max_replicas"))
+        target = float(args.pop("target_ongoing_requests", "8"))
+        cluster.autoscaling = autoscaling_config(cluster.replicas, max_replicas, target)
     server = cluster.server
     for name in ("adapter_root", "adapter_dir"):
         setattr(server, name, [part for part in args.pop(name, "").split(",") if part])
     for item in [part for part in args.pop("preload", "").split(",") if part]:
         adapter_id, _, path = item.partition("=")
         server.preload.append((adapter_id, path))
-    server.preload += _adapters_in(server.adapter_dir)
+    server.preload += adapters_under(server.adapter_dir)
     server.adapter_dir = []
     types = {item.name: type(getattr(server, item.name)) for item in dataclasses.fields(ServerConfig)}
     for name, value in args.items():
@@ -574,13 +581,3 @@ def app_from_args(args: dict[str, str]) -> serve.Application:
             value = types[name](value)
         setattr(server, name, value)
     return build_app(cluster)
-
-
-def _adapters_in(directories: list[str]) -> list[tuple[str, str]]:
-    """(id, path) for every adapter directory directly under each of `directories`; the id is its name."""
-    found = []
-    for directory in directories:
-        for name in sorted(os.listdir(directory)):
-            if os.path.isfile(os.path.join(directory, name, "adapter_config.json")):
-                found.append((name, os.path.join(directory, name)))
-    return found
