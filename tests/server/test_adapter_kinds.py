@@ -25,7 +25,13 @@ from tests.kinds import (
     make_bottleneck,
     make_peft_adapter,
 )
-from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
+from tests.references import (
+    assert_logprobs_close,
+    greedy_reference,
+    load_reference_model,
+    soft_prompt_greedy,
+    tokenizer_for,
+)
 
 MAX_NEW = 10
 EXPECTED_KIND = {
@@ -147,30 +153,6 @@ def stack_reference_model(model_dir: str, dirs: dict[str, str], members: tuple[s
     return model.eval()
 
 
-@torch.inference_mode()
-def greedy_with_soft_prompt(model, soft_model, prompt_ids: list[int], max_new: int):
-    """Greedy decoding, recomputing every step, with PEFT's own soft prompt in front: a prefix model's
-    get_prompt() as the KV cache (positions start after it), or a prompt-tuning model's virtual embeddings
-    prepended to the input embeddings."""
-    ids, logprobs = list(prompt_ids), []
-    config = soft_model.peft_config["default"]
-    count = config.num_virtual_tokens
-    for _ in range(max_new):
-        tokens = torch.tensor([ids])
-        if config.peft_type.value == "PREFIX_TUNING":
-            mask = torch.ones(1, count + len(ids), dtype=torch.long)
-            logits = model(input_ids=tokens, past_key_values=soft_model.get_prompt(1), attention_mask=mask).logits
-        else:
-            virtual = soft_model.get_prompt(1)
-            embeds = torch.cat([virtual, model.get_input_embeddings()(tokens)], dim=1)
-            logits = model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits
-        step = logits[0, -1].float().log_softmax(-1)
-        token = int(step.argmax())
-        ids.append(token)
-        logprobs.append(step[token].item())
-    return ids[len(prompt_ids) :], logprobs
-
-
 @pytest.mark.parametrize("members", STACKS, ids="+".join)
 def test_stack_equals_the_reference_composition(server, tiny_dir, kind_dirs, references, members):
     tokenizer = tokenizer_for(tiny_dir)
@@ -181,7 +163,7 @@ def test_stack_equals_the_reference_composition(server, tiny_dir, kind_dirs, ref
     for i in range(2):
         ids = tokenizer(PROMPTS[i])["input_ids"]
         if soft_model is not None:
-            expected_ids, expected_logprobs = greedy_with_soft_prompt(model, soft_model, ids, MAX_NEW)
+            expected_ids, expected_logprobs = soft_prompt_greedy(model, soft_model, ids, MAX_NEW)
         else:
             expected = greedy_reference(model, tokenizer, ids, MAX_NEW)
             expected_ids, expected_logprobs = expected.token_ids, expected.logprobs
