@@ -73,7 +73,9 @@ def test_mixed_batch_matches_references_and_isolated_runs(server, references, lo
         assert result.token_ids == expected.token_ids[:max_new], job
         assert_logprobs_close(result.logprobs, expected.logprobs[:max_new])
         assert result.token_ids == isolated[job].token_ids
-        assert_logprobs_close(result.logprobs, isolated[job].logprobs, rtol=1e-5, atol=1e-6)
+        # The project's fp32 CPU tolerance: batch size changes the GEMM blocking, and with it the summation order
+        # (seen as 1.8e-5 relative on one logprob of twelve on this machine's Xeon).
+        assert_logprobs_close(result.logprobs, isolated[job].logprobs, rtol=1e-4, atol=1e-5)
     with Client(server.target) as client:
         served = {info.adapter_id: info for info in client.list_adapters()}
     assert all(info.active_requests == 0 for info in served.values())
