@@ -57,7 +57,7 @@ from common import CHAT_PROMPTS as PROMPTS
 from common import RESULTS, Run, import_test_helpers, log, machine_info, ms_summary, pyplot, save_figure, write_json
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
-from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 CALL_TIMEOUT_S = 1800.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark

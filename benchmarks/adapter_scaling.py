@@ -31,7 +31,7 @@ import transformers
 from adapter_files import adapter_set
 from common import RESULTS, import_test_helpers, machine_info, write_json
 from deltaserve.server.app import ServerConfig
-from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from server_batches import BASE, Config, max_seq_len_for, summarize, sweep, table, write_plot
 from transformers import AutoTokenizer
 

@@ -51,12 +51,13 @@ import transformers
 from adapter_files import clone_adapter, lora_bytes
 from common import RESULTS, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.adapters import tensor_bytes
-from deltaserve.server.adapter_registry import AdapterRegistry, DeviceSlots
-from deltaserve.server.engine import Engine, EngineConfig, Request, RequestOutput
+from deltaserve.server.engine.engine import Engine, EngineConfig
+from deltaserve.server.engine.request import Request, RequestOutput
+from deltaserve.server.engine.sampling import SamplingParams
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.model_loader import embedded_model_dir
-from deltaserve.server.runner import ModelRunner
-from deltaserve.server.sampling import SamplingParams
+from deltaserve.server.model.loader import embedded_model_dir
+from deltaserve.server.model.runner import ModelRunner
+from deltaserve.server.residency.registry import AdapterRegistry, DeviceSlots
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 LLAMA3_8B = dict(

@@ -35,7 +35,7 @@ from adapter_files import adapter_set
 from common import RESULTS, import_test_helpers, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
-from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 
 CALL_TIMEOUT_S = 600.0
 UNLOADED = "unloaded"

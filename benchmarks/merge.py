@@ -74,7 +74,7 @@ from common import (
 )
 from deltaserve.client import AsyncClient, Client
 from deltaserve.server.app import ServerConfig
-from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 CALL_TIMEOUT_S = 600.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark

@@ -4,7 +4,7 @@ any replica, adapters loaded on demand there), which isolates what the routing i
 
     python benchmarks/ray_replicas.py [--requests 160] [--adapters 16] [--per-replica 4]
 
-A local Ray cluster is started; each replica is one deltaserve engine (server/ray_serve.py). Requests are
+A local Ray cluster is started; each replica is one deltaserve engine (server/cluster/ray_serve.py). Requests are
 greedy OpenAI completions through the Ray Serve HTTP proxy, `--concurrency` at a time, each naming an
 adapter drawn from a zipf(s) popularity. A "hit" is a request whose adapter was already resident on the
 replica that answered it (the x-deltaserve-adapter-hit header); with `--per-replica` below the number of
@@ -47,7 +47,7 @@ def _complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[int, 
 
 def run_one(args, model_dir: str, adapters: dict[str, str], replicas: int, affinity: bool, traffic: list[str]) -> dict:
     from deltaserve.server.app import ServerConfig
-    from deltaserve.server.ray_serve import ClusterConfig, build_app
+    from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
     from ray import serve
 
     config = ClusterConfig(
@@ -105,7 +105,7 @@ def main() -> None:
     args.port = args.port or _free_port()
 
     import ray
-    from deltaserve.server.model_loader import embedded_model_dir
+    from deltaserve.server.model.loader import embedded_model_dir
     from ray import serve
 
     helpers = common.import_test_helpers()

@@ -27,7 +27,7 @@ import time
 
 from common import CHAT_PROMPTS, REPO, RESULTS, import_test_helpers, log, machine_info, make_adapter, write_json
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 
 # How the old build is imported: a `deltaserve` package whose subpackages are the revision's folders.
 SHIM = """

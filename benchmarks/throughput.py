@@ -44,7 +44,7 @@ from common import RESULTS, Run, import_test_helpers, log, machine_info, pyplot,
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
 from deltaserve.server.app import ServerConfig
-from deltaserve.server.model_loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 SERVER_BASE = "server-base"

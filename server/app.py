@@ -15,16 +15,16 @@ from deltaserve.client.fmaas import generation_pb2 as tgis_pb
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.adapter_registry import AdapterRegistry, DeviceSlots
-from deltaserve.server.api import AdaptersService, GenerationService, RequestBuilder
-from deltaserve.server.engine import Engine, EngineConfig
+from deltaserve.server.engine.engine import Engine, EngineConfig
+from deltaserve.server.engine.merge import AutoMergePolicy, MergeController
 from deltaserve.server.errors import ModelLoadError
-from deltaserve.server.merge import AutoMergePolicy, MergeController
+from deltaserve.server.frontends.auth import AdapterPathPolicy, AdminTokenInterceptor
+from deltaserve.server.frontends.grpc_api import AdaptersService, GenerationService, RequestBuilder
+from deltaserve.server.frontends.tgis import TgisGenerationService
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.model_loader import LoadedModel, load_model
-from deltaserve.server.runner import NO_ADAPTERS, ModelRunner
-from deltaserve.server.security import AdapterPathPolicy, AdminTokenInterceptor
-from deltaserve.server.tgis import TgisGenerationService
+from deltaserve.server.model.loader import LoadedModel, load_model
+from deltaserve.server.model.runner import NO_ADAPTERS, ModelRunner
+from deltaserve.server.residency.registry import AdapterRegistry, DeviceSlots
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,7 +38,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
-    http_port: int | None = None  # the OpenAI-compatible HTTP front door (server/openai_http.py); off if None
+    http_port: int | None = None  # the OpenAI-compatible HTTP front door (server/frontends/openai_http.py); off if None
     dtype: str = "auto"
     device: str = "auto"
     quantize: str = "none"
@@ -59,7 +59,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_request_bytes: int = 4 * 1024 * 1024
-    merge_policy: str = "off"  # "auto": merge the adapter that carries nearly all traffic (server/merge.py)
+    merge_policy: str = "off"  # "auto": merge the adapter that carries nearly all traffic (server/engine/merge.py)
     merge_window_requests: int = 32
     shutdown_grace_seconds: float = 30.0
     metrics_max_adapters: int = 64
@@ -254,7 +254,7 @@ class Server:
         return self.port
 
     async def _start_http(self, generation: GenerationService, adapters: AdaptersService) -> None:
-        from deltaserve.server.openai_http import OpenAIFrontDoor  # FastAPI is imported only when used
+        from deltaserve.server.frontends.openai_http import OpenAIFrontDoor  # FastAPI is imported only when used
 
         self.http = OpenAIFrontDoor(
             generation,

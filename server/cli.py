@@ -166,7 +166,7 @@ def add_cluster_subcommand(subparsers) -> None:
     cluster = subparsers.add_parser(
         "serve-cluster",
         help="serve on Ray Serve: N replicas, adapter-affine routing, one OpenAI-compatible endpoint",
-        description="Run deltaserve as a Ray Serve application (server/ray_serve.py; needs the 'cluster' extra).",
+        description="Run deltaserve as a Ray Serve application (server/cluster/; needs the 'cluster' extra).",
     )
     cluster.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     cluster.add_argument("--host", default="127.0.0.1", help="Ray Serve HTTP proxy address (default 127.0.0.1)")
@@ -233,8 +233,8 @@ def run_serve_cluster(args: argparse.Namespace) -> int:
     try:
         import ray
         from deltaserve.server.app import adapters_under
-        from deltaserve.server.ray_grpc import SERVICER_FUNCTIONS
-        from deltaserve.server.ray_serve import ClusterConfig, autoscaling_config, build_app
+        from deltaserve.server.cluster.ray_grpc import SERVICER_FUNCTIONS
+        from deltaserve.server.cluster.ray_serve import ClusterConfig, autoscaling_config, build_app
         from ray import serve
     except ImportError as err:
         print(f"error: serve-cluster needs Ray Serve (pip install 'deltaserve[cluster]'): {err}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The core's failure classes. Each maps to one gRPC status in the API layer (server/api.py) and nowhere else."""
+"""The core's failure classes. Each maps to one gRPC status in the front doors (server/frontends/grpc_api.py)
+and nowhere else."""
 
 from __future__ import annotations
 

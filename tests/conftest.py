@@ -27,7 +27,7 @@ LORA_VARIANTS: dict[str, dict] = {
 
 @pytest.fixture(scope="session")
 def smol_dir() -> str:
-    from deltaserve.server.model_loader import embedded_model_dir
+    from deltaserve.server.model.loader import embedded_model_dir
 
     return embedded_model_dir()
 

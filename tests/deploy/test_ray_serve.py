@@ -1,4 +1,4 @@
-"""deltaserve on Ray Serve (server/ray_serve.py), on a local Ray cluster started by the test: two replicas of
+"""deltaserve on Ray Serve (server/cluster/ray_serve.py), on a local Ray cluster started by the test: two replicas of
 the tiny Llama, eight real PEFT LoRA adapters. Every answer must equal a single deltaserve server's for the
 same request, and repeat requests for an adapter must land on the replica that loaded it."""
 
@@ -132,7 +132,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def ray_cluster(tiny_dir, adapter_dirs):
     """A local Ray cluster with Serve's HTTP and gRPC proxies; yields (http url, grpc target)."""
-    from deltaserve.server.ray_grpc import SERVICER_FUNCTIONS
+    from deltaserve.server.cluster.ray_grpc import SERVICER_FUNCTIONS
 
     started = time.monotonic()
     RAY_METRICS_PORT[0] = _free_port()  # Ray's own metrics (Ray Serve's included), as `ray start --metrics-export-port`
@@ -151,7 +151,7 @@ def ray_cluster(tiny_dir, adapter_dirs):
 @pytest.fixture(scope="module")
 def deployed(ray_cluster, tiny_dir, adapter_dirs) -> Cluster:
     """The `deltaserve` application: two replicas, each holding up to 8 adapters."""
-    from deltaserve.server.ray_serve import ClusterConfig, build_app
+    from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
     server = _server_config(tiny_dir, adapter_dirs)
     server.metrics_port = METRICS_PORT[0] = _free_port()  # replica k serves its metrics on this port + k
@@ -455,7 +455,7 @@ def test_a_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(clus
 def small(ray_cluster, tiny_dir, adapter_dirs) -> Client:
     """A second application, `small`: one adapter per replica and autoscaling 1..2 replicas on queue depth (one
     request in flight per replica is the target). Reached over gRPC with Ray's `application` metadata."""
-    from deltaserve.server.ray_serve import ClusterConfig, build_app
+    from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
     server = _server_config(tiny_dir, adapter_dirs)
     server.metrics_port = SMALL_METRICS_PORT[0] = _free_port()
@@ -507,8 +507,8 @@ def test_autoscaling_adds_a_replica_when_requests_queue(small):
 
 def test_the_serve_config_files_validate_and_build(tmp_path):
     import yaml
-    from deltaserve.server.ray_grpc import SERVICER_FUNCTIONS
-    from deltaserve.server.ray_serve import app_from_args
+    from deltaserve.server.cluster.ray_grpc import SERVICER_FUNCTIONS
+    from deltaserve.server.cluster.ray_serve import app_from_args
     from ray.serve.schema import ServeDeploySchema
 
     deploy = os.path.join(os.path.dirname(__file__), "..", "..", "deploy")
@@ -519,6 +519,6 @@ def test_the_serve_config_files_validate_and_build(tmp_path):
     for each in (config, kuberay):
         ServeDeploySchema.model_validate(each)
         args = dict(each["applications"][0]["args"], adapter_dir=str(tmp_path), adapter_root=str(tmp_path))
-        assert each["applications"][0]["import_path"] == "deltaserve.server.ray_serve:app_from_args"
+        assert each["applications"][0]["import_path"] == "deltaserve.server.cluster.ray_serve:app_from_args"
         app_from_args(args)  # every argument is understood
         assert each["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS

@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 from deltaserve.client.fmaas import generation_pb2 as tgis
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
-from deltaserve.server.adapter_registry import AdapterState
-from deltaserve.server.api import GenerationService, RequestBuilder, _stream_errors, _unary_errors, request_id
-from deltaserve.server.engine import FinishReason, Request, RequestOutput
+from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
+from deltaserve.server.engine.sampling import SamplingParams
 from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError
-from deltaserve.server.sampling import SamplingParams
+from deltaserve.server.frontends.grpc_api import (
+    GenerationService,
+    RequestBuilder,
+    _stream_errors,
+    _unary_errors,
+    request_id,
+)
+from deltaserve.server.residency.registry import AdapterState
 
 # TGIS keeps the matched stop sequence at the end of the text unless the request says otherwise
 # (vllm-tgis-adapter's --default-include-stop-seqs defaults to true as well).

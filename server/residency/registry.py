@@ -41,8 +41,8 @@ from deltaserve.server.errors import (
     InvalidRequestError,
     MergeError,
 )
-from deltaserve.server.layers import AdapterLinear, BottleneckBank
-from deltaserve.server.runner import NO_SOFT_PROMPT, SoftPrompt
+from deltaserve.server.model.layers import AdapterLinear, BottleneckBank
+from deltaserve.server.model.runner import NO_SOFT_PROMPT, SoftPrompt
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,10 @@ from deltaserve.adapters.peft_files import read_config
 from deltaserve.adapters.registry import declared_kind
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.adapter_registry import AdapterRecord, AdapterState
-from deltaserve.server.engine import Engine, FinishReason, Request, RequestOutput
+from deltaserve.server.engine.engine import Engine
+from deltaserve.server.engine.merge import MergeController
+from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
+from deltaserve.server.engine.sampling import SamplingParams
 from deltaserve.server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -40,10 +42,9 @@ from deltaserve.server.errors import (
     MergeError,
     PermissionDeniedError,
 )
-from deltaserve.server.merge import MergeController
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.mixes import MixSpec, combine, mix_spec
-from deltaserve.server.sampling import SamplingParams
+from deltaserve.server.residency.mixes import MixSpec, combine, mix_spec
+from deltaserve.server.residency.registry import AdapterRecord, AdapterState
 from jinja2 import TemplateError
 
 log = logging.getLogger(__name__)

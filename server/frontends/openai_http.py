@@ -27,10 +27,10 @@ from typing import Annotated, Any
 import grpc
 import uvicorn
 from deltaserve.client.v1 import deltaserve_pb2 as pb
-from deltaserve.server.adapter_registry import AdapterRecord, AdapterState
-from deltaserve.server.api import AdaptersService, GenerationService, clean_request_id, status_for
-from deltaserve.server.engine import FinishReason, Request, RequestOutput
+from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
 from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError
+from deltaserve.server.frontends.grpc_api import AdaptersService, GenerationService, clean_request_id, status_for
+from deltaserve.server.residency.registry import AdapterRecord, AdapterState
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError

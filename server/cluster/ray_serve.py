@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from deltaserve.server.api import status_for
 from deltaserve.server.app import Server, ServerConfig, adapters_under
+from deltaserve.server.cluster.ray_grpc import GrpcIngressMethods
 from deltaserve.server.errors import AdapterExistsError, AdapterNotFoundError, InvalidRequestError
-from deltaserve.server.model_loader import EMBEDDED_NAME
-from deltaserve.server.openai_http import BASE_ALIASES, OpenAIFrontDoor, OpenAIHttpError, _error_body
-from deltaserve.server.ray_grpc import GrpcIngressMethods
-from deltaserve.server.security import AdapterPathPolicy
+from deltaserve.server.frontends.auth import AdapterPathPolicy
+from deltaserve.server.frontends.grpc_api import status_for
+from deltaserve.server.frontends.openai_http import BASE_ALIASES, OpenAIFrontDoor, OpenAIHttpError, _error_body
+from deltaserve.server.model.loader import EMBEDDED_NAME
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import grpc
 from deltaserve.client.fmaas import generation_pb2 as tgis_pb
 from deltaserve.client.v1 import deltaserve_pb2 as pb
-from deltaserve.server.api import status_for
+from deltaserve.server.frontends.grpc_api import status_for
 from google.protobuf import empty_pb2, message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
