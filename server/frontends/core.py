@@ -192,7 +192,8 @@ class FrontDoorCore:
     ) -> tuple[list[int], SamplingParams]:
         """Token ids and sampling parameters, or FieldError. `extra_positions` are the adapter's prefix entries
         and virtual tokens, which take context positions before the prompt."""
-        prompt_name = names.get(Field.MESSAGES if request.messages else Field.PROMPT, "prompt")
+        prompt_field = Field.MESSAGES if request.messages else Field.PROMPT
+        prompt_name = names.get(prompt_field, prompt_field.value)
         ids = self.prompt_ids(request.prompt, request.messages, names)
         if 0 < request.truncate_prompt_tokens < len(ids):
             ids = ids[-request.truncate_prompt_tokens :]  # TGIS keeps the last tokens

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -299,7 +299,11 @@ class OpenAIServing:
 
     # ---- running a request -------------------------------------------------------------------------------
     async def serve(
-        self, request: HttpRequest, make_plan: Any, stream: bool | None, stream_options: StreamOptions | None
+        self,
+        request: HttpRequest,
+        make_plan: Callable[[], _Plan],
+        stream: bool | None,
+        stream_options: StreamOptions | None,
     ) -> Any:
         """Answer one completion or chat request: JSON, or server-sent events when `stream`."""
         request_id = clean_request_id(request.headers.get("x-request-id"))
