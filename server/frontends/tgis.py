@@ -57,7 +57,6 @@ class Plan:
     sampling: bool  # SAMPLE with a temperature > 0: each prompt gets a seed (drawn if not given), reported back
     include_stop_sequence: bool
     time_limit: float | None  # seconds
-    truncate_input_tokens: int
     options: tgis.ResponseOptions
 
 
@@ -105,7 +104,6 @@ def plan(params: tgis.Parameters, default_max_new_tokens: int) -> Plan:
         sampling=sampling,
         include_stop_sequence=include_stop,
         time_limit=stopping.time_limit_millis / 1000 if stopping.time_limit_millis else None,
-        truncate_input_tokens=params.truncate_input_tokens,
         options=params.response,
     )
 
