@@ -15,7 +15,7 @@ import enum
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,11 +273,25 @@ class FrontDoorCore:
         _check(not ref.mix_method or bool(ref.mix), Field.MIX_METHOD, "mix_method needs adapter_mix")
         if ref.mix:
             spec = mix_spec(ref.mix_method, list(ref.mix))
-            return await asyncio.to_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
+            return await self._in_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
         if ref.stack:
             names = _stack_members(ref.stack)
-            return await asyncio.to_thread(self._acquire_derived, "stack|" + "|".join(names), names, None)
+            return await self._in_thread(self._acquire_derived, "stack|" + "|".join(names), names, None)
         return self.engine.registry.acquire(ref.adapter_id) if ref.adapter_id else None
+
+    async def _in_thread(self, acquire: Callable[..., AdapterRecord], *args: Any) -> AdapterRecord:
+        """`acquire(*args)` on a worker thread. A caller cancelled meanwhile (a deadline, a client gone) does not
+        stop the thread, so the reference it takes is released when it ends rather than leaked."""
+        task = asyncio.ensure_future(asyncio.to_thread(acquire, *args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, task: asyncio.Future[AdapterRecord]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.engine.registry.release(task.result(), served=False)
 
     def _acquire_derived(self, derived_id: str, members: tuple[str, ...], mix: MixSpec | None) -> AdapterRecord:
         """The cached mix or stack, or build it from the members' host copies and register it."""
@@ -308,8 +322,10 @@ class FrontDoorCore:
     # ---- submission ----------------------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest, names: FieldNames) -> Generation:
         """Validate, resolve the adapter, tokenize and submit; the returned Generation yields the outputs. The
-        caller must `close()` it (a `with` block does) so that leaving early cancels the engine request."""
-        adapter = await self.acquire(request.adapter)
+        caller must `close()` it (a `with` block does) so that leaving early cancels the engine request.
+        TimeoutError if the deadline passes while the adapter is brought in (nothing was submitted then)."""
+        async with asyncio.timeout_at(request.deadline):  # bringing an adapter in counts against the deadline
+            adapter = await self.acquire(request.adapter)
         try:
             prompt_ids, params = self.prepare(request, names, adapter.extra_positions if adapter else 0)
             loop = asyncio.get_running_loop()

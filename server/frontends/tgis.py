@@ -146,6 +146,7 @@ class _Prompt:
     plan: Plan
     request: GenerationRequest
     generation: Generation | None = None
+    expired_before_submission: bool = False  # the time limit passed while its adapter was brought in
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -153,7 +154,11 @@ class _Prompt:
 
     @property
     def timed_out(self) -> bool:
-        return self.generation is not None and self.generation.timed_out
+        return self.expired_before_submission or (self.generation is not None and self.generation.timed_out)
+
+    @property
+    def last(self) -> RequestOutput | None:
+        return self.generation.last if self.generation is not None else None
 
     @property
     def generated_tokens(self) -> int:
@@ -198,20 +203,26 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
         )
         return _Prompt(text, prompt_plan, request)
 
-    async def _submit(self, prompt: _Prompt) -> Generation:
-        prompt.generation = await self.core.submit(prompt.request, TGIS_NAMES)
+    async def _submit(self, prompt: _Prompt) -> Generation | None:
+        """Submit the prompt; None if its time limit passed before it could be (it then ends with TIME_LIMIT)."""
+        try:
+            prompt.generation = await self.core.submit(prompt.request, TGIS_NAMES)
+        except TimeoutError:
+            prompt.expired_before_submission = True
         return prompt.generation
 
     async def _generate_one(self, prompt: _Prompt) -> tgis.GenerationResponse:
-        with await self._submit(prompt) as generation:
-            await generation.collect()
-        last = generation.last
+        generation = await self._submit(prompt)
+        if generation is not None:
+            with generation:
+                await generation.collect()
+        last = prompt.last
         response = self._input_details(prompt)
-        response.text += generation.text + self._kept_stop(prompt, last)
+        response.text += (generation.text if generation is not None else "") + self._kept_stop(prompt, last)
         response.generated_token_count = prompt.generated_tokens
         response.stop_reason = prompt.stop_reason(last)
         response.stop_sequence = (last.stop_sequence or "") if last is not None else ""
-        if prompt.plan.options.generated_tokens:
+        if prompt.plan.options.generated_tokens and generation is not None:
             response.tokens.extend(
                 self._token_infos(generation.token_ids, generation.logprobs, prompt.plan.options.token_logprobs)
             )
@@ -239,13 +250,15 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
         prompt_plan = plan(request.params, self.core.default_max_new_tokens)
         prompt = self._prompt(request.request.text, adapter_id(request), prompt_plan, "request", request_id(context))
         first = True
-        with await self._submit(prompt) as generation:
-            async for output in generation:
-                if first:  # the input details, once the prompt is tokenized and admitted
-                    first = False
-                    yield self._input_details(prompt)
-                if output.token_ids or output.finished:
-                    yield self._stream_message(prompt, output)
+        generation = await self._submit(prompt)
+        if generation is not None:
+            with generation:
+                async for output in generation:
+                    if first:  # the input details, once the prompt is tokenized and admitted
+                        first = False
+                        yield self._input_details(prompt)
+                    if output.token_ids or output.finished:
+                        yield self._stream_message(prompt, output)
         if prompt.timed_out:
             if first:
                 yield self._input_details(prompt)

@@ -5,12 +5,16 @@ formats (raw stubs and raw HTTP), not through deltaserve's client."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 import urllib.error
 import urllib.request
 
 import grpc
 import pytest
+from deltaserve.client import Client
 from deltaserve.client.fmaas import generation_pb2 as tgis
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
@@ -176,6 +180,31 @@ def test_the_http_refusal_the_ray_ingress_sends():
     assert body["message"].endswith("(missing token)") and body["code"] == "invalid_api_key"
     BearerToken(None).check(None, HTTP_ADMIN_NEEDS)  # no token configured: open
     BearerToken(TOKEN).check(f"Bearer {TOKEN}".encode(), HTTP_ADMIN_NEEDS)  # metadata may be bytes
+
+
+# ---- adapter references -------------------------------------------------------------------------------------
+def test_an_acquisition_abandoned_by_its_caller_releases_its_reference(server, lora_dirs):
+    """A deadline or a client gone cancels the caller while the worker thread still builds a mix or stack;
+    the reference that thread then takes must not leak (the adapter could never be unloaded)."""
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    with Client(server.target, metadata=metadata) as client:
+        client.load_adapter("held", lora_dirs["qv8"])
+    core, registry = server.server.core, server.server.registry
+
+    def slow_acquire() -> object:
+        time.sleep(0.3)
+        return registry.acquire("held")
+
+    async def abandon() -> None:
+        task = asyncio.ensure_future(core._in_thread(slow_acquire))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # the thread ends meanwhile
+
+    asyncio.run_coroutine_threadsafe(abandon(), server._loop).result(timeout=30)
+    assert next(r for r in registry.list() if r.adapter_id == "held").active_requests == 0
 
 
 # ---- small pieces of the core ---------------------------------------------------------------------------------

@@ -314,9 +314,7 @@ class OpenAIServing:
             plan = make_plan()
             deadline = self._deadline(request)
             core_request = dataclasses.replace(plan.request, request_id=request_id, deadline=deadline)
-            # Submission (the adapter may come from disk) is under the deadline too.
-            submitting = _within(deadline, self.core.submit(core_request, plan.names))
-            generation = await self._until_disconnect(request, submitting)
+            generation = await self._until_disconnect(request, self.core.submit(core_request, plan.names))
             if stream:
                 # The first output is awaited here, so that a request the engine fails at once is answered
                 # with its HTTP status rather than inside a 200 stream.
@@ -550,8 +548,3 @@ class OpenAIServing:
             raise FieldError("lora_name", "lora_name must not be empty")
         draining = await self.adapters.unload(body.lora_name)
         return {"id": body.lora_name, "object": "model", "deleted": True, "draining_requests": draining}
-
-
-async def _within(deadline: float | None, work: Awaitable[Any]) -> Any:
-    async with asyncio.timeout_at(deadline):
-        return await work
