@@ -2,5 +2,6 @@
 adapter load/unload, served by uvicorn inside the gRPC server's event loop.
 
 `protocol` holds the request bodies, `serving` the translation to and from the front-door core, `routes` the
-FastAPI app, `errors` OpenAI's error shape and `server` the uvicorn plumbing (`OpenAIFrontDoor`).
+FastAPI app, `errors` OpenAI's error shape, `logprobs` per-token text and `server` the uvicorn plumbing
+(`OpenAIFrontDoor`).
 """

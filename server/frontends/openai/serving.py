@@ -34,6 +34,7 @@ from deltaserve.server.frontends.core import (
 )
 from deltaserve.server.frontends.grpc_api import AdaptersService
 from deltaserve.server.frontends.openai.errors import TIMEOUT_HEADER, OpenAIHttpError, error_body, error_response
+from deltaserve.server.frontends.openai.logprobs import TokenTexts
 from deltaserve.server.frontends.openai.protocol import (
     ChatBody,
     ChatMessage,
@@ -114,43 +115,6 @@ def _check_top_logprobs(field_name: str, count: int, request: GenerationRequest)
             "decoding (temperature 0, no repetition_penalty or min_tokens); ask for 0 to get the chosen "
             "token's log-probability",
         )
-
-
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of byte-level BPE's byte -> printable character table (GPT-2's)."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[chr(byte)] = byte
-        else:
-            table[chr(256 + extra)] = byte
-            extra += 1
-    return table
-
-
-class TokenTexts:
-    """Each token's text (decoded alone, special tokens kept) and its exact UTF-8 bytes, which a text cut
-    in the middle of a multi-byte character cannot show. Cached per token id."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self._bytes_of = _byte_decoder() if type(decoder).__name__ == "ByteLevel" else None
-        self._special = set(getattr(tokenizer, "added_tokens_decoder", {}) or ())
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def __call__(self, token_id: int) -> tuple[str, list[int]]:
-        cached = self._cache.get(token_id)
-        if cached is None:
-            text = self.tokenizer.decode([token_id])
-            raw = list(text.encode())
-            if self._bytes_of is not None and token_id not in self._special:
-                piece = self.tokenizer.convert_ids_to_tokens(token_id)
-                if all(char in self._bytes_of for char in piece):
-                    raw = [self._bytes_of[char] for char in piece]
-            cached = self._cache[token_id] = (text, raw)
-        return cached
 
 
 def _usage(generation: Generation) -> dict[str, int]:
