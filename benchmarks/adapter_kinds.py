@@ -55,12 +55,13 @@ from deltaserve.testing.helpers import ServerThread
 from harness import (
     CALL_TIMEOUT_S,
     Measurement,
-    Run,
     Settings,
+    chat_messages,
     cpu_config,
     description,
     embedded_model,
     format_table,
+    generate_batch,
     log,
     ms_summary,
     on_loop,
@@ -167,26 +168,6 @@ def request_targets(config: str, n: int) -> list[str]:
     return [config] * n
 
 
-async def _batch(client: AsyncClient, adapter_ids: list[str], new_tokens: int) -> Run:
-    start = time.perf_counter()
-    results = await asyncio.gather(
-        *(
-            client.generate(
-                messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                adapter_id=adapter_id,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                temperature=0.0,
-            )
-            for i, adapter_id in enumerate(adapter_ids)
-        )
-    )
-    run = Run(time.perf_counter() - start, [result.token_ids for result in results])
-    if run.tokens != len(adapter_ids) * new_tokens:
-        raise RuntimeError(f"generated {run.tokens} tokens, expected {len(adapter_ids) * new_tokens}")
-    return run
-
-
 def measure_throughput(target: str, settings: KindsSettings) -> tuple[dict[str, Measurement], list[float]]:
     """A warm-up round, then `repeats` rounds of every configuration (rotating order), on one client."""
     with asyncio.Runner() as runner:
@@ -195,7 +176,7 @@ def measure_throughput(target: str, settings: KindsSettings) -> tuple[dict[str, 
         targets = {c: request_targets(c, settings.requests) for c in CONFIGS}
 
         def system(ids: list[str]) -> object:
-            return on_loop(runner, lambda: _batch(client, ids, settings.new_tokens))
+            return on_loop(runner, lambda: generate_batch(client, chat_messages(len(ids)), ids, settings.new_tokens))
 
         rounds = timed_rounds({c: system(ids) for c, ids in targets.items()}, settings.repeats)
         runner.run(client.close())
@@ -328,7 +309,7 @@ def throughput_table(summary: dict[str, object], infos: dict[str, dict[str, obje
             ]
         )
     header = ["config", "kind", "MB", "virt", "tok/s (median)", "tok/s (best)", "vs base", "per-round vs base"]
-    return format_table([*header, "rows != base"], rows)
+    return format_table([*header, "rows != base"], rows, left=2)
 
 
 def ttft_table(summary: dict[str, object]) -> str:

@@ -221,6 +221,53 @@ def make_adapter(model_dir: str, root: str, name: str, rank: int, seed: int) -> 
     )
 
 
+# ---- requests -------------------------------------------------------------------------------------
+async def load_adapters(client: Any, paths: dict[str, str]) -> dict[str, Any]:
+    """LoadAdapter each one (the server validates it); adapter id -> the AdapterInfo the server answered."""
+    return {adapter_id: await client.load_adapter(adapter_id, path) for adapter_id, path in paths.items()}
+
+
+async def generate_batch(client: Any, messages: list[str], adapter_ids: list[str], new_tokens: int) -> Run:
+    """One greedy chat request per (message, adapter id), all in flight at once, each of exactly `new_tokens`
+    tokens (min_new_tokens = max_new_tokens, so EOS never ends a row early); timed from the first submit."""
+    start = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            client.generate(
+                messages=[{"role": "user", "content": message}],
+                adapter_id=adapter_id,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                temperature=0.0,
+            )
+            for message, adapter_id in zip(messages, adapter_ids, strict=True)
+        )
+    )
+    run = Run(time.perf_counter() - start, [result.token_ids for result in results])
+    if run.tokens != len(messages) * new_tokens:
+        raise RuntimeError(f"generated {run.tokens} tokens, expected {len(messages) * new_tokens}")
+    return run
+
+
+async def stream_chunks(
+    client: Any, message: str, adapter_id: str, new_tokens: int
+) -> tuple[list[tuple[float, int]], list[int]]:
+    """One greedy chat stream of exactly `new_tokens` tokens: (arrival time, tokens) of every chunk that holds
+    tokens, and the token ids."""
+    chunks, ids = [], []
+    async for chunk in client.generate_stream(
+        messages=[{"role": "user", "content": message}],
+        adapter_id=adapter_id,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        temperature=0.0,
+    ):
+        if chunk.token_ids:
+            chunks.append((time.perf_counter(), len(chunk.token_ids)))
+            ids.extend(chunk.token_ids)
+    return chunks, ids
+
+
 # ---- timed rounds ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
@@ -380,14 +427,15 @@ def write_result(name: str, settings: Settings, data: dict[str, object]) -> Path
     return path
 
 
-def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A plain-text table: the first column left-aligned, the others right-aligned, a rule under the header."""
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], left: int = 1) -> str:
+    """A plain-text table: the first `left` columns (names) left-aligned, the others (numbers) right-aligned, and a
+    rule under the header."""
     cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
-        first = row[0].ljust(widths[0])
-        return " ".join([first, *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]).rstrip()
+        padded = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return " ".join(padded).rstrip()
 
     head = line(cells[0])
     return "\n".join([head, "-" * len(head), *(line(row) for row in cells[1:])])

@@ -66,6 +66,7 @@ from harness import (
     cpu_config,
     description,
     embedded_model,
+    format_table,
     log,
     make_adapter,
     max_seq_len_for,
@@ -502,39 +503,38 @@ def measure_auto(
 
 # ---- reporting ------------------------------------------------------------------------------------
 def speed_table(speed: dict[str, object], settings: MergeSettings) -> str:
-    header = (
-        f"{'shape':<22} {'condition':<9} {'best tok/s':>10} {'median tok/s':>12} {'best/base':>9} "
-        f"{'median/base':>11} {'per-round/base':>14}"
-    )
-    lines = [header, "-" * len(header)]
     shapes = {
         "single": f"single ({settings.stream_tokens} tok)",
         "batched": f"batched ({settings.batch}x{settings.batch_tokens} tok)",
     }
-    for shape in SHAPES:
-        for condition in CONDITIONS:
-            c = speed[shape][condition]
-            lines.append(
-                f"{shapes[shape]:<22} {condition:<9} {c['best_decode_tokens_per_s']:>10.1f} "
-                f"{c['median_decode_tokens_per_s']:>12.1f} {c['best_over_base']:>8.2f}x "
-                f"{c['median_over_base']:>10.2f}x {c['median_of_per_round_over_base']:>13.2f}x"
-            )
-    return "\n".join(lines)
+    rows = [
+        [
+            shapes[shape],
+            condition,
+            f"{c['best_decode_tokens_per_s']:.1f}",
+            f"{c['median_decode_tokens_per_s']:.1f}",
+            f"{c['best_over_base']:.2f}x",
+            f"{c['median_over_base']:.2f}x",
+            f"{c['median_of_per_round_over_base']:.2f}x",
+        ]
+        for shape in SHAPES
+        for condition in CONDITIONS
+        for c in [speed[shape][condition]]
+    ]
+    header = ["shape", "condition", "best tok/s", "median tok/s", "best/base", "median/base", "per-round/base"]
+    return format_table(header, rows, left=2)
 
 
 def merge_table(cost: dict[str, object], speed: dict[str, object]) -> str:
-    header = f"{'call':<36} {'n':>3} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
-    lines = [header, "-" * len(header)]
     between = speed["merge_unmerge_between_conditions_ms"]
-    rows = [
+    calls = [
         ("MergeAdapter (idle server)", cost["merge_ms"]),
         ("UnmergeAdapter (idle server)", cost["unmerge_ms"]),
         ("MergeAdapter (between part-1 runs)", between["merge"]),
         ("UnmergeAdapter (between part-1 runs)", between["unmerge"]),
     ]
-    for name, s in rows:
-        lines.append(f"{name:<36} {s['n']:>3} {s['p50']:>8.1f} {s['p95']:>8.1f} {s['max']:>8.1f}")
-    return "\n".join(lines)
+    rows = [[name, s["n"], *(f"{s[k]:.1f}" for k in ("p50", "p95", "max"))] for name, s in calls]
+    return format_table(["call", "n", "p50 ms", "p95 ms", "max ms"], rows)
 
 
 def _fmt_s(value: float | None) -> str:

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for run in runs
     ]
-    table = format_table(["replicas", "routing", "req/s", "tok/s", "vs 1", "hit rate"], rows)
+    table = format_table(["replicas", "routing", "req/s", "tok/s", "vs 1", "hit rate"], rows, left=2)
     title = "deltaserve on Ray Serve, zipf adapter popularity (same run)"
     report(
         "ray_replicas",

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
 from deltaserve.client import AsyncClient, Client
@@ -34,6 +33,7 @@ from harness import (
     description,
     embedded_model,
     format_table,
+    generate_batch,
     log,
     make_adapter,
     on_loop,
@@ -106,20 +106,8 @@ def start_server(name: str, command: list[str], args: list[str]) -> tuple[subpro
 
 async def batch(target: str, prompts: list[str], adapter_ids: list[str], tokens: int) -> Run:
     async with AsyncClient(target, timeout=600) as client:
-        await client.model_info()
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                client.generate(
-                    messages=[{"role": "user", "content": prompt}],
-                    adapter_id=adapter_id,
-                    max_new_tokens=tokens,
-                    min_new_tokens=tokens,
-                )
-                for prompt, adapter_id in zip(prompts, adapter_ids, strict=True)
-            )
-        )
-    return Run(time.perf_counter() - start, [r.token_ids for r in results])
+        await client.model_info()  # connect before the clock starts
+        return await generate_batch(client, prompts, adapter_ids, tokens)
 
 
 def measure(servers: dict[str, str], workloads: dict[str, list[str]], s: RevisionSettings) -> dict[str, Measurement]:

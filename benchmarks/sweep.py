@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapter_files import adapter_set, lora_bytes
@@ -39,6 +40,7 @@ from deltaserve.testing.helpers import ServerThread
 from harness import (
     CALL_TIMEOUT_S,
     Measurement,
+    Rounds,
     Run,
     Settings,
     chat_messages,
@@ -46,6 +48,7 @@ from harness import (
     description,
     embedded_model,
     format_table,
+    load_adapters,
     log,
     max_seq_len_for,
     on_loop,
@@ -55,6 +58,7 @@ from harness import (
     report,
     require,
     served,
+    stream_chunks,
     timed_rounds,
 )
 from transformers import AutoTokenizer
@@ -134,26 +138,11 @@ class Batch(Run):
         return 1e3 * len(self.outputs) / self.decode_rate
 
 
-async def _stream(client: AsyncClient, message: str, adapter_id: str, new_tokens: int) -> tuple[list, list[int]]:
-    chunks, ids = [], []
-    async for chunk in client.generate_stream(
-        messages=[{"role": "user", "content": message}],
-        adapter_id=adapter_id,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        temperature=0.0,
-    ):
-        if chunk.token_ids:
-            chunks.append((time.perf_counter(), len(chunk.token_ids)))
-            ids.extend(chunk.token_ids)
-    return chunks, ids
-
-
 async def run_batch(client: AsyncClient, adapter_ids: list[str], new_tokens: int) -> Batch:
     messages = chat_messages(len(adapter_ids))
     start = time.perf_counter()
     results = await asyncio.gather(
-        *(_stream(client, m, a, new_tokens) for m, a in zip(messages, adapter_ids, strict=True))
+        *(stream_chunks(client, m, a, new_tokens) for m, a in zip(messages, adapter_ids, strict=True))
     )
     outputs = [ids for _, ids in results]
     batch = Batch(time.perf_counter() - start, outputs, [chunks for chunks, _ in results])
@@ -163,10 +152,9 @@ async def run_batch(client: AsyncClient, adapter_ids: list[str], new_tokens: int
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
-async def load_adapters(client: AsyncClient, paths: dict[str, str]) -> None:
-    """LoadAdapter each one (the server validates it); each must land in a device slot."""
-    for adapter_id, path in paths.items():
-        info = await client.load_adapter(adapter_id, path)
+async def load_all(client: AsyncClient, paths: dict[str, str]) -> None:
+    """Every adapter must land in a device slot: the sweep measures mixing, not residency."""
+    for adapter_id, info in (await load_adapters(client, paths)).items():
         if info.state != "device":
             raise RuntimeError(f"{adapter_id} is {info.state!r} after loading; expected a device slot")
 
@@ -183,14 +171,14 @@ def adapter_paths(plan: list[Config], model_dir: str, model_name: str) -> dict[s
     }
 
 
-def measure(thread: ServerThread, paths: dict[str, str], plan: list[Config], s: SweepSettings) -> dict:
+def measure(thread: ServerThread, paths: dict[str, str], plan: list[Config], s: SweepSettings) -> Rounds:
     """Load every adapter, then the configurations take turns on one client (one event loop for all rounds)."""
     with asyncio.Runner() as runner:
         client = AsyncClient(thread.target, timeout=CALL_TIMEOUT_S)
-        runner.run(load_adapters(client, paths))
+        runner.run(load_all(client, paths))
         runner.run(client.model_info())  # connected before the clock starts
 
-        def system(config: Config, tokens: int) -> object:
+        def system(config: Config, tokens: int) -> Callable[[], Batch]:
             return on_loop(runner, lambda: run_batch(client, config.adapter_ids, tokens))
 
         rounds = timed_rounds(

@@ -46,6 +46,8 @@ from harness import (
     description,
     embedded_model,
     format_table,
+    generate_batch,
+    load_adapters,
     log,
     make_adapter,
     option,
@@ -120,27 +122,12 @@ def left_padded(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 async def _server_batch(target: str, work: Workload, adapter_ids: list[str]) -> Run:
     async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
         await client.model_info()  # connect before the clock starts
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                client.generate(
-                    messages=[{"role": "user", "content": message}],
-                    adapter_id=adapter_id,
-                    max_new_tokens=work.new_tokens,
-                    min_new_tokens=work.new_tokens,
-                    temperature=0.0,
-                )
-                for message, adapter_id in zip(work.messages, adapter_ids, strict=True)
-            )
-        )
-        seconds = time.perf_counter() - start
-    return Run(seconds, [result.token_ids for result in results])
+        return await generate_batch(client, work.messages, adapter_ids, work.new_tokens)
 
 
-async def load_adapters(target: str, adapters: dict[str, str]) -> None:
+async def _load(target: str, adapters: dict[str, str]) -> None:
     async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
-        for adapter_id, path in adapters.items():
-            await client.load_adapter(adapter_id, path)
+        await load_adapters(client, adapters)
 
 
 def server_runner(target: str, work: Workload, mixed: bool) -> Callable[[], Run]:
@@ -298,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         log("starting the server and loading the base and PEFT models")
         with ServerThread(config) as server:
-            asyncio.run(load_adapters(server.target, adapters))
+            asyncio.run(_load(server.target, adapters))
             sizes = weight_bytes(server.server)
             systems = {
                 SERVER_BASE: server_runner(server.target, work, mixed=False),
