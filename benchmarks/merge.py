@@ -54,6 +54,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltaserve.client import AsyncClient, Client
@@ -71,11 +72,13 @@ from harness import (
     make_adapter,
     max_seq_len_for,
     ms_summary,
+    on_loop,
     option,
     parse_settings,
     quiet,
     report,
     settings_dict,
+    timed_rounds,
 )
 from harness import CHAT_PROMPTS as PROMPTS
 from transformers import AutoTokenizer
@@ -206,35 +209,30 @@ async def _condition(
     return {"single": single, "batched": batched}
 
 
-async def _measure_speed(target: str, settings: MergeSettings) -> tuple[dict[tuple[str, str], Measurement], list, list]:
-    """Every condition x shape over the rounds; also each merged condition's (merge, unmerge) seconds and the
-    1-minute load average after each round (the machine is shared: a load above the core count means another
-    process competed)."""
-    cells = {(c, s): Measurement(f"{c}/{s}") for c in CONDITIONS for s in SHAPES}
+def measure_speed(target: str, settings: MergeSettings) -> tuple[dict[tuple[str, str], Measurement], list, list]:
+    """The conditions take turns over the rounds on one client, each running both shapes; returns every
+    condition x shape, each merged condition's (merge, unmerge) seconds and the load average after each round."""
     merge_times: list[tuple[float, float]] = []
-    loads: list[float] = []
-    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
-        await client.model_info()  # connect before the clock starts
-        log("decode speed: warm-up of every condition")
-        for condition in CONDITIONS:
-            await _condition(client, condition, settings, merge_times)
-        merge_times.clear()
-        for round_ in range(settings.rounds):
-            k = round_ % len(CONDITIONS)
-            order = CONDITIONS[k:] + CONDITIONS[:k]
-            for condition in order:
-                for shape, run in (await _condition(client, condition, settings, merge_times)).items():
-                    cells[condition, shape].runs.append(run)
-            loads.append(os.getloadavg()[0])
-            log(
-                f"decode round {round_ + 1}/{settings.rounds} ({', '.join(order)}): "
-                + "; ".join(
-                    f"{s} " + ", ".join(f"{c} {cells[c, s].runs[-1].decode_rate:.1f}" for c in CONDITIONS)
-                    for s in SHAPES
-                )
-                + f" tok/s; load average {loads[-1]:.2f}"
-            )
-    return cells, merge_times, loads
+    with asyncio.Runner() as runner:
+        client = AsyncClient(target, timeout=CALL_TIMEOUT_S)
+        runner.run(client.model_info())  # connect before the clock starts
+
+        def system(condition: str, times: list) -> Callable[[], dict[str, StreamBatch]]:
+            return on_loop(runner, lambda: _condition(client, condition, settings, times))
+
+        rounds = timed_rounds(
+            {c: system(c, merge_times) for c in CONDITIONS},
+            settings.rounds,
+            warmups={c: system(c, []) for c in CONDITIONS},  # warm-up merges are not timed
+            describe=lambda shapes: "; ".join(f"{s} {run.decode_rate:.1f}" for s, run in shapes.items()) + " tok/s",
+        )
+        runner.run(client.close())
+    cells = {
+        (c, s): Measurement(f"{c}/{s}", [shapes[s] for shapes in rounds.measurements[c].runs])
+        for c in CONDITIONS
+        for s in SHAPES
+    }
+    return cells, merge_times, rounds.loads
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -705,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         with ServerThread(config) as server:
             with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
                 client.load_adapter(ADAPTER, path)
-            cells, merge_times, loads = asyncio.run(_measure_speed(server.target, settings))
+            cells, merge_times, loads = measure_speed(server.target, settings)
             cost = measure_merge_cost(server.target, settings)
         speed = speed_summary(cells, merge_times)
         speed["load_average_after_each_round"] = loads
