@@ -63,6 +63,7 @@ from harness import (
     quiet,
     report,
     require,
+    timed_rounds,
 )
 from harness import CHAT_PROMPTS as STREAM_PROMPTS
 from transformers import AutoTokenizer
@@ -266,20 +267,24 @@ def stream_run(target: str, settings: LoadSettings, churn_path: str | None, labe
 
 
 def measure_stall(target: str, churn_path: str, settings: LoadSettings) -> list[StreamRun]:
-    log("stall: warm-up streams")
-    asyncio.run(_streams(target, settings, min(8, settings.new_tokens), None))
-    runs = []
-    for round_ in range(settings.rounds):
-        for condition in ("baseline", "under_load") if round_ % 2 == 0 else ("under_load", "baseline"):
-            run = stream_run(target, settings, churn_path if condition == "under_load" else None, str(round_))
-            runs.append(run)
-            gaps = run.gap_seconds()
-            log(
-                f"stall round {round_ + 1}/{settings.rounds} {condition}: {len(gaps)} gaps, "
-                f"p50 {percentile(gaps, 50) * 1e3:.0f} ms, max {max(gaps) * 1e3:.0f} ms"
-                + (f", {len(run.load_windows)} loads" if condition == "under_load" else "")
-            )
-    return runs
+    """Baseline and under-load batches of streams taking turns; one short warm-up batch without loads."""
+    labels = itertools.count()
+
+    def describe(run: StreamRun) -> str:
+        gaps = run.gap_seconds()
+        loads = f", {len(run.load_windows)} loads" if run.condition == "under_load" else ""
+        return f"{len(gaps)} gaps, p50 {percentile(gaps, 50) * 1e3:.0f} ms, max {max(gaps) * 1e3:.0f} ms{loads}"
+
+    rounds = timed_rounds(
+        {
+            "baseline": lambda: stream_run(target, settings, None, ""),
+            "under_load": lambda: stream_run(target, settings, churn_path, str(next(labels))),
+        },
+        settings.rounds,
+        warmups={"streams": lambda: asyncio.run(_streams(target, settings, min(8, settings.new_tokens), None))},
+        describe=describe,
+    )
+    return [run for m in rounds.measurements.values() for run in m.runs]
 
 
 def stall_summary(runs: list[StreamRun]) -> dict[str, object]:
