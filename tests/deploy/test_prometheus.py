@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
-
-from tests.helpers import PROMPTS, ServerThread
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ import grpc
 import pytest
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.helpers import PROMPTS, ServerThread, make_lora
 from tests.server.test_tgis import TgisClient
 
 ray = pytest.importorskip("ray")

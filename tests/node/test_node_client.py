@@ -11,8 +11,7 @@ import subprocess
 import pytest
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
-
-from tests.helpers import PROMPTS, ServerThread
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 NODE_DIR = pathlib.Path(__file__).resolve().parent
 MISSING = "no-such-adapter"

@@ -14,10 +14,8 @@ import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.app import ServerConfig
-from safetensors.torch import load_file, save_file
-
-from tests.helpers import PROMPTS, ServerThread, make_tiny_llama
-from tests.kinds import (
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_tiny_llama
+from deltaserve.testing.kinds import (
     BOTTLENECK_PRESETS,
     PEFT_KINDS,
     BottleneckReference,
@@ -25,6 +23,8 @@ from tests.kinds import (
     make_bottleneck,
     make_peft_adapter,
 )
+from safetensors.torch import load_file, save_file
+
 from tests.references import (
     assert_logprobs_close,
     greedy_reference,

@@ -17,10 +17,9 @@ from deltaserve.client import Client, DeltaserveError
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora, make_tiny_llama
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from tests.helpers import PROMPTS, ServerThread, make_lora, make_tiny_llama
 
 MAX_SEQ_LEN = 128
 

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
 MAX_NEW = 12
@@ -111,7 +111,7 @@ FAMILIES = {
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_other_decoder_families_match_transformers(family, tmp_path, smol_dir):
     """The runner drives each supported family's own modules; greedy output equals its generate, with a LoRA."""
-    from tests.helpers import make_lora, make_tiny_llama
+    from deltaserve.testing.helpers import make_lora, make_tiny_llama
 
     model_dir = make_tiny_llama(str(tmp_path / family), smol_dir, family=family, **FAMILIES[family])
     adapter_dir = make_lora(model_dir, str(tmp_path / "lora"), seed=5, r=8, target_modules="all-linear")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
 from safetensors.torch import load_file
 
-from tests.helpers import PROMPTS, ServerThread, make_lora
 from tests.references import greedy_reference, load_reference_model, tokenizer_for
 
 MAX_NEW = 8

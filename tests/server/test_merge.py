@@ -10,8 +10,8 @@ import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
 MAX_NEW = 10
@@ -167,7 +167,7 @@ def test_auto_policy_merges_single_adapter_traffic_and_unmerges_mixed(tiny_dir, 
 
 def test_auto_policy_leaves_unmergeable_kinds_alone(tiny_dir, tmp_path):
     """All traffic on a prefix-tuning adapter: the policy must not merge (or pin) what is not a W + BA delta."""
-    from tests.kinds import make_peft_adapter
+    from deltaserve.testing.kinds import make_peft_adapter
 
     prefix = make_peft_adapter(tiny_dir, str(tmp_path / "prefix"), "prefix", seed=5)
     config = ServerConfig(

@@ -12,8 +12,7 @@ from deltaserve.client import Client, DeltaserveError
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.app import ServerConfig
-
-from tests.helpers import PROMPTS, ServerThread
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
 
-from tests.helpers import PROMPTS, ServerThread, make_lora
 from tests.references import assert_logprobs_close, greedy_reference, tokenizer_for
 
 MAX_NEW = 10

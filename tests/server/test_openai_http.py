@@ -21,9 +21,8 @@ import pytest
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.cli import add_serve_subcommand
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 from transformers import AutoTokenizer
-
-from tests.helpers import PROMPTS, ServerThread
 
 MAX_SEQ_LEN = 128
 TOKEN = "test-admin-token"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
@@ -60,7 +60,7 @@ def test_quantized_base_with_lora_matches_peft(tiny_dir, lora_dirs, quantize):
 def test_quantized_base_with_other_kinds_matches_peft(tiny_dir, tmp_path, quantize):
     """DoRA's norms need the dequantized weight; IA3 and prefix tuning act around the quantized layers.
     PEFT's own DoRA fails on bitsandbytes 8-bit layers, so on INT8 there is no oracle for DoRA."""
-    from tests.kinds import make_peft_adapter
+    from deltaserve.testing.kinds import make_peft_adapter
 
     quant = _bnb_config(quantize)
     tokenizer = tokenizer_for(tiny_dir)

@@ -8,8 +8,8 @@ import torch
 from deltaserve.client import Client
 from deltaserve.server.app import ServerConfig
 from deltaserve.server.engine.sampling import RowState, SamplingParams, _process_row, sample
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import greedy_reference, load_reference_model, tokenizer_for
 
 

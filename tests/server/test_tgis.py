@@ -19,12 +19,11 @@ from deltaserve.client import Client
 from deltaserve.client.fmaas import generation_pb2 as tgis_pb
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.server.app import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
-
-from tests.helpers import PROMPTS, ServerThread
 
 MAX_SEQ_LEN = 128
 CLIENT_SCRIPT = pathlib.Path(__file__).with_name("tgis_client.py")

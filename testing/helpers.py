@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny real models, real PEFT adapters, and real servers on loopback."""
+"""Tiny real models, real PEFT LoRA adapters, and real servers on loopback (for tests and benchmarks)."""
 
 from __future__ import annotations
 
