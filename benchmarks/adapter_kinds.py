@@ -56,7 +56,7 @@ import transformers
 from common import CHAT_PROMPTS as PROMPTS
 from common import RESULTS, Run, import_test_helpers, log, machine_info, ms_summary, pyplot, save_figure, write_json
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -400,11 +400,10 @@ def report(
         "dtype": "float32",
         "settings": settings_dict,
         "server": {
-            "max_batch_size": config.max_batch_size,
-            "max_seq_len": config.max_seq_len,
-            "max_adapters": config.max_adapters,
-            "max_lora_rank": config.max_lora_rank,
-            "max_bottleneck_size": config.max_bottleneck_size,
+            **{
+                name: config.settings()[name]
+                for name in ("max_batch_size", "max_seq_len", "max_adapters", "max_lora_rank", "max_bottleneck_size")
+            },
             "in_process": "the server runs in a thread of the benchmark process (tests/helpers.py ServerThread)",
         },
         "adapters": {
@@ -495,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed, (adapter_id, kind) in enumerate(((TTFT_PREFIX, "prefix"), (TTFT_PROMPT, "prompt")), len(KINDS)):
             out_dir = os.path.join(root, adapter_id)
             adapters[adapter_id] = kinds.make_peft_adapter(model_dir, out_dir, kind, seed=seed, num_virtual_tokens=p)
-        config = ServerConfig(
+        config = ServerConfig.of(
             model=model_dir,
             dtype="float32",
             device="cpu",

@@ -61,7 +61,7 @@ from common import (
     write_json,
 )
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             f"tier{i}": make_adapter(helpers, model_dir, root, f"tier{i}", settings.tier_rank, seed=100 + i)
             for i in range(settings.tier_adapters)
         }
-        config = ServerConfig(
+        config = ServerConfig.of(
             model=model_dir,
             dtype="float32",
             device="cpu",
@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
                 client.load_adapter("resident", resident)
             stall = stall_summary(measure_stall(server.target, rank_paths[settings.churn_rank], settings))
-        tier_config = ServerConfig(
+        tier_config = ServerConfig.of(
             model=model_dir,
             dtype="float32",
             device="cpu",

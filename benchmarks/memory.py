@@ -34,7 +34,7 @@ import transformers
 from adapter_files import adapter_set
 from common import RESULTS, import_test_helpers, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 
 CALL_TIMEOUT_S = 600.0
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = embedded_model_dir()
     slots = max(settings.counts)
     paths = adapter_set(helpers, model_dir, EMBEDDED_NAME, settings.rank, slots)
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=model_dir, dtype="float32", device="cpu", max_adapters=slots, max_lora_rank=settings.rank
     )
     baseline = proc_status()["VmRSS"]

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import itertools
 import math
 import os
@@ -73,7 +72,7 @@ from common import (
     write_json,
 )
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -168,12 +167,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 def has_merge_policy() -> bool:
-    return any(f.name == "merge_policy" for f in dataclasses.fields(ServerConfig))
+    return "merge_policy" in ServerConfig.GROUP_OF
 
 
 def policy_window_field() -> str | None:
     """The ServerConfig field of the auto policy's look-back window (merge_window_*), if there is one."""
-    return next((f.name for f in dataclasses.fields(ServerConfig) if f.name.startswith("merge_window")), None)
+    return next((name for name in ServerConfig.GROUP_OF if name.startswith("merge_window")), None)
 
 
 # ---- statistics -----------------------------------------------------------------------------------
@@ -539,7 +538,8 @@ def measure_auto(
     helpers: ModuleType, paths: dict[str, str], model_dir: str, settings: Settings, max_seq_len: int, window: int | None
 ) -> dict[str, object]:
     """One trace on a fresh server with merge_policy="auto" and the given window (None: the server's default)."""
-    config = ServerConfig(
+    window_field = policy_window_field()
+    config = ServerConfig.of(
         model=model_dir,
         dtype="float32",
         device="cpu",
@@ -548,11 +548,9 @@ def measure_auto(
         max_adapters=len(AUTO_ADAPTERS) + 1,  # every adapter stays on the device: no load in the trace
         max_lora_rank=settings.rank,
         merge_policy="auto",
+        **({window_field: window} if window is not None and window_field is not None else {}),
     )
-    window_field = policy_window_field()
-    if window is not None and window_field is not None:
-        setattr(config, window_field, window)
-    effective = getattr(config, window_field) if window_field is not None else None
+    effective = config.settings()[window_field] if window_field is not None else None
     log(f"part 3: starting a server with merge_policy='auto', window {effective}")
     with helpers.ServerThread(config) as server:
         with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
@@ -568,15 +566,13 @@ def measure_auto(
     summary = trace_summary(trace)
     summary["server"] = {
         "merge_policy": "auto",
-        "max_adapters": config.max_adapters,
-        "max_batch_size": config.max_batch_size,
+        "max_adapters": config.adapters.max_adapters,
+        "max_batch_size": config.batching.max_batch_size,
     }
     summary["load_average_after"] = load_after
     summary["window"] = effective
     summary["window_is_server_default"] = window is None
-    summary["policy_fields"] = {
-        f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig) if "merge" in f.name
-    }
+    summary["policy_fields"] = {name: value for name, value in config.settings().items() if "merge" in name}
     return summary
 
 
@@ -791,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
         log(f"making a rank-{settings.rank} all-linear LoRA adapter")
         path = make_adapter(helpers, model_dir, root, ADAPTER, settings.rank, seed=1)
-        config = ServerConfig(
+        config = ServerConfig.of(
             model=model_dir,
             dtype="float32",
             device="cpu",

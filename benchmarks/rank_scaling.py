@@ -26,7 +26,7 @@ from pathlib import Path
 import transformers
 from adapter_files import adapter_set
 from common import RESULTS, import_test_helpers, machine_info, write_json
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from server_batches import BASE, Config, max_seq_len_for, summarize, sweep, table, write_plot
 from transformers import AutoTokenizer
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         Config(f"r={rank}", [f"r{rank}-lora{i % k}" for i in range(n)], adapters=k, rank=rank)
         for rank in settings.ranks
     ]
-    server_config = ServerConfig(
+    server_config = ServerConfig.of(
         model=model_dir,
         dtype="float32",
         device="cpu",
@@ -99,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "float32",
         "settings": {key: (str(v) if isinstance(v, Path) else v) for key, v in asdict(settings).items()},
         "server": {
-            "max_batch_size": server_config.max_batch_size,
-            "max_seq_len": server_config.max_seq_len,
-            "max_adapters": server_config.max_adapters,
-            "max_lora_rank": server_config.max_lora_rank,
+            **{name: server_config.settings()[name] for name in ("max_batch_size", "max_seq_len", "max_adapters")},
+            "max_lora_rank": server_config.adapters.max_lora_rank,
             "in_process": "the server runs in a thread of the benchmark process (tests/helpers.py ServerThread)",
         },
         "adapters": "per rank: lora0 saved by PEFT (lora_alpha=2*rank, all-linear, init_lora_weights=False); "

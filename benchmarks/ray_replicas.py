@@ -46,12 +46,12 @@ def _complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[int, 
 
 
 def run_one(args, model_dir: str, adapters: dict[str, str], replicas: int, affinity: bool, traffic: list[str]) -> dict:
-    from deltaserve.server.app import ServerConfig
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
+    from deltaserve.server.config import ServerConfig
     from ray import serve
 
     config = ClusterConfig(
-        server=ServerConfig(
+        server=ServerConfig.of(
             model=model_dir,
             max_seq_len=256,
             max_batch_size=8,

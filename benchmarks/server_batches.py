@@ -23,7 +23,7 @@ from adapter_files import lora_bytes
 from common import CHAT_PROMPTS, Run, log, pyplot, save_figure
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from transformers import PreTrainedTokenizerBase
 
 CALL_TIMEOUT_S = 3600.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark

@@ -43,7 +43,7 @@ from common import CHAT_PROMPTS as PROMPTS
 from common import RESULTS, Run, import_test_helpers, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
         log(f"making {settings.adapters} LoRA adapters (rank {settings.rank}, all-linear)")
         adapters = make_adapters(helpers, model_dir, root, settings)
-        config = ServerConfig(
+        config = ServerConfig.of(
             model=model_dir,
             dtype="float32",
             device="cpu",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tests.helpers import PROMPTS, ServerThread, make_lora
@@ -86,7 +86,7 @@ def adapter_dirs(tmp_path_factory, tiny_dir) -> dict[str, str]:
 
 
 def _server_config(tiny_dir: str, adapter_dirs: dict[str, str]) -> ServerConfig:
-    return ServerConfig(
+    return ServerConfig.of(
         model=tiny_dir,
         max_seq_len=MAX_SEQ_LEN,
         max_batch_size=4,
@@ -100,8 +100,7 @@ def _server_config(tiny_dir: str, adapter_dirs: dict[str, str]) -> ServerConfig:
 def reference(tiny_dir, adapter_dirs) -> dict:
     """What one plain deltaserve server (same adapters) answers: (model, prompt) -> HTTP completion text, and
     ("grpc", ...) / ("tgis", ...) keys for the gRPC calls the cluster must answer the same way."""
-    config = _server_config(tiny_dir, adapter_dirs)
-    config.http_port = 0
+    config = _server_config(tiny_dir, adapter_dirs).replace(http_port=0)
     with ServerThread(config) as server:
         url = f"http://127.0.0.1:{server.server.http_port}"
         answers = {(model, p): _complete(url, model, p)[0] for model in ["base", *ADAPTERS] for p in PROMPTS[:2]}
@@ -153,8 +152,8 @@ def deployed(ray_cluster, tiny_dir, adapter_dirs) -> Cluster:
     """The `deltaserve` application: two replicas, each holding up to 8 adapters."""
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
-    server = _server_config(tiny_dir, adapter_dirs)
-    server.metrics_port = METRICS_PORT[0] = _free_port()  # replica k serves its metrics on this port + k
+    METRICS_PORT[0] = _free_port()  # replica k serves its metrics on this port + k
+    server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=METRICS_PORT[0])
     config = ClusterConfig(server=server, replicas=2, max_adapters_per_replica=8, replica_cpus=1, torch_threads=1)
     serve.run(build_app(config), name="deltaserve", route_prefix="/")
     return ray_cluster
@@ -457,8 +456,8 @@ def small(ray_cluster, tiny_dir, adapter_dirs) -> Client:
     request in flight per replica is the target). Reached over gRPC with Ray's `application` metadata."""
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
-    server = _server_config(tiny_dir, adapter_dirs)
-    server.metrics_port = SMALL_METRICS_PORT[0] = _free_port()
+    SMALL_METRICS_PORT[0] = _free_port()
+    server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=SMALL_METRICS_PORT[0])
     autoscaling = {
         "min_replicas": 1,
         "max_replicas": 2,
