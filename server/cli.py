@@ -43,6 +43,12 @@ def _server_config(args: argparse.Namespace, groups: tuple[type, ...], **overrid
     return ServerConfig.of(**{**settings, **overrides})
 
 
+def serve_config(argv: Sequence[str]) -> ServerConfig:
+    """The ServerConfig that `deltaserve serve ARGV` runs with; raises ConfigError as serving would."""
+    args = build_parser(add_serve_subcommand).parse_args(["serve", *argv])
+    return _server_config(args, SERVE_GROUPS)
+
+
 def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

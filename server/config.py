@@ -183,7 +183,10 @@ class BaseModelConfig(ConfigGroup):
     """The frozen base model and how it is loaded."""
 
     model: str | None = setting(
-        None, "a local Hugging Face causal-LM directory", metavar="DIR", shown="embedded SmolLM2-135M-Instruct"
+        None,
+        "a local Hugging Face causal-LM directory (Llama, Mistral, Qwen2, Qwen3 families)",
+        metavar="DIR",
+        shown="embedded SmolLM2-135M-Instruct",
     )
     dtype: str = setting(
         "auto",
@@ -191,7 +194,9 @@ class BaseModelConfig(ConfigGroup):
         choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
     )
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", metavar="DEVICE")
-    quantize: str = setting("none", "load the base through bitsandbytes", choices=("none", "nf4", "int8"))
+    quantize: str = setting(
+        "none", "load the base through bitsandbytes (NF4 runs on CPU too)", choices=("none", "nf4", "int8")
+    )
 
 
 @dataclass(frozen=True)
