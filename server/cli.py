@@ -55,7 +55,7 @@ def _logging(args: argparse.Namespace) -> None:
 
 def run_serve_cluster(args: argparse.Namespace) -> int:
     launch = ClusterLaunch(**values_from(args, ClusterLaunch))
-    # The replicas bind their metrics on the proxy's address; their own ports are chosen by each replica.
+    # Replicas serve their metrics on the proxy's address, at --metrics-port plus their rank on the node.
     server = _server_config(args, REPLICA_GROUPS, host=launch.host, metrics_port=launch.metrics_port)
     cluster = ClusterConfig(server=server, **values_from(args, ClusterConfig))
     _logging(args)
@@ -84,6 +84,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         server = Server.create(config)
         asyncio.run(server.serve_until_signalled())
+    except ConfigError:
+        raise  # exit 2, like the flags' own errors
     except DeltaserveServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
