@@ -53,11 +53,20 @@ def _logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def run_serve_cluster(args: argparse.Namespace) -> int:
+def cluster_config(argv: Sequence[str]) -> tuple[ClusterLaunch, ClusterConfig]:
+    """What `deltaserve serve-cluster ARGV` runs with; raises ConfigError as serving would."""
+    return _cluster_config(build_parser(add_serve_subcommand).parse_args(["serve-cluster", *argv]))
+
+
+def _cluster_config(args: argparse.Namespace) -> tuple[ClusterLaunch, ClusterConfig]:
     launch = ClusterLaunch(**values_from(args, ClusterLaunch))
     # Replicas serve their metrics on the proxy's address, at --metrics-port plus their rank on the node.
     server = _server_config(args, REPLICA_GROUPS, host=launch.host, metrics_port=launch.metrics_port)
-    cluster = ClusterConfig(server=server, **values_from(args, ClusterConfig))
+    return launch, ClusterConfig(server=server, **values_from(args, ClusterConfig))
+
+
+def run_serve_cluster(args: argparse.Namespace) -> int:
+    launch, cluster = _cluster_config(args)
     _logging(args)
     try:
         import ray

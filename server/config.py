@@ -308,13 +308,13 @@ class OperationsConfig(ConfigGroup):
 class ServerConfig:
     """One server's configuration: the groups. Build it from flat setting names with `ServerConfig.of`."""
 
-    doors: FrontDoorConfig = field(default_factory=FrontDoorConfig)
-    base: BaseModelConfig = field(default_factory=BaseModelConfig)
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    ops: OperationsConfig = field(default_factory=OperationsConfig)
+    doors: FrontDoorConfig = field(default_factory=FrontDoorConfig)  # where it listens
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)  # the base model and how it is loaded
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # batch and sequence limits
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)  # adapter capacity and start-up adapters
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # admin token, TLS, request size
+    merge: MergeConfig = field(default_factory=MergeConfig)  # the auto merge policy
+    ops: OperationsConfig = field(default_factory=OperationsConfig)  # metrics labels, shutdown, logging
 
     GROUPS: ClassVar[dict[str, type[ConfigGroup]]]  # group attribute -> class, set below
     GROUP_OF: ClassVar[dict[str, str]]  # flat setting name -> group attribute, set below

@@ -15,7 +15,7 @@ from deltaserve.server.errors import ConfigError
 class ClusterConfig(ConfigGroup):
     """What `build_app` needs: the per-replica server settings and the Ray Serve deployment settings."""
 
-    server: ServerConfig = field(default_factory=ServerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)  # every replica's server (validated on its own)
     replicas: int = setting(2, "deltaserve replicas (with --max-replicas: the autoscaler's minimum)", minimum=1)
     max_adapters_per_replica: int = setting(
         8, "adapters one replica keeps loaded; the least recently used is unloaded for a new one", minimum=1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from deltaserve.client import Client
-from deltaserve.server.cli import serve_config
+from deltaserve.server.cli import cluster_config, serve_config
 from deltaserve.server.cluster.config import ClusterConfig, cluster_from_args
 from deltaserve.server.config import ServerConfig, flag_table
 from deltaserve.server.errors import ConfigError, ModelLoadError
@@ -93,6 +93,19 @@ def test_flag_defaults_equal_the_dataclass_defaults(monkeypatch):
     config = serve_config(["--max-adapters", "3", "--preload", "a=/x", "--preload", "b=/y", "--allow-pickle"])
     assert config.adapters.max_adapters == 3 and config.adapters.preload == [("a", "/x"), ("b", "/y")]
     assert config.adapters.allow_pickle
+
+
+def test_serve_cluster_flags_map_onto_the_cluster_and_replica_settings(monkeypatch):
+    monkeypatch.delenv("DELTASERVE_ADMIN_TOKEN", raising=False)
+    launch, cluster = cluster_config([])
+    assert cluster == ClusterConfig() and launch.http_port == 8000 and launch.grpc_port == 50051
+    argv = ["--replicas", "3", "--max-replicas", "5", "--host", "0.0.0.0", "--metrics-port", "9400"]
+    launch, cluster = cluster_config([*argv, "--max-batch-size", "4", "--merge-window-requests", "7"])
+    assert launch.host == "0.0.0.0" and cluster.replicas == 3
+    assert cluster.autoscaling_options() == {"min_replicas": 3, "max_replicas": 5, "target_ongoing_requests": 8.0}
+    server = cluster.server  # replicas bind their metrics on --host, at --metrics-port plus their rank
+    assert server.doors.host == "0.0.0.0" and server.doors.metrics_port == 9400
+    assert server.batching.max_batch_size == 4 and server.merge.merge_window_requests == 7
 
 
 def test_the_cli_reports_a_bad_value_with_exit_status_2():
