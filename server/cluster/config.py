@@ -24,7 +24,10 @@ class ClusterConfig(ConfigGroup):
     replica_gpus: float = setting(0.0, "Ray GPUs reserved per replica", minimum=0)
     torch_threads: int | None = setting(None, "torch threads per replica", minimum=0, shown="torch's default")
     max_replicas: int | None = setting(
-        None, "autoscale between --replicas and this many replicas on queue depth (Ray Serve autoscaling)", minimum=1
+        None,
+        "autoscale between --replicas and this many replicas on queue depth (Ray Serve autoscaling)",
+        minimum=1,
+        shown="off",
     )
     target_ongoing_requests: float = setting(
         8.0, "with --max-replicas: requests in flight per replica that the autoscaler aims for", minimum=0
