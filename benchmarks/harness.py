@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from deltaserve.server.config import ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -178,19 +179,15 @@ def embedded_model() -> tuple[str, str]:
     return embedded_model_dir(), EMBEDDED_NAME
 
 
-def cpu_config(model_dir: str, **overrides: Any) -> Any:
+def cpu_config(model_dir: str, **overrides: Any) -> ServerConfig:
     """The ServerConfig the CPU benchmarks serve with: fp32 on the CPU, then the benchmark's own limits (flat
     setting names)."""
-    from deltaserve.server.app import ServerConfig
-
-    # The grouped config (server/config.py) is built from flat names with `of`; the flat dataclass directly.
-    build = getattr(ServerConfig, "of", ServerConfig)
-    return build(model=model_dir, dtype="float32", device="cpu", **overrides)
+    return ServerConfig.of(model=model_dir, dtype="float32", device="cpu", **overrides)
 
 
-def served(config: Any, *names: str) -> dict[str, Any]:
+def served(config: ServerConfig, *names: str) -> dict[str, Any]:
     """Some settings of a ServerConfig by their flat names, for the result file."""
-    flat = config.settings() if hasattr(config, "settings") else {n: getattr(config, n) for n in names}
+    flat = config.settings()
     return {name: flat[name] for name in names}
 
 

@@ -47,7 +47,6 @@ Writes benchmarks/results/merge-cpu.json (…-quick.json for --quick) and a PNG 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import math
 import os
@@ -58,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.testing.helpers import ServerThread
 from harness import (
     CALL_TIMEOUT_S,
@@ -77,6 +76,7 @@ from harness import (
     parse_settings,
     quiet,
     report,
+    served,
     settings_dict,
     timed_rounds,
 )
@@ -115,12 +115,12 @@ class MergeSettings(Settings):
 
 
 def has_merge_policy() -> bool:
-    return any(f.name == "merge_policy" for f in dataclasses.fields(ServerConfig))
+    return "merge_policy" in ServerConfig.GROUP_OF
 
 
 def policy_window_field() -> str | None:
-    """The ServerConfig field of the auto policy's look-back window (merge_window_*), if there is one."""
-    return next((f.name for f in dataclasses.fields(ServerConfig) if f.name.startswith("merge_window")), None)
+    """The ServerConfig setting of the auto policy's look-back window (merge_window_*), if there is one."""
+    return next((name for name in ServerConfig.GROUP_OF if name.startswith("merge_window")), None)
 
 
 # ---- statistics -----------------------------------------------------------------------------------
@@ -460,6 +460,7 @@ def measure_auto(
     paths: dict[str, str], model_dir: str, settings: MergeSettings, max_seq_len: int, window: int | None
 ) -> dict[str, object]:
     """One trace on a fresh server with merge_policy="auto" and the given window (None: the server's default)."""
+    window_field = policy_window_field()
     config = cpu_config(
         model_dir,
         max_batch_size=max(settings.clients, 4),
@@ -467,11 +468,9 @@ def measure_auto(
         max_adapters=len(AUTO_ADAPTERS) + 1,  # every adapter stays on the device: no load in the trace
         max_lora_rank=settings.rank,
         merge_policy="auto",
+        **({window_field: window} if window is not None and window_field is not None else {}),
     )
-    window_field = policy_window_field()
-    if window is not None and window_field is not None:
-        setattr(config, window_field, window)
-    effective = getattr(config, window_field) if window_field is not None else None
+    effective = config.settings()[window_field] if window_field is not None else None
     log(f"part 3: starting a server with merge_policy='auto', window {effective}")
     with ServerThread(config) as server:
         with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
@@ -487,15 +486,12 @@ def measure_auto(
     summary = trace_summary(trace)
     summary["server"] = {
         "merge_policy": "auto",
-        "max_adapters": config.max_adapters,
-        "max_batch_size": config.max_batch_size,
+        **served(config, "max_adapters", "max_batch_size"),
     }
     summary["load_average_after"] = load_after
     summary["window"] = effective
     summary["window_is_server_default"] = window is None
-    summary["policy_fields"] = {
-        f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig) if "merge" in f.name
-    }
+    summary["policy_fields"] = {name: value for name, value in config.settings().items() if "merge" in name}
     return summary
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
@@ -30,7 +30,7 @@ def _bnb_config(quantize: str):
 def test_quantized_base_with_lora_matches_peft(tiny_dir, lora_dirs, quantize):
     quant = _bnb_config(quantize)
     tokenizer = tokenizer_for(tiny_dir)
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir,
         quantize=quantize,
         device="cpu",
@@ -66,7 +66,7 @@ def test_quantized_base_with_other_kinds_matches_peft(tiny_dir, tmp_path, quanti
     tokenizer = tokenizer_for(tiny_dir)
     kinds = ["dora", "ia3", "prefix"] if quantize == "nf4" else ["ia3", "prefix"]
     dirs = {name: make_peft_adapter(tiny_dir, str(tmp_path / name), name, seed=60 + i) for i, name in enumerate(kinds)}
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, quantize=quantize, device="cpu", max_batch_size=4, max_seq_len=128, max_adapters=4
     )
     with ServerThread(config) as running, Client(running.target, timeout=120) as client:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.engine.sampling import RowState, SamplingParams, _process_row, sample
 from deltaserve.testing.helpers import PROMPTS, ServerThread
 
@@ -15,7 +15,7 @@ from tests.references import greedy_reference, load_reference_model, tokenizer_f
 
 @pytest.fixture(scope="module")
 def client(tiny_dir):
-    with ServerThread(ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=256)) as running:
+    with ServerThread(ServerConfig.of(model=tiny_dir, max_batch_size=4, max_seq_len=256)) as running:
         with Client(running.target, timeout=60) as client:
             yield client
 
