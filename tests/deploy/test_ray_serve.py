@@ -251,6 +251,17 @@ def _same_generation(got, expected) -> None:
         assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), (got.logprobs, expected.logprobs)
 
 
+def _wait_until_running(port: int, timeout: float = 30.0) -> None:
+    """Until the replica serving /metrics on `port` reports a request decoding."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+        if re.search(r"^deltaserve_requests_running (?!0\.0$)", text, re.MULTILINE):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no request started decoding on the replica with metrics port {port}")
+
+
 def _served_by_replica() -> dict[int, set[str]]:
     """Adapters with finished requests, per replica of the `deltaserve` app (each replica's own /metrics)."""
     served = {}
@@ -419,9 +430,12 @@ def test_a_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(clus
         # Every long request runs all its steps (no early EOS), so those on the victim are in flight together.
         return _post(cluster, adapter, PROMPTS[2], LONG_TOKENS, LONG_TOKENS)
 
+    # The victim's metrics port: a replica that served ADAPTERS[0] (both, if a mix loaded it on both).
+    ports = [port for port, adapters in _served_by_replica().items() if ADAPTERS[0] in adapters]
     with ThreadPoolExecutor(len(ADAPTERS)) as pool:
         futures = {adapter: pool.submit(long_request, adapter) for adapter in ADAPTERS}
-        time.sleep(0.3)
+        for port in ports:  # killed mid-decode, whatever the machine's speed
+            _wait_until_running(port)
         ray.kill(actor, no_restart=True)
         results = {adapter: future.result() for adapter, future in futures.items()}
 
