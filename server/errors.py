@@ -1,4 +1,5 @@
-"""The core's failure classes. Each maps to one gRPC status in the API layer (server/api.py) and nowhere else."""
+"""The core's failure classes. Each maps to one gRPC status in the front doors (server/frontends/status.py)
+and nowhere else."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class AdapterExistsError(DeltaserveServerError):
     """LoadAdapter with an id already in use (ALREADY_EXISTS)."""
 
 
+class UnauthenticatedError(DeltaserveServerError):
+    """A guarded call without the right bearer token (UNAUTHENTICATED; HTTP 401)."""
+
+
 class PermissionDeniedError(DeltaserveServerError):
     """An adapter path outside every --adapter-root (PERMISSION_DENIED)."""
 
@@ -37,3 +42,11 @@ class EngineStoppedError(DeltaserveServerError):
 
 class ModelLoadError(DeltaserveServerError):
     """The base model cannot be loaded or is of an architecture the runner does not serve."""
+
+
+class ConfigError(DeltaserveServerError, ValueError):
+    """A configuration value is refused; the message names the flag (server/config.py). The CLI exits 2 on it."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting  # the config field at fault, so the Ray builder can name its own argument

@@ -12,12 +12,9 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-if TYPE_CHECKING:
-    from deltaserve.server.engine import FinishReason, Request
 
 request_log = logging.getLogger("deltaserve.requests")
 
@@ -43,6 +40,23 @@ LATENCY_BUCKETS = (
     600.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class FinishedRequest(Protocol):
+    """What the metrics read of a finished request (the engine's Request has these); metrics sit below the
+    engine, so they name the fields rather than import the class."""
+
+    request_id: str
+    prompt_ids: list[int]
+    generated: list[int]
+    arrival: float
+    prefilled_at: float | None
+    first_token_at: float | None
+
+    @property
+    def adapter_id(self) -> str: ...
+
+
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
 TIERS = ("device", "host")
@@ -144,11 +158,9 @@ class Metrics:
         self.adapter_loads.labels(kind or "unknown", result).inc()
         self.adapter_load_duration.observe(seconds)
 
-    def observe_finished(
-        self, request: Request, reason: FinishReason | None, error: BaseException | None, now: float
-    ) -> None:
+    def observe_finished(self, request: FinishedRequest, status: str, now: float) -> None:
+        """`status` is the finish reason's value, or "error"."""
         label = self.adapter_label(request.adapter_id)
-        status = "error" if error is not None else reason.value
         self.requests.labels(label, status).inc()
         self.prompt_tokens.labels(label).inc(len(request.prompt_ids))
         self.generated_tokens.labels(label).inc(len(request.generated))
@@ -166,7 +178,7 @@ def _milliseconds(start: float, end: float | None) -> float | None:
     return None if end is None else round((end - start) * 1000, 3)
 
 
-def _log_request(request: Request, status: str, now: float) -> None:
+def _log_request(request: FinishedRequest, status: str, now: float) -> None:
     """One JSON line per finished request: ids, sizes and timings; never the prompt or the output text."""
     if not request_log.isEnabledFor(logging.INFO):
         return

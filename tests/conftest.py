@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.helpers import make_lora, make_tiny_llama
+from deltaserve.testing.helpers import make_lora, make_tiny_llama
 
 torch.set_num_threads(2)
 
@@ -27,7 +26,7 @@ LORA_VARIANTS: dict[str, dict] = {
 
 @pytest.fixture(scope="session")
 def smol_dir() -> str:
-    from deltaserve.server.model_loader import embedded_model_dir
+    from deltaserve.server.model.loader import embedded_model_dir
 
     return embedded_model_dir()
 

@@ -16,8 +16,8 @@ import textwrap
 import pytest
 import torch
 from deltaserve.adapters import ModuleDelta
-from deltaserve.server.layers import PAD_SLOT, AdapterLinear, ForwardContext, build_lora_batch
-from deltaserve.server.lora_ops import plan_groups, reference_lora
+from deltaserve.server.kernels.lora_ops import plan_groups, reference_lora
+from deltaserve.server.model.layers import PAD_SLOT, AdapterLinear, ForwardContext, build_lora_batch
 from torch import nn
 
 NUM_SLOTS, MAX_RANK = 8, 16
@@ -197,8 +197,8 @@ TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETER_CHECK = textwrap.dedent(
     """
     import torch
-    from deltaserve.server import triton_lora
-    from deltaserve.server.lora_ops import reference_lora
+    from deltaserve.server.kernels import triton_lora
+    from deltaserve.server.kernels.lora_ops import reference_lora
 
     torch.manual_seed(0)
     for tokens, in_features, out_features, rank, slots in [(16, 48, 40, 16, 8), (5, 33, 129, 3, 4), (1, 64, 20, 8, 2)]:
@@ -231,7 +231,7 @@ def test_triton_kernels_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_token_kernels_equal_the_grouped_path_on_cuda(dtype):
-    from deltaserve.server import triton_lora
+    from deltaserve.server.kernels import triton_lora
 
     if not triton_lora.available():
         pytest.skip("Triton is not installed")

@@ -24,7 +24,7 @@ from deltaserve.adapters import (
     tensor_bytes,
 )
 from deltaserve.server.errors import MergeError, ModelLoadError
-from deltaserve.server.layers import (
+from deltaserve.server.model.layers import (
     AdapterLinear,
     BottleneckBank,
     ForwardContext,

@@ -9,96 +9,25 @@ Other threads talk to the engine only through `submit`, `Request.cancel` and eac
 from __future__ import annotations
 
 import concurrent.futures
-import enum
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
-from deltaserve.server.detokenizer import IncrementalDetokenizer
+from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
+from deltaserve.server.engine.request import FINISHED_ROW, FinishReason, Request, RequestOutput
+from deltaserve.server.engine.sampling import RowState, make_generator, sample
 from deltaserve.server.errors import EngineStoppedError
-from deltaserve.server.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
-from deltaserve.server.sampling import RowState, SamplingParams, make_generator, sample
+from deltaserve.server.model.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
+from deltaserve.server.model.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
+from deltaserve.server.residency.registry import AdapterRecord, AdapterRegistry
 from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-
-class FinishReason(enum.Enum):
-    LENGTH = "length"
-    EOS = "eos"
-    STOP_SEQUENCE = "stop_sequence"
-    CANCELLED = "cancelled"
-    ABORTED = "aborted"
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request: the new tokens/text since the previous output."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    generated_tokens: int
-    finish_reason: FinishReason | None = None
-    stop_sequence: str | None = None
-    error: BaseException | None = None  # set when the engine failed this request
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-Sink = Callable[[RequestOutput], None]
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation request. Created by the API, owned by the engine after `submit`."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: AdapterRecord | None
-    sink: Sink
-    arrival: float = field(default_factory=time.monotonic)
-    # engine-side state
-    row: int = -1
-    cache_len: int = 0
-    last_token: int = -1
-    generated: list[int] = field(default_factory=list)
-    sampler: RowState | None = None
-    detokenizer: IncrementalDetokenizer | None = None
-    prefilled_at: float | None = None
-    first_token_at: float | None = None
-    _cancelled: bool = False
-
-    @property
-    def adapter_id(self) -> str:
-        return self.adapter.adapter_id if self.adapter is not None else ""
-
-    @property
-    def sequence_len(self) -> int:
-        """Positions the prefill computes: the adapter's prefix entries and virtual tokens plus the prompt."""
-        return len(self.prompt_ids) + (self.adapter.extra_positions if self.adapter is not None else 0)
-
-    @property
-    def slot(self) -> int:
-        return self.adapter.slot if self.adapter is not None else -1
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request at its next step (thread-safe; idempotent)."""
-        self._cancelled = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
 
 @dataclass(frozen=True)
@@ -216,7 +145,7 @@ class Engine:
             except Exception as err:  # a bug or device failure: fail what was in flight, keep serving
                 log.exception("engine step failed")
                 for request in [*admitted, *self._running]:
-                    if request.row != -2:
+                    if request.row != FINISHED_ROW:
                         self._finish(request, None, error=err)
                 self._running.clear()
         self._abort_all()
@@ -411,10 +340,10 @@ class Engine:
             last_output = RequestOutput([], "", [], len(request.generated), finish_reason=reason, error=error)
         if request.row >= 0:
             self.runner.clear_row(request.row, request.cache_len)
-        request.row = -2  # finished: _compact drops it from the running list
+        request.row = FINISHED_ROW  # _compact drops it from the running list
         if request.adapter is not None:
             self.registry.release(request.adapter, served=error is None)
-        self.metrics.observe_finished(request, reason, error, time.monotonic())
+        self.metrics.observe_finished(request, "error" if error is not None else reason.value, time.monotonic())
         request.sink(last_output)
 
     def _drop_cancelled(self) -> None:
@@ -425,7 +354,7 @@ class Engine:
 
     def _compact(self) -> None:
         """Remove finished requests and fill the holes they leave with the highest rows."""
-        survivors = [r for r in self._running if r.row != -2]
+        survivors = [r for r in self._running if r.row != FINISHED_ROW]
         if len(survivors) == len(self._running):
             return
         count = len(survivors)
@@ -443,6 +372,6 @@ class Engine:
             leftovers = [*self._waiting, *self._running]
             self._waiting.clear()
         for request in leftovers:
-            if request.row != -2:
+            if request.row != FINISHED_ROW:
                 self._finish(request, FinishReason.ABORTED)
         self._running = []

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import torch
 from deltaserve.adapters import Bottleneck, ModuleDelta
-from deltaserve.server import triton_lora
-from deltaserve.server.lora_ops import PER_TOKEN_MAX_TOKENS, LoraGroups, grouped_lora_, plan_groups
+from deltaserve.server.kernels import triton_lora
+from deltaserve.server.kernels.lora_ops import PER_TOKEN_MAX_TOKENS, LoraGroups, grouped_lora_, plan_groups
 from torch import nn
 from transformers.activations import ACT2FN
 
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """Which tokens of one forward carry which LoRA device slot (see `deltaserve.server.lora_ops`).
+    """Which tokens of one forward carry which LoRA device slot (see `deltaserve.server.kernels.lora_ops`).
 
     `rank` is the largest rank among the forward's slots; 0 means no token has an adapter of its own (only the
     merged adapter's correction below). Exactly one way of applying the deltas is set when rank > 0:
@@ -73,7 +73,7 @@ class AdapterLinear(nn.Module):
     """A base linear layer plus a bank of LoRA device slots.
 
     Slots are preallocated, zero-padded stacks, slot-major so that the first r ranks of a slot are one
-    contiguous block (see `deltaserve.server.lora_ops` for how a forward reads them):
+    contiguous block (see `deltaserve.server.kernels.lora_ops` for how a forward reads them):
       lora_a [S, R, in_features]
       lora_b [S, R, out_features]   (B transposed, scaling folded in)
     An empty slot or a padded rank contributes exactly zero, and loading an adapter is a copy into its

@@ -5,7 +5,7 @@ slot-major stacks, so a decode step over many adapters needs no grouping and no 
   expand: y[t, n]  += z[t, :r] @ B[s_t, :r, n]     (in place, y's dtype)
 
 Tokens with slot -1 are skipped. Triton is optional: `available()` says whether these kernels can run on a
-CUDA device; every other case uses the grouped torch path of `deltaserve.server.lora_ops`. The tests run the
+CUDA device; every other case uses the grouped torch path of `deltaserve.server.kernels.lora_ops`. The tests run the
 kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1), where `lora_` also accepts CPU tensors.
 """
 

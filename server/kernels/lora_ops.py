@@ -10,7 +10,7 @@ A forward with tokens of several slots runs one of two strategies, chosen by `pl
   Each chunk reads its slot's weights once and the arithmetic is each token's own rank (plus padding).
   A skewed batch (one slot owns most tokens) is cut into chunks of about M / C rows so the padding stays
   small; a batch that uses at least half of the slots reads the stacks in place (no copy of the weights).
-- per-token (BGMV-style, CUDA with Triton): `deltaserve.server.triton_lora` kernels read each token's own
+- per-token (BGMV-style, CUDA with Triton): `deltaserve.server.kernels.triton_lora` kernels read each token's own
   slot rows directly; no grouping, no copies. Used for small forwards (decode steps), like Punica's BGMV.
 
 `reference_lora` is the plain per-token definition that the tests compare both against.

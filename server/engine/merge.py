@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 
-from deltaserve.server.adapter_registry import AdapterRecord, AdapterRegistry
-from deltaserve.server.engine import Engine
+from deltaserve.server.engine.engine import Engine
 from deltaserve.server.errors import DeltaserveServerError, MergeError
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.runner import ModelRunner
+from deltaserve.server.model.runner import ModelRunner
+from deltaserve.server.residency.registry import AdapterRecord, AdapterRegistry
 
 log = logging.getLogger(__name__)
 

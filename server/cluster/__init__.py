@@ -1,0 +1,1 @@
+"""deltaserve on Ray Serve: replicas, adapter-affine routing and the cluster's front doors."""

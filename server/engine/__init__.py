@@ -1,0 +1,1 @@
+"""The engine: requests, the continuous-batching step loop, sampling, detokenization and merging."""

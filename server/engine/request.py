@@ -1,0 +1,86 @@
+"""A generation request as the engine sees it, and what the engine sends back for it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
+from deltaserve.server.engine.sampling import RowState, SamplingParams
+from deltaserve.server.residency.registry import AdapterRecord
+
+NO_ROW = -1  # a request not (yet) placed in a cache row
+FINISHED_ROW = -2  # a finished request: the engine drops it from the running list between steps
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: the new tokens/text since the previous output."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    generated_tokens: int
+    finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+    error: BaseException | None = None  # set when the engine failed this request
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request. Created by the API, owned by the engine after `submit`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterRecord | None
+    sink: Sink
+    arrival: float = field(default_factory=time.monotonic)
+    # engine-side state
+    row: int = NO_ROW
+    cache_len: int = 0
+    last_token: int = -1
+    generated: list[int] = field(default_factory=list)
+    sampler: RowState | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    prefilled_at: float | None = None
+    first_token_at: float | None = None
+    _cancelled: bool = False
+
+    @property
+    def adapter_id(self) -> str:
+        return self.adapter.adapter_id if self.adapter is not None else ""
+
+    @property
+    def sequence_len(self) -> int:
+        """Positions the prefill computes: the adapter's prefix entries and virtual tokens plus the prompt."""
+        return len(self.prompt_ids) + (self.adapter.extra_positions if self.adapter is not None else 0)
+
+    @property
+    def slot(self) -> int:
+        return self.adapter.slot if self.adapter is not None else -1
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (thread-safe; idempotent)."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled

@@ -1,0 +1,283 @@
+"""The native gRPC door (deltaserve.v1): Generation and Adapters.
+
+A thin translation: a GenerateRequest becomes the core's protocol-neutral `GenerationRequest` and runs through
+`FrontDoorCore.submit`; servicer methods never run model code. Every exception becomes a gRPC status through the
+one table in `status.py`; the Adapters service's bearer token is checked by `auth.AdminTokenInterceptor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from deltaserve.adapters.peft_files import read_config
+from deltaserve.adapters.registry import declared_kind
+from deltaserve.client.v1 import deltaserve_pb2 as pb
+from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
+from deltaserve.server.engine.engine import Engine
+from deltaserve.server.engine.merge import MergeController
+from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
+from deltaserve.server.frontends.core import (
+    AdapterRef,
+    ChatTurn,
+    Field,
+    FieldNames,
+    FrontDoorCore,
+    GenerationRequest,
+    clean_request_id,
+)
+from deltaserve.server.frontends.status import status_for
+from deltaserve.server.metrics import Metrics
+from deltaserve.server.residency.registry import AdapterRecord, AdapterState
+
+log = logging.getLogger(__name__)
+
+_FINISH_TO_PROTO = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ABORTED: pb.FINISH_REASON_ABORTED,
+}
+_STATE_TO_PROTO = {
+    AdapterState.LOADING: pb.ADAPTER_STATE_LOADING,
+    AdapterState.DISK: pb.ADAPTER_STATE_DISK,
+    AdapterState.HOST: pb.ADAPTER_STATE_HOST,
+    AdapterState.DEVICE: pb.ADAPTER_STATE_DEVICE,
+    AdapterState.UNLOADING: pb.ADAPTER_STATE_UNLOADING,
+}
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
+    code = status_for(err)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=err)
+    await context.abort(code, str(err) or type(err).__name__)
+
+
+def _unary_errors(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:
+            await _abort(context, err)
+
+    return wrapper
+
+
+def _stream_errors(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:
+            await _abort(context, err)
+
+    return wrapper
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id` metadata when it is a sane token, else a fresh id."""
+    given = [value for key, value in context.invocation_metadata() or () if key == "x-request-id"]
+    return clean_request_id(given[0] if given else None)
+
+
+def _turns(messages: Any) -> tuple[ChatTurn, ...]:
+    return tuple(ChatTurn(message.role, message.content) for message in messages)
+
+
+def generation_request(request: pb.GenerateRequest, rid: str) -> GenerationRequest:
+    """The protocol-neutral request for a native GenerateRequest (unset optional fields: their neutral values)."""
+    return GenerationRequest(
+        prompt=request.prompt,
+        messages=_turns(request.messages),
+        adapter=AdapterRef(
+            adapter_id=request.adapter_id,
+            stack=tuple(request.adapter_stack),
+            mix=tuple((part.adapter_id, part.weight) for part in request.adapter_mix),
+            mix_method=request.mix_method,
+        ),
+        max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
+        min_new_tokens=request.min_new_tokens,
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        seed=request.seed if request.HasField("seed") else None,
+        repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
+        stop=tuple(request.stop),
+        logprobs=request.logprobs,
+        request_id=rid,
+    )
+
+
+NATIVE_NAMES: FieldNames = {}  # the core's canonical names are deltaserve.v1's
+TOKENIZE_NAMES: FieldNames = {Field.PROMPT: "text"}
+
+
+def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        text=output.text,
+        token_ids=output.token_ids,
+        logprobs=output.logprobs,
+        finish_reason=_FINISH_TO_PROTO[output.finish_reason],
+        prompt_tokens=len(request.prompt_ids),
+        generated_tokens=output.generated_tokens,
+        adapter_id=request.adapter_id,
+        request_id=request.request_id,
+        stop_sequence=output.stop_sequence or "",
+    )
+
+
+# ---- services -------------------------------------------------------------------------------------
+class GenerationService(pb_grpc.GenerationServicer):
+    """deltaserve.v1.Generation: GenerateRequest in, through the front-door core, GenerateResponse out."""
+
+    def __init__(self, core: FrontDoorCore, model_info: Callable[[], pb.ModelInfoResponse]) -> None:
+        self.core = core
+        self.model_info = model_info
+
+    @_unary_errors
+    async def Generate(self, request, context):
+        with await self.core.submit(generation_request(request, request_id(context)), NATIVE_NAMES) as generation:
+            await generation.collect()
+        last = generation.last
+        combined = RequestOutput(
+            generation.token_ids,
+            generation.text,
+            generation.logprobs,
+            last.generated_tokens,
+            last.finish_reason,
+            last.stop_sequence,
+        )
+        return _response(combined, generation.request)
+
+    @_stream_errors
+    async def GenerateStream(self, request, context):
+        with await self.core.submit(generation_request(request, request_id(context)), NATIVE_NAMES) as generation:
+            async for output in generation:
+                if output.token_ids or output.finished:
+                    yield _response(output, generation.request)
+
+    @_unary_errors
+    async def Tokenize(self, request, context):
+        ids = self.core.prompt_ids(request.text, _turns(request.messages), TOKENIZE_NAMES)
+        return pb.TokenizeResponse(token_ids=ids, tokens=self.core.tokenizer.convert_ids_to_tokens(ids))
+
+    @_unary_errors
+    async def ModelInfo(self, request, context):
+        return self.model_info()
+
+
+_LOAD_RESULT = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.FAILED_PRECONDITION: "unsupported",
+    grpc.StatusCode.ALREADY_EXISTS: "exists",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "capacity",
+    grpc.StatusCode.PERMISSION_DENIED: "denied",
+}
+
+
+def _declared_kind(path: str) -> str:
+    """The kind a failed load's config declares, for the metrics label ("unknown" if unreadable)."""
+    try:
+        return declared_kind(read_config(path)).value
+    except Exception:
+        return "unknown"
+
+
+def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
+    state = _STATE_TO_PROTO[record.state]
+    if record.merged:
+        state = pb.ADAPTER_STATE_MERGED
+    elif record.pinned and record.state is AdapterState.DEVICE:
+        state = pb.ADAPTER_STATE_PINNED
+    return pb.AdapterInfo(
+        adapter_id=record.adapter_id,
+        kind=record.kind,
+        rank=record.rank,
+        size_bytes=record.size_bytes,
+        state=state,
+        path=record.path,
+        target_modules=record.target_modules,
+        requests_served=record.requests_served,
+        active_requests=record.active_requests,
+        pinned=record.pinned,
+        last_used_unix=record.last_used,
+        virtual_tokens=record.extra_positions,
+        mergeable=record.mergeable,
+    )
+
+
+class AdaptersService(pb_grpc.AdaptersServicer):
+    def __init__(self, engine: Engine, metrics: Metrics, merges: MergeController) -> None:
+        self.registry = engine.registry
+        self.metrics = metrics
+        self.merges = merges
+
+    @_unary_errors
+    async def LoadAdapter(self, request, context):
+        return adapter_info(await self.load(request.adapter_id, request.path, replace=request.replace, pin=request.pin))
+
+    async def load(self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False) -> AdapterRecord:
+        """Validate and register an adapter, with its metrics and log line (gRPC LoadAdapter and the HTTP
+        load endpoint both come here)."""
+        # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
+        started = time.monotonic()
+        try:
+            record = await asyncio.to_thread(self.registry.load, adapter_id, path, replace=replace, pin=pin)
+        except Exception as err:
+            self.metrics.observe_load(
+                _declared_kind(path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
+            )
+            raise
+        self.metrics.observe_load(record.kind, "ok", time.monotonic() - started)
+        log.info(
+            "loaded adapter %r (%s, rank %d, %s) from %s",
+            record.adapter_id,
+            record.kind,
+            record.rank,
+            record.state.value,
+            record.path,
+        )
+        return record
+
+    @_unary_errors
+    async def UnloadAdapter(self, request, context):
+        draining = await self.unload(request.adapter_id)
+        return pb.UnloadAdapterResponse(adapter_id=request.adapter_id, draining_requests=draining)
+
+    async def unload(self, adapter_id: str) -> int:
+        """Unload an adapter; returns how many in-flight requests still finish with it."""
+        draining = await asyncio.to_thread(self.registry.unload, adapter_id)
+        log.info("unloaded adapter %r (%d requests still finishing)", adapter_id, draining)
+        return draining
+
+    @_unary_errors
+    async def MergeAdapter(self, request, context):
+        record = await asyncio.to_thread(self.merges.merge, request.adapter_id)
+        return adapter_info(record)
+
+    @_unary_errors
+    async def UnmergeAdapter(self, request, context):
+        return pb.UnmergeAdapterResponse(adapter_id=await asyncio.to_thread(self.merges.unmerge))
+
+    @_unary_errors
+    async def PinAdapter(self, request, context):
+        record = await asyncio.to_thread(self.registry.set_pinned, request.adapter_id, request.pinned)
+        return adapter_info(record)
+
+    @_unary_errors
+    async def ListAdapters(self, request, context):
+        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in self.registry.list()])

@@ -1,0 +1,1 @@
+"""Where adapters live: the registry over disk, host cache and device slots, and weighted mixes."""
