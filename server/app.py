@@ -128,7 +128,12 @@ class Server:
             max_bottleneck_size=config.max_bottleneck_size,
         )
         self.path_policy = AdapterPathPolicy(config.adapter_root)
-        read_options = ReadOptions(allow_pickle=config.allow_pickle, max_bytes=config.max_adapter_bytes)
+        read_options = ReadOptions(
+            allow_pickle=config.allow_pickle,
+            max_bytes=config.max_adapter_bytes,
+            roots=self.path_policy.roots,
+            compute_dtype=loaded.dtype,
+        )
         self.registry = AdapterRegistry(
             self.runner.base_spec(),
             slots,

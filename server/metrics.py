@@ -55,6 +55,8 @@ class FinishedRequest(Protocol):
 
     @property
     def adapter_id(self) -> str: ...
+
+
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
 TIERS = ("device", "host")

@@ -19,14 +19,13 @@ from typing import Any
 
 import grpc
 from deltaserve.adapters import (
+    AdapterAccessError,
     AdapterFormatError,
     AdapterLimitError,
     AdapterMismatchError,
     UnsupportedAdapterError,
     compose,
 )
-from deltaserve.adapters.peft_files import read_config
-from deltaserve.adapters.registry import declared_kind
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.engine.engine import Engine
@@ -60,6 +59,7 @@ _STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdapterLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (AdapterAccessError, grpc.StatusCode.PERMISSION_DENIED),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -399,12 +399,10 @@ _LOAD_RESULT = {
 }
 
 
-def _declared_kind(path: str) -> str:
-    """The kind a failed load's config declares, for the metrics label ("unknown" if unreadable)."""
-    try:
-        return declared_kind(read_config(path)).value
-    except Exception:
-        return "unknown"
+def _declared_kind(err: BaseException) -> str:
+    """The kind a failed load's config declared, for the metrics label ("unknown" if it was not read)."""
+    kind = getattr(err, "declared_kind", None)
+    return "unknown" if kind is None else kind.value
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
@@ -449,7 +447,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             record = await asyncio.to_thread(self.registry.load, adapter_id, path, replace=replace, pin=pin)
         except Exception as err:
             self.metrics.observe_load(
-                _declared_kind(path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
+                _declared_kind(err), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
             )
             raise
         self.metrics.observe_load(record.kind, "ok", time.monotonic() - started)
