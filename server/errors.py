@@ -32,6 +32,11 @@ class CapacityError(DeltaserveServerError):
     """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED)."""
 
 
+class NonFiniteOutputError(DeltaserveServerError):
+    """A request's logits or sampling distribution were not finite, e.g. an overflowing adapter; only that
+    request fails (FAILED_PRECONDITION)."""
+
+
 class EngineStoppedError(DeltaserveServerError):
     """The engine is shutting down and admits no new work (UNAVAILABLE)."""
 

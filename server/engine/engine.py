@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
 from deltaserve.server.engine.request import FINISHED_ROW, FinishReason, Request, RequestOutput
-from deltaserve.server.engine.sampling import RowState, make_generator, sample
-from deltaserve.server.errors import EngineStoppedError
+from deltaserve.server.engine.sampling import RowState, Sampled, make_generator, sample
+from deltaserve.server.errors import EngineStoppedError, NonFiniteOutputError
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
 from deltaserve.server.model.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
@@ -237,9 +237,7 @@ class Engine:
             request.prefilled_at = now
             self.metrics.observe_queue(request.adapter_id, now - request.arrival)
             self._running.append(request)
-        tokens, logprobs = sample(logits, [r.sampler for r in group], self._eos)
-        for i, request in enumerate(group):
-            self._accept(request, tokens[i], logprobs[i] if logprobs else None)
+        self._take(group, sample(logits, [r.sampler for r in group], self._eos))
         self._compact()
 
     def _decode(self) -> None:
@@ -250,10 +248,9 @@ class Engine:
         batch = self._decode_batch([r.slot for r in running])
         logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), batch)
         self.metrics.batch_size.observe(len(running))
-        tokens, logprobs = sample(logits, [r.sampler for r in running], self._eos)
-        for i, request in enumerate(running):
+        for request in running:
             request.cache_len += 1
-            self._accept(request, tokens[i], logprobs[i] if logprobs else None)
+        self._take(running, sample(logits, [r.sampler for r in running], self._eos))
         self._compact()
 
     def _adapter_batch(self, token_slots: list[int], head_slots: list[int] | None) -> AdapterBatch:
@@ -290,6 +287,14 @@ class Engine:
         return self._decode_adapters
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------
+    def _take(self, rows: list[Request], sampled: Sampled) -> None:
+        """Hand each row its sampled token; a row whose output was not finite fails alone."""
+        for i, request in enumerate(rows):
+            if i in sampled.failed:
+                self._finish(request, None, error=NonFiniteOutputError(_non_finite_message(request)))
+            else:
+                self._accept(request, sampled.tokens[i], sampled.logprobs[i] if sampled.logprobs else None)
+
     def _accept(self, request: Request, token: int, logprob: float | None) -> None:
         """Record a sampled token, emit its output, and finish the request if it is done."""
         now = time.monotonic()
@@ -375,3 +380,8 @@ class Engine:
             if request.row != FINISHED_ROW:
                 self._finish(request, FinishReason.ABORTED)
         self._running = []
+
+
+def _non_finite_message(request: Request) -> str:
+    source = f"adapter {request.adapter_id!r}" if request.adapter_id else "the base model with these parameters"
+    return f"the output is not finite (nan or inf): {source} overflows for this request"

@@ -39,6 +39,7 @@ from deltaserve.server.errors import (
     EngineStoppedError,
     InvalidRequestError,
     MergeError,
+    NonFiniteOutputError,
     PermissionDeniedError,
 )
 from deltaserve.server.metrics import Metrics
@@ -56,6 +57,7 @@ _STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnsupportedAdapterError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (MergeError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NonFiniteOutputError, grpc.StatusCode.FAILED_PRECONDITION),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdapterLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
