@@ -173,8 +173,9 @@ def test_a_huge_finite_bottleneck_never_reaches_a_base_row(campaign, tiny_dir):
     with Client(campaign.target, timeout=120) as client:
         client.load_adapter("huge", str(directory))
         try:
-            with campaign.beside():
+            with campaign.beside(), pytest.raises(DeltaserveError) as attacker:
                 client.generate("Overflowing", adapter_id="huge", max_new_tokens=4)
+            assert attacker.value.code == grpc.StatusCode.FAILED_PRECONDITION  # its own row fails, alone
         finally:
             client.unload_adapter("huge")
     campaign.assert_clean()
@@ -207,3 +208,25 @@ def test_a_failed_load_is_labelled_by_what_was_read(campaign, tmp_path):
     before = failures("unknown"), failures("lora")
     _refused(campaign, str(outside))
     assert (failures("unknown"), failures("lora")) == (before[0] + 1, before[1])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("rank_pattern", {r"(?:[a-z_.0-9]|[a-z_.0-9])*(?=\d{3})": 4}, "took longer than"),
+        ("alpha_pattern", {"(": 4}, "is invalid"),
+        ("rank_pattern", {"x" * 5000: 4}, "characters"),
+        ("r", float("inf"), "malformed LoRA field"),
+    ],
+    ids=["catastrophic", "invalid", "long", "infinite_rank"],
+)
+def test_hostile_patterns_and_numbers_in_a_config(campaign, field, value, fragment):
+    """A backtracking pattern is cut off by a time budget with the GIL released (health and the victim keep
+    going); invalid, oversized and non-numeric values are named, never INTERNAL."""
+    directory = _copy(campaign, f"pattern_{field}_{fragment.split()[0]}")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with campaign.beside():
+        code, message = _refused(campaign, str(directory))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in message, (code, message)
+    campaign.assert_clean()
