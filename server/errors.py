@@ -32,6 +32,11 @@ class CapacityError(DeltaserveServerError):
     """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED)."""
 
 
+class AdapterUnreadableError(DeltaserveServerError):
+    """A loaded adapter whose files could not be read back onto the device (they changed or vanished since
+    it was validated); requests for it fail until it reads again (FAILED_PRECONDITION)."""
+
+
 class NonFiniteOutputError(DeltaserveServerError):
     """A request's logits or sampling distribution were not finite, e.g. an overflowing adapter; only that
     request fails (FAILED_PRECONDITION)."""

@@ -23,6 +23,7 @@ from deltaserve.adapters import (
     AdapterFormatError,
     AdapterLimitError,
     AdapterMismatchError,
+    ParsedAdapter,
     UnsupportedAdapterError,
     compose,
 )
@@ -35,6 +36,7 @@ from deltaserve.server.engine.sampling import SamplingParams
 from deltaserve.server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    AdapterUnreadableError,
     CapacityError,
     EngineStoppedError,
     InvalidRequestError,
@@ -58,6 +60,7 @@ _STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (MergeError, grpc.StatusCode.FAILED_PRECONDITION),
     (NonFiniteOutputError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterUnreadableError, grpc.StatusCode.FAILED_PRECONDITION),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdapterLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
@@ -332,18 +335,19 @@ class GenerationService(pb_grpc.GenerationServicer):
             return registry.acquire(derived_id)
         except AdapterNotFoundError:
             pass
-        adapters = [registry.host_copy(adapter_id) for adapter_id in members]
-        if mix is None:
-            derived = compose(derived_id, list(members), adapters)
-        else:
+
+        def build(adapters: list[ParsedAdapter]) -> ParsedAdapter:
+            if mix is None:
+                return compose(derived_id, list(members), adapters)
             for adapter_id, adapter in zip(members, adapters, strict=True):
                 if not adapter.is_plain_lora:
                     raise MergeError(
                         f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only plain LoRA can "
                         "(use adapter_stack to apply adapters of other kinds together)"
                     )
-            derived = combine(mix, adapters)
-        registry.register_derived(derived_id, derived, members)
+            return combine(mix, adapters)
+
+        registry.derive(derived_id, members, build)
         return registry.acquire(derived_id)
 
     @_unary_errors
