@@ -154,6 +154,8 @@ class Server:
         self.registry.on_evict = self.metrics.adapter_evictions.inc
         self._bind_metrics(slots)
         self.health = health.aio.HealthServicer()
+        self._health_services: tuple[str, ...] = ()
+        self.engine_dead = asyncio.Event()  # set on the event loop when the engine thread dies
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.generation: GenerationService | None = None  # set by start(); every front door generates through it
@@ -216,6 +218,8 @@ class Server:
         for adapter_id, path in [*self.config.preload, *adapters_under(self.config.adapter_dir)]:
             record = await asyncio.to_thread(self.registry.load, adapter_id, path)
             log.info("registered adapter %r (%s) from %s", adapter_id, record.state.value, path)
+        loop = asyncio.get_running_loop()
+        self.engine.on_death = lambda err: loop.call_soon_threadsafe(asyncio.ensure_future, self._engine_died())
         self.engine.start()
         interceptors = [AdminTokenInterceptor(self.config.admin_token)] if self.config.admin_token else []
         server = grpc.aio.server(
@@ -253,7 +257,8 @@ class Server:
             self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.http_port is not None:
             await self._start_http(generation, adapters)
-        for service in ("", *names[:3]):
+        self._health_services = ("", *names[:3])
+        for service in self._health_services:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.host, self.port)
         return self.port
@@ -288,13 +293,32 @@ class Server:
         await engine_stop
         self.registry.close()
 
-    async def serve_until_signalled(self) -> None:
-        await self.start()
+    async def _engine_died(self) -> None:
+        """The engine thread is gone (its requests already failed with UNAVAILABLE): report NOT_SERVING on every
+        service at once, and let `serve_until_signalled` end the process with a failure status."""
+        self.engine_dead.set()
+        for service in self._health_services:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def serve_until_signalled(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit status 0) or until the engine dies (status 1, for a restart)."""
         stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_event.set)
-        await stop_event.wait()
+        return await self.serve_until(stop_event)
+
+    async def serve_until(self, stop_event: asyncio.Event) -> int:
+        """Start, serve until `stop_event` is set (status 0) or the engine dies (status 1), then stop."""
+        await self.start()
+        signalled = asyncio.create_task(stop_event.wait())
+        died = asyncio.create_task(self.engine_dead.wait())
+        await asyncio.wait({signalled, died}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        died.cancel()
+        if self.engine_dead.is_set():
+            log.critical("the engine died: stopping with status 1 so that the process is restarted")
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", self.config.shutdown_grace_seconds)
         await self.stop()
         log.info("stopped")
+        return 1 if self.engine_dead.is_set() else 0

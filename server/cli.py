@@ -272,11 +272,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         server = Server.create(config)
-        asyncio.run(server.serve_until_signalled())
+        return asyncio.run(server.serve_until_signalled())
     except DeltaserveServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

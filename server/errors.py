@@ -46,5 +46,14 @@ class EngineStoppedError(DeltaserveServerError):
     """The engine is shutting down and admits no new work (UNAVAILABLE)."""
 
 
+class EngineFailedError(DeltaserveServerError):
+    """The engine thread died; the server reports NOT_SERVING and exits so that it is restarted (UNAVAILABLE)."""
+
+
+class EngineStepError(DeltaserveServerError):
+    """An engine step failed on a bug or a device error; the requests in it fail, the engine keeps serving
+    (INTERNAL: the detail is in the server log under the request id)."""
+
+
 class ModelLoadError(DeltaserveServerError):
     """The base model cannot be loaded or is of an architecture the runner does not serve."""

@@ -9,6 +9,7 @@ Other threads talk to the engine only through `submit`, `Request.cancel` and eac
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
-from deltaserve.server.engine.request import FINISHED_ROW, FinishReason, Request, RequestOutput
+from deltaserve.server.engine.request import FINISHED_ROW, NO_ROW, FinishReason, Request, RequestOutput
 from deltaserve.server.engine.sampling import RowState, Sampled, make_generator, sample
-from deltaserve.server.errors import EngineStoppedError, NonFiniteOutputError
+from deltaserve.server.errors import EngineFailedError, EngineStepError, EngineStoppedError, NonFiniteOutputError
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
 from deltaserve.server.model.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
@@ -63,6 +64,8 @@ class Engine:
         self.admission_observer: Callable[[str], None] | None = None  # sees each admitted request's adapter
         self._decode_key: tuple | None = None  # what the cached decode-step adapter batch was built for
         self._decode_adapters = NO_ADAPTERS
+        self.failure: BaseException | None = None  # why the engine thread died, if it did
+        self.on_death: Callable[[BaseException], None] = lambda err: None  # the server's health and exit hook
         self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------
@@ -121,6 +124,32 @@ class Engine:
 
     # ---- the loop (engine thread) ------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # the loop itself broke (its own error handling raised): nothing runs now
+            self._die(err)
+
+    def _die(self, err: BaseException) -> None:
+        """Fail everything queued, running or commanded with UNAVAILABLE and tell `on_death`, so that health
+        turns NOT_SERVING and the process exits for its supervisor to restart it."""
+        log.critical("the engine thread died", exc_info=err)
+        self.failure = err
+        with self._cv:
+            self._accepting = False
+            commands, self._commands = self._commands, []
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        self._cancel_commands(commands)
+        dead = EngineFailedError("the engine failed and is restarting; retry the request")
+        for request in [*waiting, *self._running]:
+            if request.row != FINISHED_ROW:
+                with contextlib.suppress(Exception):  # the state that broke the loop may break this too
+                    request.row = NO_ROW  # its cache row is not touched again
+                    self._finish(request, None, error=dead)
+        self._running = []
+        self.on_death(err)
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._waiting and not self._running and not self._commands and self._accepting:
@@ -142,11 +171,13 @@ class Engine:
                 continue
             try:
                 self._step(admitted)
-            except Exception as err:  # a bug or device failure: fail what was in flight, keep serving
-                log.exception("engine step failed")
+            except Exception:  # a bug or device failure: fail what was in flight, keep serving
+                log.exception("engine step failed for requests %s", [r.request_id for r in [*admitted, *self._running]])
                 for request in [*admitted, *self._running]:
                     if request.row != FINISHED_ROW:
-                        self._finish(request, None, error=err)
+                        # The detail stays in the log: a client sees no library text or server path.
+                        failure = EngineStepError(f"internal error in the engine step (request {request.request_id})")
+                        self._finish(request, None, error=failure)
                 self._running.clear()
         self._abort_all()
 

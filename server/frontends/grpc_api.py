@@ -38,6 +38,7 @@ from deltaserve.server.errors import (
     AdapterNotFoundError,
     AdapterUnreadableError,
     CapacityError,
+    EngineFailedError,
     EngineStoppedError,
     InvalidRequestError,
     MergeError,
@@ -66,6 +67,7 @@ _STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (AdapterAccessError, grpc.StatusCode.PERMISSION_DENIED),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+    (EngineFailedError, grpc.StatusCode.UNAVAILABLE),
 )
 
 _FINISH_TO_PROTO = {
