@@ -18,8 +18,9 @@ from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.engine.engine import Engine, EngineConfig
 from deltaserve.server.engine.merge import AutoMergePolicy, MergeController
 from deltaserve.server.errors import ModelLoadError
-from deltaserve.server.frontends.auth import AdapterPathPolicy, AdminTokenInterceptor
-from deltaserve.server.frontends.grpc_api import AdaptersService, GenerationService, RequestBuilder
+from deltaserve.server.frontends.auth import AdapterPathPolicy, AdminTokenInterceptor, BearerToken
+from deltaserve.server.frontends.core import FrontDoorCore
+from deltaserve.server.frontends.grpc_api import AdaptersService, GenerationService
 from deltaserve.server.frontends.tgis import TgisGenerationService
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.loader import LoadedModel, load_model
@@ -38,7 +39,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
-    http_port: int | None = None  # the OpenAI-compatible HTTP front door (server/frontends/openai_http.py); off if None
+    http_port: int | None = None  # the OpenAI-compatible HTTP front door (server/frontends/openai/); off if None
     dtype: str = "auto"
     device: str = "auto"
     quantize: str = "none"
@@ -158,7 +159,8 @@ class Server:
         self.engine_dead = asyncio.Event()  # set on the event loop when the engine thread dies
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
-        self.generation: GenerationService | None = None  # set by start(); every front door generates through it
+        self.core: FrontDoorCore | None = None  # set by start(); every front door generates through it
+        self.generation: GenerationService | None = None  # set by start()
         self.adapters: AdaptersService | None = None
         self.http = None  # the OpenAIFrontDoor when --http-port is set
         self.http_port: int | None = None
@@ -221,20 +223,21 @@ class Server:
         loop = asyncio.get_running_loop()
         self.engine.on_death = lambda err: loop.call_soon_threadsafe(asyncio.ensure_future, self._engine_died())
         self.engine.start()
-        interceptors = [AdminTokenInterceptor(self.config.admin_token)] if self.config.admin_token else []
+        token = BearerToken(self.config.admin_token)
+        interceptors = [AdminTokenInterceptor(token)] if token.required else []
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", self.config.max_request_bytes)],
         )
-        builder = RequestBuilder(
-            self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
+        core = self.core = FrontDoorCore(
+            self.engine, self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
         )
-        generation = self.generation = GenerationService(self.engine, builder, self.model_info)
+        generation = self.generation = GenerationService(core, self.model_info)
         adapters = self.adapters = AdaptersService(self.engine, self.metrics, self.merges)
         pb_grpc.add_GenerationServicer_to_server(generation, server)
         pb_grpc.add_AdaptersServicer_to_server(adapters, server)
         # TGIS's fmaas.GenerationService: a front door onto the same GenerationService (open like Generation)
-        tgis_grpc.add_GenerationServiceServicer_to_server(TgisGenerationService(generation), server)
+        tgis_grpc.add_GenerationServiceServicer_to_server(TgisGenerationService(core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             pb.DESCRIPTOR.services_by_name["Generation"].full_name,
@@ -256,21 +259,21 @@ class Server:
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.http_port is not None:
-            await self._start_http(generation, adapters)
+            await self._start_http(core, adapters, token)
         self._health_services = ("", *names[:3])
         for service in self._health_services:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.host, self.port)
         return self.port
 
-    async def _start_http(self, generation: GenerationService, adapters: AdaptersService) -> None:
-        from deltaserve.server.frontends.openai_http import OpenAIFrontDoor  # FastAPI is imported only when used
+    async def _start_http(self, core: FrontDoorCore, adapters: AdaptersService, token: BearerToken) -> None:
+        from deltaserve.server.frontends.openai.server import OpenAIFrontDoor  # FastAPI is imported only when used
 
         self.http = OpenAIFrontDoor(
-            generation,
+            core,
             adapters,
             model_name=self.loaded.name,
-            admin_token=self.config.admin_token,
+            token=token,
             max_request_bytes=self.config.max_request_bytes,
             shutdown_grace_seconds=self.config.shutdown_grace_seconds,
             tls_cert=self.config.tls_cert,

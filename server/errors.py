@@ -1,4 +1,4 @@
-"""The core's failure classes. Each maps to one gRPC status in the front doors (server/frontends/grpc_api.py)
+"""The core's failure classes. Each maps to one gRPC status in the front doors (server/frontends/status.py)
 and nowhere else."""
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ class AdapterNotFoundError(DeltaserveServerError):
 
 class AdapterExistsError(DeltaserveServerError):
     """LoadAdapter with an id already in use (ALREADY_EXISTS)."""
+
+
+class UnauthenticatedError(DeltaserveServerError):
+    """A guarded call without the right bearer token (UNAUTHENTICATED; HTTP 401)."""
 
 
 class PermissionDeniedError(DeltaserveServerError):

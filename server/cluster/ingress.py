@@ -1,12 +1,13 @@
 """The application's entry: the OpenAI-compatible HTTP API and, through Ray Serve's gRPC proxy, the gRPC APIs."""
 
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
 
 from deltaserve.server.cluster.ray_grpc import GrpcIngressMethods
-from deltaserve.server.frontends.openai_http import BASE_ALIASES, OpenAIHttpError, _error_body
+from deltaserve.server.frontends.auth import HTTP_ADMIN_NEEDS, BearerToken
+from deltaserve.server.frontends.core import adapter_for_model
+from deltaserve.server.frontends.openai.errors import error_json
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -52,7 +53,7 @@ class Ingress(GrpcIngressMethods):
         self.replicas = replicas
         self.catalog = catalog
         self.model_name = model_name
-        self._expected_auth = f"Bearer {admin_token}".encode() if admin_token else None
+        self.token = BearerToken(admin_token)
         self.adapter_affinity = adapter_affinity
 
     def _replica_for(self, adapter_id: str, stream: bool = False) -> DeploymentHandle:
@@ -64,11 +65,7 @@ class Ingress(GrpcIngressMethods):
 
     def _check_admin(self, request: HttpRequest) -> None:
         """Registering and unregistering adapters need the admin token, as on a single server."""
-        if self._expected_auth is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, self._expected_auth):
-            raise OpenAIHttpError(401, "adapter loading and unloading need 'Authorization: Bearer <admin token>'")
+        self.token.check(request.headers.get("authorization"), HTTP_ADMIN_NEEDS)
 
     async def _forward(self, request: HttpRequest) -> Response:
         body = await request.body()
@@ -76,7 +73,7 @@ class Ingress(GrpcIngressMethods):
             model = json.loads(body).get("model") or ""
         except (ValueError, AttributeError):
             model = ""  # the replica's front door answers the malformed body
-        adapter_id = "" if not isinstance(model, str) or model in (*BASE_ALIASES, self.model_name) else model
+        adapter_id = adapter_for_model(model, self.model_name)
         headers = [(name, request.headers[name]) for name in _FORWARDED_HEADERS if name in request.headers]
         chunks = self._replica_for(adapter_id, stream=True).forward.remote(
             request.method, request.url.path, headers, body, adapter_id
@@ -126,8 +123,7 @@ class Ingress(GrpcIngressMethods):
             adapter_id, path = body["lora_name"], body["lora_path"]
             _, version = await self.catalog.register.remote(adapter_id, path, bool(body.get("load_inplace")))
         except Exception as err:
-            status, error = _error_body(err, "prompt", "max_tokens")
-            return JSONResponse({"error": error}, status_code=status)
+            return error_json(err)
         return JSONResponse({"id": adapter_id, "object": "model", "parent": self.model_name, "version": version})
 
     @ingress_app.post("/v1/unload_lora_adapter")
@@ -137,6 +133,5 @@ class Ingress(GrpcIngressMethods):
             adapter_id = (await request.json())["lora_name"]
             await self.catalog.unregister.remote(adapter_id)
         except Exception as err:
-            status, error = _error_body(err, "prompt", "max_tokens")
-            return JSONResponse({"error": error}, status_code=status)
+            return error_json(err)
         return JSONResponse({"id": adapter_id, "object": "model", "deleted": True})

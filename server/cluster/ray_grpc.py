@@ -16,14 +16,16 @@ GenerateStream, Tokenize, ModelInfo): each method looks at the request's type to
 """
 
 import functools
-import hmac
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
 from deltaserve.client.fmaas import generation_pb2 as tgis_pb
 from deltaserve.client.v1 import deltaserve_pb2 as pb
-from deltaserve.server.frontends.grpc_api import status_for
+from deltaserve.server.errors import UnauthenticatedError
+from deltaserve.server.frontends.auth import GRPC_ADMIN_NEEDS, grpc_authorization
+from deltaserve.server.frontends.core import AdapterRef
+from deltaserve.server.frontends.status import status_for
 from google.protobuf import empty_pb2, message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
@@ -97,10 +99,8 @@ def generation_method(request: Message, name: str) -> tuple[str, type[Message]]:
 def adapters_of(request: Message) -> list[str]:
     """The adapters a generation request uses, routing key first (empty for the base model)."""
     if isinstance(request, pb.GenerateRequest):
-        if request.adapter_id:
-            return [request.adapter_id]
-        members = [weight.adapter_id for weight in request.adapter_mix] or list(request.adapter_stack)
-        return list(dict.fromkeys(member for member in members if member))
+        mix = tuple((part.adapter_id, part.weight) for part in request.adapter_mix)
+        return AdapterRef(request.adapter_id, tuple(request.adapter_stack), mix).routing_ids
     if isinstance(request, (tgis_pb.BatchedGenerationRequest, tgis_pb.SingleGenerationRequest)):
         # A conflicting adapter_id / prefix_id pair is refused by the replica's TGIS service.
         adapter = request.adapter_id or request.prefix_id
@@ -119,8 +119,8 @@ def forwarded_metadata(context: RayServegRPCContext) -> list[tuple[str, Any]]:
 
 class GrpcIngressMethods:
     """The gRPC half of the ingress deployment. The class that mixes it in provides `_replica_for(adapter_id,
-    stream)` (the replicas' handle, routed by adapter), `catalog` (a deployment handle) and `_expected_auth`
-    (b"Bearer <token>" or None)."""
+    stream)` (the replicas' handle, routed by adapter), `catalog` (a deployment handle) and `token` (the
+    server's `BearerToken`)."""
 
     # ---- deltaserve.v1.Generation and fmaas.GenerationService ----
     @unary
@@ -164,17 +164,10 @@ class GrpcIngressMethods:
 
     # ---- deltaserve.v1.Adapters: the shared catalog ----
     def _check_admin_metadata(self, grpc_context: RayServegRPCContext) -> None:
-        if self._expected_auth is None:
-            return
-        given = dict(grpc_context.invocation_metadata()).get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        if not hmac.compare_digest(given, self._expected_auth):
-            reason = "missing" if not given else "wrong"
-            _fail(
-                grpc_context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"the Adapters service needs 'authorization: Bearer <admin token>' metadata ({reason} token)",
-            )
+        try:
+            self.token.check(grpc_authorization(grpc_context.invocation_metadata()), GRPC_ADMIN_NEEDS)
+        except UnauthenticatedError as err:
+            _fail_with(grpc_context, err)
 
     @unary
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, grpc_context: RayServegRPCContext) -> pb.AdapterInfo:

@@ -8,7 +8,7 @@ Three deployments make the application (`build_app`):
   adapters are Ray Serve multiplexed models: the first request for an adapter on a replica loads it into that
   replica's registry (validated there like a LoadAdapter call); Ray Serve's LRU (`max_adapters_per_replica`)
   unloads the least recently used one. Requests run through the replica's own `OpenAIFrontDoor` app, called
-  in-process over ASGI, so generation is `GenerationService.run` as in every other front door.
+  in-process over ASGI, so generation is `FrontDoorCore.submit` as in every other front door.
 - `Ingress` (Ray Serve's HTTP proxy, and its gRPC proxy when started, route here): reads the adapter from the
   request (`model` over HTTP; see `ray_grpc` for gRPC) and calls a replica with it as `multiplexed_model_id`, so
   Ray Serve's router prefers replicas that already hold the adapter. Listing, registering and unregistering

@@ -13,8 +13,9 @@ import grpc
 from deltaserve.server.app import Server
 from deltaserve.server.cluster.config import ClusterConfig
 from deltaserve.server.errors import AdapterNotFoundError
-from deltaserve.server.frontends.grpc_api import status_for
-from deltaserve.server.frontends.openai_http import OpenAIFrontDoor, _error_body
+from deltaserve.server.frontends.openai.errors import error_body
+from deltaserve.server.frontends.openai.server import OpenAIFrontDoor
+from deltaserve.server.frontends.status import status_for
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -70,7 +71,7 @@ class DeltaserveReplica:
             options=[("grpc.max_send_message_length", server_config.max_request_bytes)],
         )
         self.front = OpenAIFrontDoor(
-            self.server.generation,
+            self.server.core,
             self.server.adapters,
             model_name=self.server.loaded.name,
             max_request_bytes=server_config.max_request_bytes,
@@ -184,7 +185,7 @@ class DeltaserveReplica:
             try:
                 await self._sync_all(adapters)
             except Exception as err:  # e.g. the adapter's files no longer load
-                status, error = _error_body(err, "prompt", "max_tokens")
+                status, error = error_body(err)
                 yield {"status": status, "headers": [(REPLICA_HEADER, self.replica_id)]}
                 yield json.dumps({"error": error}).encode()
                 return

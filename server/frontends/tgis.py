@@ -1,8 +1,8 @@
 """The TGIS-compatible gRPC front door: IBM TGIS's `fmaas.GenerationService` (protos/fmaas/generation.proto,
 with vllm-tgis-adapter's `adapter_id`) on the same port as deltaserve.v1.
 
-A thin translation layer. Each TGIS prompt becomes one native `GenerateRequest` and runs through
-`GenerationService.run`: the same validation, adapter acquisition, engine, batches and error statuses as the
+A thin translation layer. Each TGIS prompt becomes one protocol-neutral `GenerationRequest` and runs through
+`FrontDoorCore.submit`: the same validation, adapter acquisition, engine, batches and error statuses as the
 native API. What this module adds is only what TGIS defines and the native API does not: prompt truncation,
 a time limit, the stop string kept in the text, TGIS's stop reasons and its response shape. Field by field
 mapping, and what is refused: docs/tgis.md.
@@ -11,25 +11,19 @@ mapping, and what is refused: docs/tgis.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import secrets
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from deltaserve.client.fmaas import generation_pb2 as tgis
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
-from deltaserve.client.v1 import deltaserve_pb2 as pb
-from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
-from deltaserve.server.engine.sampling import SamplingParams
-from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError
-from deltaserve.server.frontends.grpc_api import (
-    GenerationService,
-    RequestBuilder,
-    _stream_errors,
-    _unary_errors,
-    request_id,
-)
-from deltaserve.server.residency.registry import AdapterState
+from deltaserve.server.engine.request import FinishReason, RequestOutput
+from deltaserve.server.errors import InvalidRequestError
+from deltaserve.server.frontends.core import AdapterRef, Field, FieldNames, FrontDoorCore, Generation, GenerationRequest
+from deltaserve.server.frontends.grpc_api import _stream_errors, _unary_errors, request_id
+
+# TGIS's names for the canonical fields its parameters carry; the others are named alike.
+TGIS_NAMES: FieldNames = {Field.PROMPT: "text", Field.STOP: "stop_sequences"}
 
 # TGIS keeps the matched stop sequence at the end of the text unless the request says otherwise
 # (vllm-tgis-adapter's --default-include-stop-seqs defaults to true as well).
@@ -58,18 +52,17 @@ def adapter_id(request: tgis.BatchedGenerationRequest | tgis.SingleGenerationReq
 class Plan:
     """TGIS `Parameters`, checked and translated; shared by every prompt of a batched request."""
 
-    native: pb.GenerateRequest  # the sampling and stopping fields; prompt and max_new_tokens are per prompt
+    template: GenerationRequest  # the sampling and stopping fields; prompt, adapter and seed are set per prompt
     max_new_tokens: int  # what the request asks for (the server's default if it leaves it 0)
     sampling: bool  # SAMPLE with a temperature > 0: each prompt gets a seed (drawn if not given), reported back
     include_stop_sequence: bool
     time_limit: float | None  # seconds
-    truncate_input_tokens: int
     options: tgis.ResponseOptions
 
 
 def plan(params: tgis.Parameters, default_max_new_tokens: int) -> Plan:
     """Translate TGIS parameters onto a native request, refusing (InvalidRequestError) what is invalid or not
-    served here. The native RequestBuilder still validates the values it shares with deltaserve.v1."""
+    served here. The core still validates the values it shares with deltaserve.v1."""
     if params.method not in (tgis.GREEDY, tgis.SAMPLE):
         raise InvalidRequestError(f"params.method {params.method} is neither GREEDY (0) nor SAMPLE (1)")
     _refuse_unserved(params)
@@ -86,29 +79,31 @@ def plan(params: tgis.Parameters, default_max_new_tokens: int) -> Plan:
         )
     if not all(stopping.stop_sequences):
         raise InvalidRequestError("stop_sequences must not contain an empty string")
-    native = pb.GenerateRequest(
+    seed = sampling_params.seed if sampling and sampling_params.HasField("seed") else None
+    template = GenerationRequest(
+        # As TGIS does, max_new_tokens is capped at the room the context has left (the request then ends with
+        # TOKEN_LIMIT), after the prompt is truncated to its last truncate_input_tokens tokens.
+        max_new_tokens=max_new_tokens,
+        fit_max_new_tokens=True,
+        truncate_prompt_tokens=params.truncate_input_tokens,
         min_new_tokens=stopping.min_new_tokens,
         temperature=temperature,
-        stop=list(stopping.stop_sequences),
+        top_k=sampling_params.top_k if sampling else 0,
+        top_p=(sampling_params.top_p or 1.0) if sampling else 1.0,  # TGIS: 0 disables
+        seed=seed,
+        repetition_penalty=params.decoding.repetition_penalty or 1.0,  # TGIS: 0 means none
+        stop=tuple(stopping.stop_sequences),
         logprobs=params.response.token_logprobs,
     )
-    if sampling:
-        native.top_k = sampling_params.top_k
-        native.top_p = sampling_params.top_p or 1.0  # TGIS: 0 disables
-        if sampling_params.HasField("seed"):
-            native.seed = sampling_params.seed
-    if params.decoding.repetition_penalty:  # TGIS: 0 means none
-        native.repetition_penalty = params.decoding.repetition_penalty
     include_stop = (
         stopping.include_stop_sequence if stopping.HasField("include_stop_sequence") else DEFAULT_INCLUDE_STOP_SEQUENCE
     )
     return Plan(
-        native=native,
+        template=template,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         include_stop_sequence=include_stop,
         time_limit=stopping.time_limit_millis / 1000 if stopping.time_limit_millis else None,
-        truncate_input_tokens=params.truncate_input_tokens,
         options=params.response,
     )
 
@@ -145,30 +140,29 @@ def _refuse_unserved(params: tgis.Parameters) -> None:
 
 @dataclass
 class _Prompt:
-    """One prompt's generation: what `run` was given and what it produced so far."""
+    """One prompt's generation: what it asked for and, once submitted, its Generation."""
 
     text: str
     plan: Plan
-    native: pb.GenerateRequest
-    prompt_ids: list[int] = field(default_factory=list)
-    outputs: list[RequestOutput] = field(default_factory=list)
-    timed_out: bool = False
+    request: GenerationRequest
+    generation: Generation | None = None
+    expired_before_submission: bool = False  # the time limit passed while its adapter was brought in
 
-    def build(self, builder: RequestBuilder, extra_positions: int) -> tuple[list[int], SamplingParams]:
-        """Tokenize, truncate (TGIS keeps the last tokens) and cap max_new_tokens at the room the context has
-        left, as TGIS does (the request then ends with TOKEN_LIMIT), then the native checks."""
-        ids = builder.prompt_ids(self.text, (), "text")
-        truncate = self.plan.truncate_input_tokens
-        if 0 < truncate < len(ids):
-            ids = ids[-truncate:]
-        room = builder.max_seq_len - len(ids) - extra_positions
-        self.native.max_new_tokens = max(1, min(self.plan.max_new_tokens, room))
-        self.prompt_ids = ids
-        return builder.build_from_ids(ids, self.native, extra_positions)
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.generation.prompt_ids if self.generation is not None else []
+
+    @property
+    def timed_out(self) -> bool:
+        return self.expired_before_submission or (self.generation is not None and self.generation.timed_out)
+
+    @property
+    def last(self) -> RequestOutput | None:
+        return self.generation.last if self.generation is not None else None
 
     @property
     def generated_tokens(self) -> int:
-        return self.outputs[-1].generated_tokens if self.outputs else 0
+        return self.generation.generated_tokens if self.generation is not None else 0
 
     def stop_reason(self, output: RequestOutput | None) -> int:
         if self.timed_out:
@@ -182,90 +176,89 @@ class _Prompt:
 
 
 class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
-    """`fmaas.GenerationService` over the native GenerationService (same engine, registry and validation)."""
+    """`fmaas.GenerationService` over the front-door core (same engine, registry and validation as deltaserve.v1)."""
 
-    def __init__(self, generation: GenerationService) -> None:
-        self.generation = generation
-        self.builder = generation.builder
-        self.tokenizer = generation.builder.tokenizer
+    def __init__(self, core: FrontDoorCore) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
 
     # ---- generation --------------------------------------------------------------------------------------
-    def _prompt(self, text: str, adapter: str, prompt_plan: Plan, where: str) -> _Prompt:
+    @staticmethod
+    def _prompt(text: str, adapter: str, prompt_plan: Plan, where: str, rid: str) -> _Prompt:
         if not text:
             raise InvalidRequestError(f"{where}.text is empty")
-        native = pb.GenerateRequest()
-        native.CopyFrom(prompt_plan.native)
-        native.adapter_id = adapter
-        if prompt_plan.sampling and not native.HasField("seed"):
-            native.seed = secrets.randbits(63)  # drawn here rather than by the engine, so it can be reported
-        return _Prompt(text, prompt_plan, native)
+        seed = prompt_plan.template.seed
+        if prompt_plan.sampling and seed is None:
+            seed = secrets.randbits(63)  # drawn here rather than by the engine, so it can be reported
+        deadline = (
+            None if prompt_plan.time_limit is None else asyncio.get_running_loop().time() + prompt_plan.time_limit
+        )
+        request = dataclasses.replace(
+            prompt_plan.template,
+            prompt=text,
+            adapter=AdapterRef(adapter_id=adapter),
+            seed=seed,
+            request_id=rid,
+            deadline=deadline,
+        )
+        return _Prompt(text, prompt_plan, request)
 
-    async def _outputs(
-        self, prompt: _Prompt, rid: str, deadline: float | None
-    ) -> AsyncIterator[tuple[RequestOutput, Request]]:
-        """The engine outputs of one prompt until it finishes or the deadline passes (then the request is
-        cancelled, and `prompt.timed_out` set)."""
-        outputs = self.generation.run(prompt.native, rid, lambda extra: prompt.build(self.builder, extra))
-        async with contextlib.aclosing(outputs):
-            while True:
-                time_limit = asyncio.timeout_at(deadline)
-                try:
-                    async with time_limit:
-                        output, engine_request = await anext(outputs)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    if not time_limit.expired():
-                        raise
-                    prompt.timed_out = True
-                    return
-                prompt.outputs.append(output)
-                yield output, engine_request
+    async def _submit(self, prompt: _Prompt) -> Generation | None:
+        """Submit the prompt; None if its time limit passed before it could be (it then ends with TIME_LIMIT)."""
+        try:
+            prompt.generation = await self.core.submit(prompt.request, TGIS_NAMES)
+        except TimeoutError:
+            prompt.expired_before_submission = True
+        return prompt.generation
 
-    async def _generate_one(self, prompt: _Prompt, rid: str, deadline: float | None) -> tgis.GenerationResponse:
-        async for _ in self._outputs(prompt, rid, deadline):
-            pass
-        outputs = prompt.outputs
-        last = outputs[-1] if outputs else None
+    async def _generate_one(self, prompt: _Prompt) -> tgis.GenerationResponse:
+        generation = await self._submit(prompt)
+        if generation is not None:
+            with generation:
+                await generation.collect()
+        last = prompt.last
         response = self._input_details(prompt)
-        response.text += "".join(output.text for output in outputs) + self._kept_stop(prompt, last)
+        response.text += (generation.text if generation is not None else "") + self._kept_stop(prompt, last)
         response.generated_token_count = prompt.generated_tokens
         response.stop_reason = prompt.stop_reason(last)
         response.stop_sequence = (last.stop_sequence or "") if last is not None else ""
-        if prompt.plan.options.generated_tokens:
-            response.tokens.extend(self._token_infos(outputs, prompt.plan.options.token_logprobs))
+        if prompt.plan.options.generated_tokens and generation is not None:
+            response.tokens.extend(
+                self._token_infos(generation.token_ids, generation.logprobs, prompt.plan.options.token_logprobs)
+            )
         return response
 
     @_unary_errors
     async def Generate(self, request, context):
         adapter = adapter_id(request)
-        prompt_plan = plan(request.params, self.builder.default_max_new_tokens)
-        prompts = [
-            self._prompt(item.text, adapter, prompt_plan, f"requests[{i}]") for i, item in enumerate(request.requests)
-        ]
+        prompt_plan = plan(request.params, self.core.default_max_new_tokens)
         rid = request_id(context)
-        deadline = self._deadline(prompt_plan)
-        rids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
+        rids = [rid] if len(request.requests) == 1 else [f"{rid}-{i}" for i in range(len(request.requests))]
+        prompts = [
+            self._prompt(item.text, adapter, prompt_plan, f"requests[{i}]", rids[i])
+            for i, item in enumerate(request.requests)
+        ]
         try:
             async with asyncio.TaskGroup() as group:  # a failure cancels the batch's other prompts
-                tasks = [
-                    group.create_task(self._generate_one(p, r, deadline)) for p, r in zip(prompts, rids, strict=True)
-                ]
+                tasks = [group.create_task(self._generate_one(p)) for p in prompts]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None
         return tgis.BatchedGenerationResponse(responses=[task.result() for task in tasks])
 
     @_stream_errors
     async def GenerateStream(self, request, context):
-        prompt_plan = plan(request.params, self.builder.default_max_new_tokens)
-        prompt = self._prompt(request.request.text, adapter_id(request), prompt_plan, "request")
+        prompt_plan = plan(request.params, self.core.default_max_new_tokens)
+        prompt = self._prompt(request.request.text, adapter_id(request), prompt_plan, "request", request_id(context))
         first = True
-        async for output, _ in self._outputs(prompt, request_id(context), self._deadline(prompt_plan)):
-            if first:  # the input details, once the prompt is tokenized and admitted
-                first = False
-                yield self._input_details(prompt)
-            if output.token_ids or output.finished:
-                yield self._stream_message(prompt, output)
+        generation = await self._submit(prompt)
+        if generation is not None:
+            with generation:
+                async for output in generation:
+                    if first:  # the input details, once the prompt is tokenized and admitted
+                        first = False
+                        yield self._input_details(prompt)
+                    if output.token_ids or output.finished:
+                        yield self._stream_message(prompt, output)
         if prompt.timed_out:
             if first:
                 yield self._input_details(prompt)
@@ -279,7 +272,9 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
             stop_sequence=output.stop_sequence or "",
         )
         if prompt.plan.options.generated_tokens:
-            response.tokens.extend(self._token_infos([output], prompt.plan.options.token_logprobs))
+            response.tokens.extend(
+                self._token_infos(output.token_ids, output.logprobs, prompt.plan.options.token_logprobs)
+            )
         return response
 
     def _input_details(self, prompt: _Prompt) -> tgis.GenerationResponse:
@@ -292,14 +287,13 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
                 tgis.TokenInfo(text=text) for text in self.tokenizer.convert_ids_to_tokens(prompt.prompt_ids)
             )
         if prompt.plan.sampling:
-            response.seed = prompt.native.seed
+            response.seed = prompt.request.seed
         return response
 
-    def _token_infos(self, outputs: list[RequestOutput], logprobs: bool) -> list[tgis.TokenInfo]:
-        ids = [token for output in outputs for token in output.token_ids]
-        infos = [tgis.TokenInfo(text=text) for text in self.tokenizer.convert_ids_to_tokens(ids)]
-        if logprobs:
-            for info, logprob in zip(infos, [lp for output in outputs for lp in output.logprobs], strict=True):
+    def _token_infos(self, token_ids: list[int], logprobs: list[float], with_logprobs: bool) -> list[tgis.TokenInfo]:
+        infos = [tgis.TokenInfo(text=text) for text in self.tokenizer.convert_ids_to_tokens(token_ids)]
+        if with_logprobs:
+            for info, logprob in zip(infos, logprobs, strict=True):
                 info.logprob = logprob
         return infos
 
@@ -310,21 +304,10 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
             return ""
         return (output.stop_sequence or "") if prompt.plan.include_stop_sequence else ""
 
-    @staticmethod
-    def _deadline(prompt_plan: Plan) -> float | None:
-        if prompt_plan.time_limit is None:
-            return None
-        return asyncio.get_running_loop().time() + prompt_plan.time_limit
-
     # ---- tokenize and model info -------------------------------------------------------------------------
     @_unary_errors
     async def Tokenize(self, request, context):
-        adapter = adapter_id(request)
-        if adapter and not any(
-            r.adapter_id == adapter and r.state not in (AdapterState.LOADING, AdapterState.UNLOADING)
-            for r in self.generation.engine.registry.list()
-        ):
-            raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
+        self.core.require_servable(adapter_id(request))
         return tgis.BatchedTokenizeResponse(responses=[self._tokenize(item.text, request) for item in request.requests])
 
     def _tokenize(self, text: str, request: tgis.BatchedTokenizeRequest) -> tgis.TokenizeResponse:
@@ -350,6 +333,6 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
         # model_id is not checked: one model is served, as in a single-model TGIS deployment.
         return tgis.ModelInfoResponse(
             model_kind=tgis.ModelInfoResponse.DECODER_ONLY,
-            max_sequence_length=self.builder.max_seq_len,
-            max_new_tokens=self.builder.max_seq_len - 1,  # at least one prompt token
+            max_sequence_length=self.core.max_seq_len,
+            max_new_tokens=self.core.max_seq_len - 1,  # at least one prompt token
         )

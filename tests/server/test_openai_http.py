@@ -407,7 +407,7 @@ def test_overflowing_sampling_values_are_400_not_a_batch_failure(oai, grpc_clien
 
 
 def test_smallest_allowed_temperature_is_served(oai):
-    from deltaserve.server.frontends.grpc_api import MIN_TEMPERATURE
+    from deltaserve.server.frontends.core import MIN_TEMPERATURE
 
     reply = oai.completions.create(model="base", prompt="hi", max_tokens=3, temperature=MIN_TEMPERATURE, seed=1)
     assert reply.usage.completion_tokens == 3
@@ -550,7 +550,7 @@ def test_deadline_header_gives_504(one_row):
 def test_http_status_follows_the_grpc_status_of_each_core_error():
     from deltaserve.adapters import AdapterFormatError, AdapterLimitError, UnsupportedAdapterError
     from deltaserve.server import errors
-    from deltaserve.server.frontends.openai_http import _error_body
+    from deltaserve.server.frontends.openai.errors import error_body
 
     expected = {
         errors.InvalidRequestError("x"): 400,
@@ -566,7 +566,7 @@ def test_http_status_follows_the_grpc_status_of_each_core_error():
         RuntimeError("a bug"): 500,
     }
     for err, status in expected.items():
-        got, body = _error_body(err, "prompt", "max_tokens")
+        got, body = error_body(err)
         assert got == status, err
         assert set(body) == {"message", "type", "param", "code"} and body["message"], body
 

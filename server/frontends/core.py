@@ -1,0 +1,429 @@
+"""The front-door core: one protocol-neutral request and the one path every door generates through.
+
+Each door (native gRPC, TGIS, OpenAI HTTP) translates its wire format into a `GenerationRequest` and calls
+`FrontDoorCore.submit`. The core validates the request, resolves its adapter (an id, a stack or a mix),
+tokenizes, submits to the engine and hands back a `Generation` that yields the outputs, keeps their running
+totals and enforces the request's deadline. Validation speaks canonical field names (`Field`); a door passes
+its own `FieldNames` table so that a refusal names the field as that door's caller knows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import math
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltaserve.adapters import ParsedAdapter, compose
+from deltaserve.server.engine.engine import Engine
+from deltaserve.server.engine.request import Request, RequestOutput
+from deltaserve.server.engine.sampling import SamplingParams
+from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError, MergeError
+from deltaserve.server.residency.mixes import MixSpec, combine, mix_spec
+from deltaserve.server.residency.registry import AdapterRecord, AdapterRegistry, AdapterState
+from jinja2 import TemplateError
+
+# Smaller positive temperatures (or an infinite one) can turn logits / temperature into inf or NaN, which would
+# fail the sampling step of every request in the batch, not only this one.
+MIN_TEMPERATURE = 1e-4
+BASE_ALIASES = ("", "base")  # names of the base model besides its own, where a door takes a model name
+
+
+class Field(enum.StrEnum):
+    """Canonical names of the request fields that validation talks about (the native API's names)."""
+
+    PROMPT = "prompt"
+    MESSAGES = "messages"
+    MAX_NEW_TOKENS = "max_new_tokens"
+    MIN_NEW_TOKENS = "min_new_tokens"
+    TEMPERATURE = "temperature"
+    TOP_K = "top_k"
+    TOP_P = "top_p"
+    REPETITION_PENALTY = "repetition_penalty"
+    STOP = "stop"
+    ADAPTER_ID = "adapter_id"
+    ADAPTER_MIX = "adapter_mix"
+    ADAPTER_STACK = "adapter_stack"
+    MIX_METHOD = "mix_method"
+
+
+FieldNames = Mapping[Field, str]  # a door's name for each canonical field it renames; others keep theirs
+
+
+class FieldError(InvalidRequestError):
+    """A bad request field (INVALID_ARGUMENT), with the field named as the caller's door calls it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """What a request applies on top of the base: nothing, one adapter, a stack (in order) or a weighted mix."""
+
+    adapter_id: str = ""
+    stack: tuple[str, ...] = ()
+    mix: tuple[tuple[str, float], ...] = ()
+    mix_method: str = ""
+
+    @property
+    def routing_ids(self) -> list[str]:
+        """The adapters it uses, the one to route by first (empty for the base)."""
+        if self.adapter_id:
+            return [self.adapter_id]
+        members = [adapter for adapter, _ in self.mix] or list(self.stack)
+        return list(dict.fromkeys(member for member in members if member))
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation request, whatever door it came through. Exactly one of `prompt` and `messages`; sampling
+    values as the sampler takes them (unset optional values already replaced by their neutral value)."""
+
+    prompt: str = ""
+    messages: tuple[ChatTurn, ...] = ()
+    adapter: AdapterRef = AdapterRef()
+    max_new_tokens: int | None = None  # None: the server's default, capped at the room the context has left
+    fit_max_new_tokens: bool = False  # True: cap max_new_tokens at the room left instead of refusing (TGIS)
+    truncate_prompt_tokens: int = 0  # > 0: keep only the prompt's last this many tokens (TGIS)
+    min_new_tokens: int = 0
+    temperature: float = 0.0  # 0 is greedy decoding
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    request_id: str = ""  # empty: a fresh one is drawn
+    deadline: float | None = None  # event-loop time after which the request is cancelled (None: no limit)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def clean_request_id(given: str | None) -> str:
+    """`given` (a caller's x-request-id, gRPC metadata or HTTP header) when it is a sane token, else a fresh id."""
+    if isinstance(given, str) and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def adapter_for_model(model: object, model_name: str) -> str:
+    """The adapter that an OpenAI-style `model` names: empty (the base) for the base model's own name, "base",
+    an empty or absent value, or anything that is not a string (the body's validation refuses that)."""
+    if not isinstance(model, str) or model in (*BASE_ALIASES, model_name):
+        return ""
+    return model
+
+
+def is_servable(record: AdapterRecord) -> bool:
+    """Whether a request may name this adapter now: loaded, and not in the middle of loading or unloading."""
+    return record.state not in (AdapterState.LOADING, AdapterState.UNLOADING)
+
+
+def listed_adapters(registry: AdapterRegistry) -> list[AdapterRecord]:
+    """The servable adapters a model list shows: not the cached mixes and stacks that requests build."""
+    return [record for record in registry.list() if not record.components and is_servable(record)]
+
+
+def float32(value: float) -> float:
+    """`value` as the native API's float32 fields carry it (inf past float32's range), so that every door hands
+    the sampler the same number for the same request."""
+    return ctypes.c_float(value).value
+
+
+def _check(condition: bool, param: str, message: str) -> None:
+    if not condition:
+        raise FieldError(param, message)
+
+
+def _with_extra(extra_positions: int) -> str:
+    return f" plus {extra_positions} prefix/virtual tokens of its adapter" if extra_positions else ""
+
+
+class FrontDoorCore:
+    """Validation, adapter resolution, submission and output collection shared by every door."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, max_seq_len: int, default_max_new_tokens: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.default_max_new_tokens = default_max_new_tokens
+
+    # ---- prompt --------------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, messages: tuple[ChatTurn, ...], names: FieldNames) -> list[int]:
+        """Token ids of a text prompt (tokenized as tokenizer(text) does) or of chat messages (rendered with the
+        model's chat template plus the generation prompt)."""
+        prompt_name, messages_name = names.get(Field.PROMPT, "prompt"), names.get(Field.MESSAGES, "messages")
+        if bool(prompt) == bool(messages):
+            raise FieldError(
+                prompt_name, f"give exactly one of {prompt_name} and {messages_name} (both empty or both set)"
+            )
+        if prompt:
+            return list(self.tokenizer(prompt)["input_ids"])
+        for i, message in enumerate(messages):
+            _check(bool(message.role), messages_name, f"{messages_name}[{i}].role is empty")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise FieldError(
+                messages_name, f"this model has no chat template; send a {prompt_name} instead of {messages_name}"
+            )
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            rendered = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # e.g. a template's raise_exception("roles must alternate user/assistant")
+            raise FieldError(messages_name, f"the model's chat template refuses these messages: {err}") from err
+        # The template already holds any special tokens (BOS), so it is not tokenized with them again.
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def prepare(
+        self, request: GenerationRequest, names: FieldNames, extra_positions: int = 0
+    ) -> tuple[list[int], SamplingParams]:
+        """Token ids and sampling parameters, or FieldError. `extra_positions` are the adapter's prefix entries
+        and virtual tokens, which take context positions before the prompt."""
+        prompt_field = Field.MESSAGES if request.messages else Field.PROMPT
+        prompt_name = names.get(prompt_field, prompt_field.value)
+        ids = self.prompt_ids(request.prompt, request.messages, names)
+        if 0 < request.truncate_prompt_tokens < len(ids):
+            ids = ids[-request.truncate_prompt_tokens :]  # TGIS keeps the last tokens
+        _check(bool(ids), prompt_name, "the prompt tokenizes to no tokens")
+        used = len(ids) + extra_positions
+        _check(
+            used < self.max_seq_len,
+            prompt_name,
+            f"the prompt has {len(ids)} tokens{_with_extra(extra_positions)}; the context holds "
+            f"{self.max_seq_len} (prompt plus output)",
+        )
+        return ids, self._sampling(request, names, len(ids), extra_positions)
+
+    # ---- sampling values -----------------------------------------------------------------------------------
+    def _max_new_tokens(self, request: GenerationRequest, names: FieldNames, prompt_len: int, extra: int) -> int:
+        room = self.max_seq_len - prompt_len - extra
+        if request.max_new_tokens is None:
+            return min(self.default_max_new_tokens, room)
+        if request.fit_max_new_tokens:
+            return max(1, min(request.max_new_tokens, room))
+        max_new, name = request.max_new_tokens, names.get(Field.MAX_NEW_TOKENS, "max_new_tokens")
+        _check(max_new > 0, name, f"{name} must be at least 1, got {max_new}")
+        _check(
+            max_new <= room,
+            name,
+            f"{name} {max_new} does not fit the context: {prompt_len} prompt tokens{_with_extra(extra)} + "
+            f"{max_new} > {self.max_seq_len}",
+        )
+        return max_new
+
+    def _sampling(self, request: GenerationRequest, names: FieldNames, prompt_len: int, extra: int) -> SamplingParams:
+        def name(canonical: Field) -> str:
+            return names.get(canonical, canonical.value)
+
+        max_new = self._max_new_tokens(request, names, prompt_len, extra)
+        min_new, temperature, top_k = request.min_new_tokens, float32(request.temperature), request.top_k
+        top_p, penalty = float32(request.top_p), float32(request.repetition_penalty)
+        _check(min_new >= 0, name(Field.MIN_NEW_TOKENS), f"{name(Field.MIN_NEW_TOKENS)} must be >= 0, got {min_new}")
+        _check(temperature >= 0, name(Field.TEMPERATURE), f"{name(Field.TEMPERATURE)} must be >= 0, got {temperature}")
+        # float32 on the wire: 1e-4 arrives a hair below 1e-4, hence the tolerance.
+        temperature_ok = temperature == 0 or MIN_TEMPERATURE * (1 - 1e-6) <= temperature < math.inf
+        _check(
+            temperature_ok,
+            name(Field.TEMPERATURE),
+            f"{name(Field.TEMPERATURE)} must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}",
+        )
+        _check(top_k >= 0, name(Field.TOP_K), f"{name(Field.TOP_K)} must be >= 0, got {top_k}")
+        _check(0.0 < top_p <= 1.0, name(Field.TOP_P), f"{name(Field.TOP_P)} must be in (0, 1], got {top_p}")
+        _check(
+            0 < penalty < math.inf,
+            name(Field.REPETITION_PENALTY),
+            f"{name(Field.REPETITION_PENALTY)} must be a finite number > 0, got {penalty}",
+        )
+        _check(all(request.stop), name(Field.STOP), f"{name(Field.STOP)} strings must not be empty")
+        return SamplingParams(
+            max_new_tokens=max_new,
+            min_new_tokens=min_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=request.seed,
+            stop=request.stop,
+            repetition_penalty=penalty,
+            logprobs=request.logprobs,
+        )
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+    async def acquire(self, ref: AdapterRef) -> AdapterRecord | None:
+        """Take a reference on the request's adapter (building and caching a mix or stack on a worker thread);
+        None for the base. The caller releases it unless the engine took it with a submitted request."""
+        chosen = [name for name, given in (("adapter_id", ref.adapter_id), ("adapter_mix", ref.mix)) if given]
+        chosen += ["adapter_stack"] if ref.stack else []
+        if len(chosen) > 1:
+            raise FieldError(
+                chosen[0], f"give one of adapter_id, adapter_mix and adapter_stack, not {' and '.join(chosen)}"
+            )
+        _check(not ref.mix_method or bool(ref.mix), Field.MIX_METHOD, "mix_method needs adapter_mix")
+        if ref.mix:
+            spec = mix_spec(ref.mix_method, list(ref.mix))
+            return await self._in_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
+        if ref.stack:
+            names = _stack_members(ref.stack)
+            return await self._in_thread(self._acquire_derived, "stack|" + "|".join(names), names, None)
+        return self.engine.registry.acquire(ref.adapter_id) if ref.adapter_id else None
+
+    async def _in_thread(self, acquire: Callable[..., AdapterRecord], *args: Any) -> AdapterRecord:
+        """`acquire(*args)` on a worker thread. A caller cancelled meanwhile (a deadline, a client gone) does not
+        stop the thread, so the reference it takes is released when it ends rather than leaked."""
+        task = asyncio.ensure_future(asyncio.to_thread(acquire, *args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, task: asyncio.Future[AdapterRecord]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.engine.registry.release(task.result(), served=False)
+
+    def _acquire_derived(self, derived_id: str, members: tuple[str, ...], mix: MixSpec | None) -> AdapterRecord:
+        """The cached mix or stack, or build it from the members' host copies and register it."""
+        registry = self.engine.registry
+        try:
+            return registry.acquire(derived_id)
+        except AdapterNotFoundError:
+            pass
+
+        def build(adapters: list[ParsedAdapter]) -> ParsedAdapter:
+            if mix is None:
+                return compose(derived_id, list(members), adapters)
+            for adapter_id, adapter in zip(members, adapters, strict=True):
+                if not adapter.is_plain_lora:
+                    raise MergeError(
+                        f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only plain LoRA can "
+                        "(use adapter_stack to apply adapters of other kinds together)"
+                    )
+            return combine(mix, adapters)
+
+        registry.derive(derived_id, members, build)
+        return registry.acquire(derived_id)
+
+    def require_servable(self, adapter_id: str) -> None:
+        """AdapterNotFoundError unless `adapter_id` is empty (the base) or names a servable adapter."""
+        if adapter_id and not any(r.adapter_id == adapter_id and is_servable(r) for r in self.engine.registry.list()):
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+
+    # ---- submission ----------------------------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest, names: FieldNames) -> Generation:
+        """Validate, resolve the adapter, tokenize and submit; the returned Generation yields the outputs. The
+        caller must `close()` it (a `with` block does) so that leaving early cancels the engine request.
+        TimeoutError if the deadline passes while the adapter is brought in (nothing was submitted then)."""
+        async with asyncio.timeout_at(request.deadline):  # bringing an adapter in counts against the deadline
+            adapter = await self.acquire(request.adapter)
+        try:
+            prompt_ids, params = self.prepare(request, names, adapter.extra_positions if adapter else 0)
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+            def sink(output: RequestOutput) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, output)
+
+            rid = request.request_id or uuid.uuid4().hex
+            engine_request = Request(rid, prompt_ids, params, adapter, sink)
+            self.engine.submit(engine_request)
+        except BaseException:
+            if adapter is not None:
+                self.engine.registry.release(adapter, served=False)
+            raise
+        return Generation(self.engine, engine_request, queue, request.deadline)
+
+
+@dataclass(eq=False)
+class Generation:
+    """A submitted request: its outputs in order (each the new tokens since the previous one) and their running
+    totals. Iterating stops after the final output, or at the deadline: the engine request is then cancelled
+    and `timed_out` set. Closing it before the end (a cancel, a client gone) cancels the engine request."""
+
+    engine: Engine
+    request: Request
+    queue: asyncio.Queue[RequestOutput]
+    deadline: float | None = None
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    last: RequestOutput | None = None
+    timed_out: bool = False
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.timed_out or (self.last is not None and self.last.finished)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.last.generated_tokens if self.last is not None else 0
+
+    async def next(self) -> RequestOutput | None:
+        """The next output, added to the totals; None once finished. An engine failure is raised."""
+        if self.finished:
+            return None
+        time_limit = asyncio.timeout_at(self.deadline)
+        try:
+            async with time_limit:
+                output = await self.queue.get()
+        except TimeoutError:
+            if not time_limit.expired():
+                raise
+            self.timed_out = True
+            self.close()
+            return None
+        if output.error is not None:
+            self.close()
+            raise output.error
+        self.text_parts.append(output.text)
+        self.token_ids.extend(output.token_ids)
+        self.logprobs.extend(output.logprobs)
+        self.last = output
+        return output
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while (output := await self.next()) is not None:
+            yield output
+
+    async def collect(self) -> Generation:
+        """Read to the end; the totals then hold the whole generation."""
+        while await self.next() is not None:
+            pass
+        return self
+
+    def close(self) -> None:
+        """Cancel the engine request unless it finished (idempotent)."""
+        if self.last is None or not self.last.finished:
+            self.request.cancel()
+            self.engine.wake()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _stack_members(names: tuple[str, ...]) -> tuple[str, ...]:
+    _check(all(names), Field.ADAPTER_STACK, "adapter_stack names an empty adapter_id")
+    _check(len(set(names)) == len(names), Field.ADAPTER_STACK, "adapter_stack names an adapter twice")
+    return names

@@ -1,0 +1,107 @@
+"""The request bodies of the OpenAI-compatible door (pydantic): declared fields are validated; any other field
+must be known to be harmless, or the request is refused naming it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from deltaserve.server.frontends.core import FieldError
+from pydantic import BaseModel, ConfigDict, Field
+
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+# Fields that do not change what is generated: accepted and ignored.
+_IGNORED_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+)
+# Fields deltaserve does not implement, accepted only with the value that means "off".
+_NEUTRAL_VALUES: dict[str, Callable[[Any], bool]] = {
+    "echo": lambda value: not value,
+    "best_of": lambda value: value in (None, 1),
+    "suffix": lambda value: not value,
+    "logit_bias": lambda value: not value,
+    "presence_penalty": lambda value: not value,
+    "frequency_penalty": lambda value: not value,
+    "tools": lambda value: not value,
+    "tool_choice": lambda value: value in (None, "none", "auto"),
+    "functions": lambda value: not value,
+    "function_call": lambda value: value in (None, "none", "auto"),
+    "response_format": lambda value: value is None or (isinstance(value, dict) and value.get("type") == "text"),
+    "modalities": lambda value: value is None or value == ["text"],
+}
+
+
+class _Body(BaseModel):
+    """A request body: declared fields are validated; any other field must be known to be harmless."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def check_extra_fields(self, where: str = "") -> None:
+        """Refuse an unknown field, or a known one set to a value that would change the result."""
+        for name, value in (self.model_extra or {}).items():
+            if name in _IGNORED_FIELDS:
+                continue
+            neutral = _NEUTRAL_VALUES.get(name)
+            if neutral is None:
+                raise FieldError(where + name, f"unrecognized request field {where + name!r}")
+            if not neutral(value):
+                raise FieldError(
+                    where + name,
+                    f"{where + name}={json.dumps(value)} is not supported by deltaserve (leave it out or unset)",
+                )
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationBody(_Body):
+    model: str | None = None
+    max_tokens: Int32 | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: Seed | None = None
+    stop: str | list[str] | None = None
+    n: Int32 | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extensions, which deltaserve's sampler has too
+    top_k: Int32 | None = None
+    min_tokens: Int32 | None = None
+    repetition_penalty: float | None = None
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Int32 | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None  # a participant's name: the chat templates deltaserve serves do not use it
+
+
+class ChatBody(_GenerationBody):
+    messages: list[ChatMessage]
+    max_completion_tokens: Int32 | None = None
+    logprobs: bool | None = None
+    top_logprobs: Int32 | None = None
+
+
+class LoadAdapterBody(_Body):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False  # vLLM's flag: replace an adapter of the same name
+
+
+class UnloadAdapterBody(_Body):
+    lora_name: str
