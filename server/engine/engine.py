@@ -21,7 +21,13 @@ import torch
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
 from deltaserve.server.engine.request import FINISHED_ROW, NO_ROW, FinishReason, Request, RequestOutput
 from deltaserve.server.engine.sampling import RowState, Sampled, make_generator, sample
-from deltaserve.server.errors import EngineFailedError, EngineStepError, EngineStoppedError, NonFiniteOutputError
+from deltaserve.server.errors import (
+    CapacityError,
+    EngineFailedError,
+    EngineStepError,
+    EngineStoppedError,
+    NonFiniteOutputError,
+)
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
 from deltaserve.server.model.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
@@ -37,6 +43,7 @@ class EngineConfig:
     max_seq_len: int
     eos_token_ids: tuple[int, ...]
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill forward (bounds its activation memory)
+    max_waiting: int = 1024  # requests queued beyond the running batch; more are refused (RESOURCE_EXHAUSTED)
 
 
 class Engine:
@@ -76,6 +83,8 @@ class Engine:
         with self._cv:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and accepts no new requests")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise CapacityError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
             self._waiting.append(request)
             self.metrics.requests_waiting.set(len(self._waiting))
             self._cv.notify()

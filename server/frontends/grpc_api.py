@@ -170,7 +170,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_unary_errors
     async def Tokenize(self, request, context):
-        ids = self.core.prompt_ids(request.text, _turns(request.messages), TOKENIZE_NAMES)
+        ids = await asyncio.to_thread(self.core.prompt_ids, request.text, _turns(request.messages), TOKENIZE_NAMES)
         return pb.TokenizeResponse(token_ids=ids, tokens=self.core.tokenizer.convert_ids_to_tokens(ids))
 
     @_unary_errors

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
 from safetensors.torch import load_file, save_file
@@ -41,4 +42,40 @@ def test_an_overflowing_adapter_fails_only_its_own_requests(campaign, tiny_dir):
         finally:
             client.unload_adapter("overflowing")
     assert codes == [grpc.StatusCode.FAILED_PRECONDITION] * 4
+    campaign.assert_clean()
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (dict(repetition_penalty=1e-40, temperature=0.9), "repetition_penalty must be a finite number in"),
+        (dict(stop=[f"stop{i}" for i in range(17)]), "at most 16 strings"),
+        (dict(stop=["x" * 513]), "at most 512 characters"),
+    ],
+    ids=["tiny_penalty", "many_stops", "long_stop"],
+)
+def test_values_that_would_stall_or_break_a_batch_are_refused_up_front(campaign, options, fragment):
+    with campaign.beside(), Client(campaign.target, timeout=60) as client, pytest.raises(DeltaserveError) as info:
+        client.generate("Hostile", max_new_tokens=4, **options)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.message
+    campaign.assert_clean()
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(campaign):
+    """Megabytes of prompt take seconds to tokenize; health and the victim must not wait for it."""
+    prompt = "many words " * 330_000  # 3.6 MB, under the 4 MiB message cap
+    with campaign.beside(), Client(campaign.target, timeout=120) as client, pytest.raises(DeltaserveError) as info:
+        client.generate(prompt, max_new_tokens=2)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "tokens" in info.value.message
+    campaign.assert_clean()
+
+
+def test_a_tgis_batch_is_capped(campaign):
+    from deltaserve.client.fmaas import generation_pb2 as tgis_pb
+    from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
+
+    batch = tgis_pb.BatchedGenerationRequest(requests=[tgis_pb.GenerationRequest(text="x")] * 129)
+    with campaign.beside(), grpc.insecure_channel(campaign.target) as channel, pytest.raises(grpc.RpcError) as info:
+        tgis_grpc.GenerationServiceStub(channel).Generate(batch, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 128" in info.value.details()
     campaign.assert_clean()
