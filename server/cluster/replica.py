@@ -15,7 +15,7 @@ from deltaserve.server.cluster.config import ClusterConfig
 from deltaserve.server.errors import AdapterNotFoundError
 from deltaserve.server.frontends.openai.errors import error_body
 from deltaserve.server.frontends.openai.server import OpenAIFrontDoor
-from deltaserve.server.frontends.status import status_for
+from deltaserve.server.frontends.status import public_message, status_for
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -300,4 +300,4 @@ class DeltaserveReplica:
 
 def _status_of(err: BaseException) -> tuple[str, str]:
     """(gRPC status name, details) for an error raised on the replica outside its gRPC server."""
-    return status_for(err).name, str(err) or type(err).__name__
+    return status_for(err).name, public_message(err)

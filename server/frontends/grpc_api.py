@@ -29,7 +29,7 @@ from deltaserve.server.frontends.core import (
     GenerationRequest,
     clean_request_id,
 )
-from deltaserve.server.frontends.status import status_for
+from deltaserve.server.frontends.status import public_message, status_for
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.residency.registry import AdapterRecord, AdapterState
 
@@ -53,10 +53,7 @@ _STATE_TO_PROTO = {
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
-    code = status_for(err)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("internal error", exc_info=err)
-    await context.abort(code, str(err) or type(err).__name__)
+    await context.abort(status_for(err), public_message(err, request_id(context)))
 
 
 def _unary_errors(method: Callable) -> Callable:

@@ -228,7 +228,13 @@ class AdapterRegistry:
             record.state = AdapterState.HOST
             slot = self._reserve_slot(record)
         if slot >= 0:
-            self._fill_slot(record, slot)
+            try:
+                self._fill_slot(record, slot)
+            except BaseException:  # nothing half-registered: the id is free again (or keeps its old adapter)
+                with self._cv:
+                    if self._by_id.get(adapter_id) is record:
+                        del self._by_id[adapter_id]
+                raise
         with self._cv:
             if slot < 0 and pin:
                 if self._by_id.get(adapter_id) is record:
@@ -429,8 +435,15 @@ class AdapterRegistry:
         return slot
 
     def _fill_slot(self, record: AdapterRecord, slot: int) -> None:
-        """Copy the weights into a reserved slot (lock not held; a free slot is never read by a forward)."""
-        self._slots.write(slot, record.adapter)
+        """Copy the weights into a reserved slot (lock not held; a free slot is never read by a forward). A copy
+        that fails (out of memory allocating a stack) gives the reservation back before it raises."""
+        try:
+            self._slots.write(slot, record.adapter)
+        except BaseException:
+            with self._cv:
+                self._owners[slot] = None
+                self._cv.notify_all()
+            raise
         with self._cv:
             if record.state is AdapterState.UNLOADING and record.active_requests == 0:
                 self._owners[slot] = None  # unloaded while copying: nobody will use it

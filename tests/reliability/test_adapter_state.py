@@ -62,3 +62,28 @@ def test_mixes_and_stacks_die_with_their_members(campaign, lora_dirs):
             assert info.value.code == grpc.StatusCode.NOT_FOUND and "mix_a" in info.value.message
         client.unload_adapter("mix_b")
     campaign.assert_clean()
+
+
+def test_a_failed_slot_copy_leaves_nothing_behind(campaign, lora_dirs, monkeypatch):
+    """Device memory runs out while an adapter's weights are copied into its slot (injected into the real
+    DeviceSlots): RESOURCE_EXHAUSTED, the id is not registered, the slot is free, and the same load works
+    once memory is back."""
+    import torch
+
+    slots = campaign.server.server.registry.slots
+    write = slots.write
+
+    def out_of_memory(slot, adapter):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    path = str(shutil.copytree(lora_dirs["head"], Path(campaign.root) / "oom"))
+    with Client(campaign.target, timeout=60) as client:
+        monkeypatch.setattr(slots, "write", out_of_memory)
+        with campaign.beside(), pytest.raises(DeltaserveError) as info:
+            client.load_adapter("oom", path)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "injected" not in info.value.message
+        assert "oom" not in [a.adapter_id for a in client.list_adapters()]
+        monkeypatch.setattr(slots, "write", write)
+        assert client.load_adapter("oom", path).state == "device"
+        client.unload_adapter("oom")
+    campaign.assert_clean()
