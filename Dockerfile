@@ -52,6 +52,7 @@ COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY adapters/ adapters/
 COPY client/ client/
+COPY testing/ testing/
 RUN pip install . && rm -rf /src/build /src/*.egg-info
 
 # Converted models (the embedded GGUF is dequantized to safetensors on first start, about 0.5 GB) live

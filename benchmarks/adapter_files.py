@@ -1,9 +1,9 @@
 """Many distinct LoRA adapters in PEFT's format, cheaply: one saved by PEFT, the rest cloned from its files.
 
 PEFT's `save_pretrained` loads a base model per adapter, so 64 adapters take minutes. Here the first adapter of a
-set is made by PEFT itself (tests/helpers.make_lora, through common.make_adapter); every other one copies its
-`adapter_config.json` and writes an `adapter_model.safetensors` with the same keys, shapes, dtypes and metadata,
-filled with fresh random weights drawn as PEFT's `init_lora_weights=False` leaves them (nn.Linear's default
+set is made by PEFT itself (deltaserve.testing.helpers.make_lora, through harness.make_adapter); every other one
+copies its `adapter_config.json` and writes an `adapter_model.safetensors` with the same keys, shapes, dtypes and
+metadata, filled with fresh random weights drawn as PEFT's `init_lora_weights=False` leaves them (nn.Linear's default
 init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = a matrix's second dimension). The server reads both alike;
 the benchmarks load every one of them with LoadAdapter, which validates it.
 
@@ -17,12 +17,12 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import torch
-from common import REPO, log, make_adapter
 from deltaserve.adapters import ParsedAdapter
+from harness import REPO, log, make_adapter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -48,7 +48,7 @@ def clone_adapter(source: str, out_dir: str, seed: int) -> str:
     return out_dir
 
 
-def _publish(make, target: Path) -> None:
+def _publish(make: Callable[[str], object], target: Path) -> None:
     """Run make(staging_dir) and rename the result to `target`, so a half-written adapter is never seen."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)
@@ -59,7 +59,7 @@ def _publish(make, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def adapter_set(helpers: ModuleType, model_dir: str, model_name: str, rank: int, count: int) -> list[str]:
+def adapter_set(model_dir: str, model_name: str, rank: int, count: int) -> list[str]:
     """`count` distinct rank-`rank` all-linear LoRA adapters on the model in `model_dir`: lora0 saved by PEFT
     (seed 0), lora1.. cloned from it (seed i); cached, so later runs reuse them."""
     root = CACHE / f"{model_name}-r{rank}"
@@ -68,7 +68,7 @@ def adapter_set(helpers: ModuleType, model_dir: str, model_name: str, rank: int,
     if missing:
         log(f"making {len(missing)} rank-{rank} adapters in {root} (cached for later runs)")
     if not (paths[0] / WEIGHTS_FILE).exists():
-        _publish(lambda d: make_adapter(helpers, model_dir, str(root), os.path.basename(d), rank, seed=0), paths[0])
+        _publish(lambda d: make_adapter(model_dir, str(root), os.path.basename(d), rank, seed=0), paths[0])
     for i, path in enumerate(paths[1:], start=1):
         if not (path / WEIGHTS_FILE).exists():
             _publish(lambda d, i=i: clone_adapter(str(paths[0]), d, seed=i), path)

@@ -2,7 +2,7 @@
 
 On the embedded SmolLM2-135M-Instruct in fp32 on the CPU, with the real deltaserve gRPC server in-process on
 127.0.0.1, started once for the whole run. The adapters are real files with random non-identity weights, made
-by the test factories (tests/kinds.py): PEFT kinds saved by PEFT itself, bottleneck adapters in AdapterHub's
+by the test factories (deltaserve.testing.kinds): PEFT kinds saved by PEFT itself, bottleneck adapters in AdapterHub's
 format (with weights scaled so that their outputs stay finite on this model; see BOTTLENECK_SCALE).
 
   1. throughput  N concurrent greedy requests (`--requests`, chat prompts) of exactly `--new-tokens` tokens
@@ -10,7 +10,7 @@ format (with weights scaled so that their outputs stay finite on this model; see
                  text out, for every configuration:
                    base       no adapter
                    <kind>     all N requests on one adapter of that kind: lora (rank 16, all-linear), dora,
-                              adalora, ia3, prefix, prompt, ptuning (PEFT, as tests/kinds.py configures them:
+                              adalora, ia3, prefix, prompt, ptuning (PEFT, as deltaserve.testing.kinds configures them:
                               prefix 5, prompt 6 and ptuning 4 virtual tokens), houlsby, pfeiffer, parallel
                               (bottleneck, reduction factor 8, size 72)
                    mixed      the N requests spread round-robin over the base and every kind at once
@@ -42,28 +42,44 @@ Writes benchmarks/results/adapter_kinds.json (adapter_kinds-quick.json for --qui
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from types import ModuleType
+from dataclasses import dataclass
 
-import transformers
-from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, Run, import_test_helpers, log, machine_info, ms_summary, pyplot, save_figure, write_json
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.app import ServerConfig
-from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.testing import kinds
+from deltaserve.testing.helpers import ServerThread
+from harness import (
+    CALL_TIMEOUT_S,
+    Measurement,
+    Settings,
+    chat_messages,
+    cpu_config,
+    description,
+    embedded_model,
+    format_table,
+    generate_batch,
+    log,
+    ms_summary,
+    on_loop,
+    option,
+    parse_settings,
+    quiet,
+    render,
+    report,
+    served,
+    settings_dict,
+    timed_rounds,
+)
+from harness import CHAT_PROMPTS as PROMPTS
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-CALL_TIMEOUT_S = 1800.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark
 BASE = "base"
 MIXED = "mixed"
-# adapter id -> (factory, its name in tests/kinds.py: a PEFT_KINDS entry or a BOTTLENECK_PRESETS preset)
+# adapter id -> (factory, its name in deltaserve.testing.kinds: a PEFT_KINDS entry or a BOTTLENECK_PRESETS preset)
 KINDS: dict[str, tuple[str, str]] = {
     "lora": ("peft", "lora16"),
     "dora": ("peft", "dora"),
@@ -90,46 +106,18 @@ TTFT_ADAPTERS = {"base": "", "base+P": "", "prefix": TTFT_PREFIX, "prompt": TTFT
 
 
 @dataclass(frozen=True)
-class Settings:
-    n_requests: int
-    new_tokens: int
-    repeats: int
-    virtual_tokens: int
-    prompt_tokens: int
-    ttft_repeats: int
-    out: Path
+class KindsSettings(Settings):
+    STEM = "adapter_kinds"
+
+    requests: int = option(16, "concurrent requests N", quick=len(KINDS) + 1, minimum=1)
+    new_tokens: int = option(64, "tokens per request", quick=16, minimum=1)
+    repeats: int = option(3, "timed rounds per configuration", quick=1, minimum=1)
+    virtual_tokens: int = option(20, "P of the TTFT prefix/prompt adapters", minimum=1)
+    prompt_tokens: int = option(100, "T, the TTFT prompt's tokens", minimum=1)
+    ttft_repeats: int = option(10, "TTFT rounds", quick=3, minimum=1)
 
 
-# ---- setup ----------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: N=11, 16 tokens, 1 repeat, 3 TTFT rounds")
-    parser.add_argument("--requests", type=int, default=None, help="concurrent requests N (default 16)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 64)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration (default 3)")
-    parser.add_argument("--virtual-tokens", type=int, default=20, help="P of the TTFT prefix/prompt adapters")
-    parser.add_argument("--prompt-tokens", type=int, default=100, help="T, the TTFT prompt's tokens (default 100)")
-    parser.add_argument("--ttft-repeats", type=int, default=None, help="TTFT rounds (default 10)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
-    args = parser.parse_args(argv)
-    defaults = (len(KINDS) + 1, 16, 1, 3) if args.quick else (16, 64, 3, 10)
-    given = (args.requests, args.new_tokens, args.repeats, args.ttft_repeats)
-    n, tokens, repeats, ttft_repeats = (d if g is None else g for g, d in zip(given, defaults, strict=True))
-    if min(n, tokens, repeats, ttft_repeats, args.virtual_tokens, args.prompt_tokens) < 1:
-        parser.error("counts (--requests, --new-tokens, --repeats, --*-tokens, --ttft-repeats) must be at least 1")
-    out = args.out or RESULTS / ("adapter_kinds-quick.json" if args.quick else "adapter_kinds.json")
-    return Settings(n, tokens, repeats, args.virtual_tokens, args.prompt_tokens, ttft_repeats, out)
-
-
-def import_kinds() -> ModuleType:
-    """tests/kinds.py: the adapter factories of every kind (import_test_helpers puts tests/ on the path)."""
-    import_test_helpers()
-    import kinds
-
-    return kinds
-
-
-def make_adapters(kinds: ModuleType, model_dir: str, root: str) -> dict[str, str]:
+def make_adapters(model_dir: str, root: str) -> dict[str, str]:
     """One adapter of every kind; adapter id -> directory."""
     paths = {}
     for seed, (adapter_id, (factory, name)) in enumerate(KINDS.items()):
@@ -170,24 +158,6 @@ async def load_adapters(target: str, adapters: dict[str, str]) -> dict[str, dict
 
 
 # ---- part 1: throughput ---------------------------------------------------------------------------
-@dataclass
-class Measurement:
-    config: str
-    adapter_ids: list[str]
-    runs: list[Run] = field(default_factory=list)
-
-    def rates(self) -> list[float]:
-        return [run.rate for run in self.runs]
-
-    @property
-    def best(self) -> float:
-        return max(self.rates())
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates())
-
-
 def request_targets(config: str, n: int) -> list[str]:
     """The adapter id of each of the N requests ("" is the base)."""
     if config == BASE:
@@ -198,75 +168,52 @@ def request_targets(config: str, n: int) -> list[str]:
     return [config] * n
 
 
-async def _batch(client: AsyncClient, adapter_ids: list[str], new_tokens: int) -> Run:
-    start = time.perf_counter()
-    results = await asyncio.gather(
-        *(
-            client.generate(
-                messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                adapter_id=adapter_id,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                temperature=0.0,
-            )
-            for i, adapter_id in enumerate(adapter_ids)
-        )
-    )
-    run = Run(time.perf_counter() - start, [result.token_ids for result in results])
-    if run.tokens != len(adapter_ids) * new_tokens:
-        raise RuntimeError(f"generated {run.tokens} tokens, expected {len(adapter_ids) * new_tokens}")
-    return run
+def measure_throughput(target: str, settings: KindsSettings) -> tuple[dict[str, Measurement], list[float]]:
+    """A warm-up round, then `repeats` rounds of every configuration (rotating order), on one client."""
+    with asyncio.Runner() as runner:
+        client = AsyncClient(target, timeout=CALL_TIMEOUT_S)
+        runner.run(client.model_info())  # connect before the clock starts
+        targets = {c: request_targets(c, settings.requests) for c in CONFIGS}
 
+        def system(ids: list[str]) -> object:
+            return on_loop(runner, lambda: generate_batch(client, chat_messages(len(ids)), ids, settings.new_tokens))
 
-async def _measure_throughput(target: str, settings: Settings) -> tuple[dict[str, Measurement], list[float]]:
-    """A warm-up round, then `repeats` rounds of every configuration (rotating order); also the 1-minute load
-    average after each round (the machine is shared: above the core count, another process competed)."""
-    cells = {c: Measurement(c, request_targets(c, settings.n_requests)) for c in CONFIGS}
-    loads: list[float] = []
-    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
-        await client.model_info()  # connect before the clock starts
-        for config in CONFIGS:
-            run = await _batch(client, cells[config].adapter_ids, settings.new_tokens)
-            log(f"warm-up {config}: {run.rate:.1f} tok/s")
-        for round_ in range(settings.repeats):
-            k = round_ % len(CONFIGS)
-            for config in CONFIGS[k:] + CONFIGS[:k]:
-                run = await _batch(client, cells[config].adapter_ids, settings.new_tokens)
-                cells[config].runs.append(run)
-                log(f"round {round_ + 1}/{settings.repeats} {config}: {run.rate:.1f} tok/s")
-            loads.append(os.getloadavg()[0])
-            log(f"round {round_ + 1}/{settings.repeats} done; load average {loads[-1]:.2f}")
-    return cells, loads
+        rounds = timed_rounds({c: system(ids) for c, ids in targets.items()}, settings.repeats)
+        runner.run(client.close())
+    for config, ids in targets.items():
+        rounds.measurements[config].info["adapter_ids"] = ids
+    return rounds.measurements, rounds.loads
 
 
 def throughput_summary(cells: dict[str, Measurement]) -> dict[str, object]:
     base = cells[BASE]
     out: dict[str, object] = {}
     for config, cell in cells.items():
-        per_round = [r / b for r, b in zip(cell.rates(), base.rates(), strict=True)]
+        per_round = [r / b for r, b in zip(cell.values(), base.values(), strict=True)]
         last, base_last = cell.runs[-1].outputs, base.runs[-1].outputs
         out[config] = {
-            "median_tokens_per_s": cell.median,
-            "best_tokens_per_s": cell.best,
-            "tokens_per_s": cell.rates(),
-            "seconds": [run.seconds for run in cell.runs],
-            "median_over_base": cell.median / base.median,
-            "best_over_base": cell.best / base.best,
+            "median_tokens_per_s": cell.median(),
+            "best_tokens_per_s": cell.best(),
+            "base_median_tokens_per_s": base.median(),
+            "tokens_per_s": cell.values(),
+            "seconds": cell.values("seconds"),
+            "median_over_base": cell.median() / base.median(),
+            "best_over_base": cell.best() / base.best(),
             "per_round_over_base": per_round,
             "median_of_per_round_over_base": statistics.median(per_round),
             "rows_differing_from_base": sum(a != b for a, b in zip(last, base_last, strict=True)),
-            "adapter_ids": cell.adapter_ids,
+            "adapter_ids": cell.info["adapter_ids"],
         }
     # Mixed row i is request i of its target's own configuration (same prompt): identical greedy outputs show
     # the batch's other kinds did not leak into it (fp32 batching noise may flip a near-tie, rarely).
     mixed = cells[MIXED]
     same = [
         mixed.runs[-1].outputs[i] == cells[adapter_id or BASE].runs[-1].outputs[i]
-        for i, adapter_id in enumerate(mixed.adapter_ids)
+        for i, adapter_id in enumerate(mixed.info["adapter_ids"])
     ]
     out[MIXED]["rows_identical_to_own_config"] = sum(same)
     out[MIXED]["rows_differing_from_own_config"] = [
-        f"{i}:{mixed.adapter_ids[i] or BASE}" for i, ok in enumerate(same) if not ok
+        f"{i}:{mixed.info['adapter_ids'][i] or BASE}" for i, ok in enumerate(same) if not ok
     ]
     return out
 
@@ -287,7 +234,7 @@ def _ttft(client: Client, prompt: str, adapter_id: str) -> tuple[float, float]:
     return first - start, end - start
 
 
-def measure_ttft(target: str, prompts: dict[str, str], settings: Settings) -> dict[str, dict[str, list[float]]]:
+def measure_ttft(target: str, prompts: dict[str, str], settings: KindsSettings) -> dict[str, dict[str, list[float]]]:
     """One warm-up request per condition, then `ttft_repeats` rounds (the order rotates every round)."""
     times: dict[str, dict[str, list[float]]] = {c: {"ttft": [], "e2e": []} for c in TTFT_CONDITIONS}
     with Client(target, timeout=CALL_TIMEOUT_S) as client:
@@ -333,79 +280,78 @@ def ttft_summary(
 
 
 # ---- reporting ------------------------------------------------------------------------------------
-def made_by(adapter_id: str, settings: Settings) -> str:
+def made_by(adapter_id: str, settings: KindsSettings) -> str:
     if adapter_id in KINDS:
         factory, name = KINDS[adapter_id]
         if factory == "peft":
-            return f"tests/kinds.py make_peft_adapter({name!r})"
-        return (
-            f"tests/kinds.py make_bottleneck({name!r}, reduction_factor={REDUCTION_FACTOR}, scale={BOTTLENECK_SCALE})"
-        )
+            return f"deltaserve.testing.kinds make_peft_adapter({name!r})"
+        options = f"reduction_factor={REDUCTION_FACTOR}, scale={BOTTLENECK_SCALE}"
+        return f"deltaserve.testing.kinds make_bottleneck({name!r}, {options})"
     kind = "prefix" if adapter_id == TTFT_PREFIX else "prompt"
-    return f"tests/kinds.py make_peft_adapter({kind!r}, num_virtual_tokens={settings.virtual_tokens})"
+    return f"deltaserve.testing.kinds make_peft_adapter({kind!r}, num_virtual_tokens={settings.virtual_tokens})"
 
 
 def throughput_table(summary: dict[str, object], infos: dict[str, dict[str, object]]) -> str:
-    header = (
-        f"{'config':<9} {'kind':<13} {'MB':>6} {'virt':>4} {'tok/s (median)':>14} {'tok/s (best)':>12} "
-        f"{'vs base':>8} {'per-round vs base':>17} {'rows != base':>12}"
-    )
-    lines = [header, "-" * len(header)]
+    rows = []
     for config in CONFIGS:
-        s = summary[config]
-        info = infos.get(config)
-        kind = info["kind"] if info else ("-" if config == BASE else "all")
-        size = f"{info['size_bytes'] / 1e6:.2f}" if info else "-"
-        virtual = str(info["virtual_tokens"]) if info else "-"
-        lines.append(
-            f"{config:<9} {kind:<13} {size:>6} {virtual:>4} {s['median_tokens_per_s']:>14.1f} "
-            f"{s['best_tokens_per_s']:>12.1f} {s['median_over_base']:>7.2f}x "
-            f"{s['median_of_per_round_over_base']:>16.2f}x {s['rows_differing_from_base']:>12}"
+        s, info = summary[config], infos.get(config)
+        rows.append(
+            [
+                config,
+                info["kind"] if info else ("-" if config == BASE else "all"),
+                f"{info['size_bytes'] / 1e6:.2f}" if info else "-",
+                info["virtual_tokens"] if info else "-",
+                f"{s['median_tokens_per_s']:.1f}",
+                f"{s['best_tokens_per_s']:.1f}",
+                f"{s['median_over_base']:.2f}x",
+                f"{s['median_of_per_round_over_base']:.2f}x",
+                s["rows_differing_from_base"],
+            ]
         )
-    return "\n".join(lines)
+    header = ["config", "kind", "MB", "virt", "tok/s (median)", "tok/s (best)", "vs base", "per-round vs base"]
+    return format_table([*header, "rows != base"], rows, left=2)
 
 
 def ttft_table(summary: dict[str, object]) -> str:
-    header = (
-        f"{'condition':<9} {'prompt tok':>10} {'virtual':>7} {'computed':>8} {'attended':>8} {'n':>3} "
-        f"{'TTFT p50 ms':>11} {'TTFT p95 ms':>11} {'vs base':>8} {'- base ms':>9}"
-    )
-    lines = [header, "-" * len(header)]
     base = summary["base"]["ttft_ms"]["p50"]
+    rows = []
     for condition in TTFT_CONDITIONS:
         s = summary[condition]
         t = s["ttft_ms"]
-        lines.append(
-            f"{condition:<9} {s['prompt_tokens']:>10} {s['adapter_virtual_tokens']:>7} "
-            f"{s['prefill_positions_computed']:>8} {s['cache_positions_attended']:>8} {t['n']:>3} "
-            f"{t['p50']:>11.1f} {t['p95']:>11.1f} {t['p50'] / base:>7.2f}x {s['ttft_p50_minus_base_ms']:>+9.1f}"
+        rows.append(
+            [
+                condition,
+                s["prompt_tokens"],
+                s["adapter_virtual_tokens"],
+                s["prefill_positions_computed"],
+                s["cache_positions_attended"],
+                t["n"],
+                f"{t['p50']:.1f}",
+                f"{t['p95']:.1f}",
+                f"{t['p50'] / base:.2f}x",
+                f"{s['ttft_p50_minus_base_ms']:+.1f}",
+            ]
         )
-    return "\n".join(lines)
+    header = ["condition", "prompt tok", "virtual", "computed", "attended", "n", "TTFT p50 ms", "TTFT p95 ms"]
+    return format_table([*header, "vs base", "- base ms"], rows)
 
 
-def report(
-    settings: Settings,
-    config: ServerConfig,
+def result(
+    model_name: str,
+    settings: KindsSettings,
+    config: object,
     infos: dict[str, dict[str, object]],
     throughput: dict[str, object],
     loads: list[float],
     ttft: dict[str, object],
 ) -> dict[str, object]:
-    settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     return {
-        "benchmark": "adapter_kinds",
-        "machine": machine_info(),
-        "model": EMBEDDED_NAME,
+        "model": model_name,
         "device": "cpu",
         "dtype": "float32",
-        "settings": settings_dict,
         "server": {
-            "max_batch_size": config.max_batch_size,
-            "max_seq_len": config.max_seq_len,
-            "max_adapters": config.max_adapters,
-            "max_lora_rank": config.max_lora_rank,
-            "max_bottleneck_size": config.max_bottleneck_size,
-            "in_process": "the server runs in a thread of the benchmark process (tests/helpers.py ServerThread)",
+            **served(config, "max_batch_size", "max_seq_len", "max_adapters", "max_lora_rank", "max_bottleneck_size"),
+            "in_process": "the server runs in a thread of the benchmark process (deltaserve.testing ServerThread)",
         },
         "adapters": {
             adapter_id: {"made_by": made_by(adapter_id, settings), **info} for adapter_id, info in infos.items()
@@ -421,126 +367,126 @@ def report(
     }
 
 
-def write_plot(data: dict[str, object], path: Path) -> bool:
+def draw(data: dict[str, object], settings: dict[str, object]) -> object:
     """Throughput ratio to the base per configuration, and TTFT p50 per prefill condition."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, (ax_rate, ax_ttft) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
-    throughput, settings = data["throughput"], data["settings"]
-    names = [c for c in CONFIGS if c != BASE]
-    ratios = [throughput[c]["median_over_base"] for c in names]
-    colors = ["#8172b3" if c == MIXED else ("#55a868" if KINDS[c][0] == "bottleneck" else "#4c72b0") for c in names]
-    bars = ax_rate.bar(names, ratios, color=colors)
-    ax_rate.bar_label(bars, fmt="%.2f", fontsize=8)
-    for x, c in enumerate(names):
-        per_round = throughput[c]["per_round_over_base"]
-        ax_rate.plot([x] * len(per_round), per_round, "k.", markersize=3)
-    ax_rate.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-    ax_rate.set_ylabel("tokens/s vs base (bars: median/median; dots: per round)")
-    ax_rate.set_title(
-        f"1. decode throughput, N={settings['n_requests']} x {settings['new_tokens']} tokens "
-        f"(base {throughput[BASE]['median_tokens_per_s']:.1f} tok/s, median of {settings['repeats']})",
-        fontsize=10,
-    )
-    ax_rate.tick_params(axis="x", labelrotation=30)
 
-    ttft = data["prefill_ttft"]
-    p50 = [ttft[c]["ttft_ms"]["p50"] for c in TTFT_CONDITIONS]
-    p95 = [ttft[c]["ttft_ms"]["p95"] for c in TTFT_CONDITIONS]
-    bars = ax_ttft.bar(
-        TTFT_CONDITIONS,
-        p50,
-        color=["#8c8c8c", "#c8c8c8", "#dd8452", "#c44e52"],
-        yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95, strict=True)]],
-        capsize=4,
-    )
-    ax_ttft.bar_label(bars, fmt="%.0f", label_type="center")
-    ax_ttft.set_ylabel("time to first token, ms (p50, whisker to p95)")
-    ax_ttft.set_title(
-        f"2. prefill: T={settings['prompt_tokens']} prompt tokens, P={settings['virtual_tokens']} virtual",
-        fontsize=10,
-    )
-    fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
-    save_figure(fig, path)
-    return True
+    def plot(ax_rate: object, ax_ttft: object) -> None:
+        throughput = data["throughput"]
+        names = [c for c in CONFIGS if c != BASE]
+        ratios = [throughput[c]["median_over_base"] for c in names]
+        colors = ["#8172b3" if c == MIXED else ("#55a868" if KINDS[c][0] == "bottleneck" else "#4c72b0") for c in names]
+        bars = ax_rate.bar(names, ratios, color=colors)
+        ax_rate.bar_label(bars, fmt="%.2f", fontsize=8)
+        for x, c in enumerate(names):
+            per_round = throughput[c]["per_round_over_base"]
+            ax_rate.plot([x] * len(per_round), per_round, "k.", markersize=3)
+        ax_rate.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+        ax_rate.set_ylabel("tokens/s vs base (bars: median/median; dots: per round)")
+        ax_rate.set_title(
+            f"1. decode throughput, N={settings['requests']} x {settings['new_tokens']} tokens "
+            f"(base {throughput[BASE]['median_tokens_per_s']:.1f} tok/s, median of {settings['repeats']})",
+            fontsize=10,
+        )
+        ax_rate.tick_params(axis="x", labelrotation=30)
+
+        ttft = data["prefill_ttft"]
+        p50 = [ttft[c]["ttft_ms"]["p50"] for c in TTFT_CONDITIONS]
+        p95 = [ttft[c]["ttft_ms"]["p95"] for c in TTFT_CONDITIONS]
+        bars = ax_ttft.bar(
+            TTFT_CONDITIONS,
+            p50,
+            color=["#8c8c8c", "#c8c8c8", "#dd8452", "#c44e52"],
+            yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95, strict=True)]],
+            capsize=4,
+        )
+        ax_ttft.bar_label(bars, fmt="%.0f", label_type="center")
+        ax_ttft.set_ylabel("time to first token, ms (p50, whisker to p95)")
+        ax_ttft.set_title(
+            f"2. prefill: T={settings['prompt_tokens']} prompt tokens, P={settings['virtual_tokens']} virtual",
+            fontsize=10,
+        )
+
+    return plot
 
 
 # ---- main -----------------------------------------------------------------------------------------
+def make_all(model_dir: str, root: str, p: int) -> dict[str, str]:
+    """One adapter of every kind, and a prefix and a prompt adapter with P virtual tokens for part 2."""
+    log(f"making one adapter of each of {len(KINDS)} kinds and two with {p} virtual tokens")
+    adapters = make_adapters(model_dir, root)
+    for seed, (adapter_id, kind) in enumerate(((TTFT_PREFIX, "prefix"), (TTFT_PROMPT, "prompt")), len(KINDS)):
+        out_dir = os.path.join(root, adapter_id)
+        adapters[adapter_id] = kinds.make_peft_adapter(model_dir, out_dir, kind, seed=seed, num_virtual_tokens=p)
+    return adapters
+
+
+def max_seq_len(tokenizer: PreTrainedTokenizerBase, settings: KindsSettings) -> int:
+    """Room for the longest chat prompt plus its tokens, or the TTFT prompt, after the most virtual tokens."""
+    longest = max(len(tokenizer(render(tokenizer, m), add_special_tokens=False)["input_ids"]) for m in PROMPTS)
+    peft_virtual = [kinds.PEFT_KINDS[name][1].get("num_virtual_tokens", 0) for f, name in KINDS.values() if f == "peft"]
+    most_virtual = max([settings.virtual_tokens, *peft_virtual])
+    return max(longest + settings.new_tokens, settings.prompt_tokens + 2) + most_virtual + 16
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()  # keep the log readable
-    helpers, kinds = import_test_helpers(), import_kinds()
-    model_dir = embedded_model_dir()
+    settings = parse_settings(KindsSettings, argv, description(__doc__))
+    quiet()
+    model_dir, model_name = embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hidden = AutoConfig.from_pretrained(model_dir).hidden_size
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
-        for m in PROMPTS
-    ]
-    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
     p = settings.virtual_tokens
     ttft_texts = {
         "base": fixed_length_prompt(tokenizer, settings.prompt_tokens),
         "base+P": fixed_length_prompt(tokenizer, settings.prompt_tokens + p),
     }
     ttft_texts |= {"prefix": ttft_texts["base"], "prompt": ttft_texts["base"]}
-    most_virtual = max(
-        [p] + [kinds.PEFT_KINDS[name][1].get("num_virtual_tokens", 0) for f, name in KINDS.values() if f == "peft"]
-    )
-    max_seq_len = max(longest + settings.new_tokens, settings.prompt_tokens + 2) + most_virtual + 16
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
-        log(f"making one adapter of each of {len(KINDS)} kinds and two with {p} virtual tokens")
-        adapters = make_adapters(kinds, model_dir, root)
-        for seed, (adapter_id, kind) in enumerate(((TTFT_PREFIX, "prefix"), (TTFT_PROMPT, "prompt")), len(KINDS)):
-            out_dir = os.path.join(root, adapter_id)
-            adapters[adapter_id] = kinds.make_peft_adapter(model_dir, out_dir, kind, seed=seed, num_virtual_tokens=p)
-        config = ServerConfig(
-            model=model_dir,
-            dtype="float32",
-            device="cpu",
-            max_batch_size=settings.n_requests,
-            max_seq_len=max_seq_len,
+        adapters = make_all(model_dir, root, p)
+        config = cpu_config(
+            model_dir,
+            max_batch_size=settings.requests,
+            max_seq_len=max_seq_len(tokenizer, settings),
             max_adapters=len(adapters),
             max_lora_rank=LORA_RANK,
-            max_bottleneck_size=hidden // REDUCTION_FACTOR,
+            max_bottleneck_size=AutoConfig.from_pretrained(model_dir).hidden_size // REDUCTION_FACTOR,
         )
         log("starting the server")
-        with helpers.ServerThread(config) as server:
+        with ServerThread(config) as server:
             infos = asyncio.run(load_adapters(server.target, adapters))
             with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
                 prompt_tokens = {c: len(client.tokenize(text).token_ids) for c, text in ttft_texts.items()}
-            log(f"throughput: {len(CONFIGS)} configurations, N={settings.n_requests} x {settings.new_tokens} tokens")
-            cells, loads = asyncio.run(_measure_throughput(server.target, settings))
+            log(f"throughput: {len(CONFIGS)} configurations, N={settings.requests} x {settings.new_tokens} tokens")
+            cells, loads = measure_throughput(server.target, settings)
             log(f"prefill: TTFT of {', '.join(TTFT_CONDITIONS)}, prompt tokens {prompt_tokens}")
             times = measure_ttft(server.target, ttft_texts, settings)
     throughput = throughput_summary(cells)
     ttft = ttft_summary(times, prompt_tokens, infos)
-    data = report(settings, config, infos, throughput, loads, ttft)
-    write_json(data, settings.out)
-    plotted = write_plot(data, settings.out.with_suffix(".png"))
-    print(
-        f"{EMBEDDED_NAME} fp32 CPU ({os.cpu_count()} cores), N={settings.n_requests} concurrent requests x "
+    data = result(model_name, settings, config, infos, throughput, loads, ttft)
+    text = summary_text(model_name, settings, throughput, infos, loads, ttft)
+    title = f"{model_name}, fp32 CPU ({os.cpu_count()} cores)"
+    plot = {"panels": 2, "size": (13, 4.4), "widths": (2.2, 1), "title": title}
+    report("adapter_kinds", settings, data, text, draw(data, settings_dict(settings)), **plot)
+    return 0
+
+
+def summary_text(
+    model_name: str, settings: KindsSettings, throughput: dict, infos: dict, loads: list[float], ttft: dict
+) -> list[str]:
+    mixed = throughput[MIXED]
+    differing = mixed["rows_differing_from_own_config"]
+    return [
+        f"{model_name} fp32 CPU ({os.cpu_count()} cores), N={settings.requests} concurrent requests x "
         f"{settings.new_tokens} tokens, median of {settings.repeats} (load average after rounds: "
         + ", ".join(f"{x:.2f}" for x in loads)
-        + ")"
-    )
-    print(throughput_table(throughput, infos))
-    mixed = throughput[MIXED]
-    print(
+        + ")",
+        throughput_table(throughput, infos),
         f"mixed rows identical to the same request in its own configuration: "
-        f"{mixed['rows_identical_to_own_config']}/{settings.n_requests}"
-        + (
-            f" (differing: {', '.join(mixed['rows_differing_from_own_config'])})"
-            if mixed["rows_differing_from_own_config"]
-            else ""
-        )
-    )
-    print()
-    print(f"prefill: single requests, max_new_tokens=1, P={p} virtual tokens, p50 of {settings.ttft_repeats}")
-    print(ttft_table(ttft))
-    print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
-    return 0
+        f"{mixed['rows_identical_to_own_config']}/{settings.requests}"
+        + (f" (differing: {', '.join(differing)})" if differing else "")
+        + "\n",
+        f"prefill: single requests, max_new_tokens=1, P={settings.virtual_tokens} virtual tokens, "
+        f"p50 of {settings.ttft_repeats}",
+        ttft_table(ttft),
+    ]
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ Writes benchmarks/results/adapter-load-cpu.json (…-quick.json for --quick) and
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -43,97 +42,60 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import transformers
-from common import CHAT_PROMPTS as STREAM_PROMPTS
-from common import (
-    RESULTS,
-    import_test_helpers,
-    log,
-    machine_info,
-    make_adapter,
-    ms_summary,
-    percentile,
-    pyplot,
-    save_figure,
-    write_json,
-)
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.app import ServerConfig
-from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from deltaserve.testing.helpers import ServerThread
+from harness import (
+    CALL_TIMEOUT_S,
+    Settings,
+    cpu_config,
+    description,
+    embedded_model,
+    format_table,
+    log,
+    make_adapter,
+    max_seq_len_for,
+    ms_summary,
+    option,
+    parse_settings,
+    percentile,
+    quiet,
+    report,
+    require,
+    timed_rounds,
+)
+from harness import CHAT_PROMPTS as STREAM_PROMPTS
+from transformers import AutoTokenizer
 
-CALL_TIMEOUT_S = 600.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark
 MAX_LORA_RANK = 64
 RESIDENT_RANK = 16  # the adapter half the streams of part 2 run on
 TIER_STATES = ("disk", "host", "device", "base")
-
 TIER_PROMPT = "Tell me a fun fact about octopuses."
+# Part 3's server: 6 rank-16 adapters over 2 device slots and a 1-entry host cache; 8-token requests.
+TIER_ADAPTERS, TIER_RANK, TIER_SLOTS, TIER_HOST_CACHE, TIER_TOKENS = 6, 16, 2, 1, 8
 
 
 @dataclass(frozen=True)
-class Settings:
-    ranks: tuple[int, ...]
-    load_repeats: int
-    streams: int
-    new_tokens: int
-    churn_rank: int
-    churn_pause: float
-    rounds: int
-    tier_adapters: int
-    tier_rank: int
-    tier_slots: int
-    tier_host_cache: int
-    tier_repeats: int
-    tier_tokens: int
-    out: Path
+class LoadSettings(Settings):
+    STEM = "adapter-load-cpu"
 
+    ranks: tuple[int, ...] = option((8, 16, 64), "LoRA ranks to load", quick=(8, 16), minimum=1)
+    repeats: int = option(8, "timed loads per rank", quick=3, minimum=1)
+    streams: int = option(4, "concurrent streams in part 2 (half base, half adapter)", minimum=2)
+    new_tokens: int = option(96, "tokens per stream in part 2", quick=24, minimum=1)
+    rounds: int = option(2, "baseline/under-load rounds in part 2", quick=1, minimum=1)
+    tier_repeats: int = option(10, "timed requests per adapter state in part 3", quick=2, minimum=1)
+    churn_pause: float = option(1.0, "seconds between load/unload cycles in part 2", minimum=0)
 
-# ---- setup ----------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: ranks 8/16, 3 repeats, 24 tokens, 1 round")
-    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="LoRA ranks to load (default 8 16 64)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed loads per rank (default 8)")
-    parser.add_argument("--streams", type=int, default=4, help="concurrent streams in part 2 (default 4)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per stream in part 2 (default 96)")
-    parser.add_argument("--rounds", type=int, default=None, help="baseline/under-load rounds in part 2 (default 2)")
-    parser.add_argument("--tier-repeats", type=int, default=None, help="timed requests per state in part 3 (def. 10)")
-    parser.add_argument(
-        "--churn-pause", type=float, default=1.0, help="seconds between load/unload cycles in part 2 (default 1)"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
-    args = parser.parse_args(argv)
-    defaults = ((8, 16), 3, 24, 1, 2) if args.quick else ((8, 16, 64), 8, 96, 2, 10)
-    given = (tuple(args.ranks) if args.ranks else None, args.repeats, args.new_tokens, args.rounds, args.tier_repeats)
-    ranks, repeats, tokens, rounds, tier_repeats = (d if g is None else g for g, d in zip(given, defaults, strict=True))
-    if min(repeats, tokens, rounds, tier_repeats, args.streams) < 1 or min(ranks) < 1:
-        parser.error("--ranks, --repeats, --streams, --new-tokens, --rounds and --tier-repeats must be at least 1")
-    if args.churn_pause < 0:
-        parser.error("--churn-pause must not be negative")
-    if max(ranks) > MAX_LORA_RANK:
-        parser.error(f"--ranks must not exceed the server's max_lora_rank {MAX_LORA_RANK}")
-    if args.streams < 2:
-        parser.error("--streams must be at least 2 (half base, half adapter)")
-    out = args.out or RESULTS / ("adapter-load-cpu-quick.json" if args.quick else "adapter-load-cpu.json")
-    return Settings(
-        ranks=tuple(sorted(set(ranks))),
-        load_repeats=repeats,
-        streams=args.streams,
-        new_tokens=tokens,
-        churn_rank=max(ranks),
-        churn_pause=args.churn_pause,
-        rounds=rounds,
-        tier_adapters=6,
-        tier_rank=16,
-        tier_slots=2,
-        tier_host_cache=1,
-        tier_repeats=tier_repeats,
-        tier_tokens=8,
-        out=out,
-    )
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "ranks", tuple(sorted(set(self.ranks))))
+        require(max(self.ranks) <= MAX_LORA_RANK, f"--ranks must not exceed the server's max_lora_rank {MAX_LORA_RANK}")
+
+    @property
+    def churn_rank(self) -> int:
+        return max(self.ranks)
 
 
 def dir_bytes(path: str) -> int:
@@ -153,7 +115,7 @@ class RankLoads:
     states: list[str] = field(default_factory=list)
 
 
-def measure_hot_loads(target: str, paths: dict[int, str], settings: Settings) -> list[RankLoads]:
+def measure_hot_loads(target: str, paths: dict[int, str], settings: LoadSettings) -> list[RankLoads]:
     """Load then unload each rank in turn (the order rotates every repeat), a new id for every load."""
     results = {rank: RankLoads(rank, paths[rank], file_bytes=dir_bytes(paths[rank])) for rank in settings.ranks}
     ranks = list(settings.ranks)
@@ -162,7 +124,7 @@ def measure_hot_loads(target: str, paths: dict[int, str], settings: Settings) ->
         for rank in ranks:  # warm-up: the first load allocates every layer's slot stacks
             client.load_adapter(f"warmup-r{rank}", paths[rank])
             client.unload_adapter(f"warmup-r{rank}")
-        for rep in range(settings.load_repeats):
+        for rep in range(settings.repeats):
             for rank in ranks[rep % len(ranks) :] + ranks[: rep % len(ranks)]:
                 adapter_id = f"hot-r{rank}-{rep}"
                 start = time.perf_counter()
@@ -176,7 +138,7 @@ def measure_hot_loads(target: str, paths: dict[int, str], settings: Settings) ->
                 record.states.append(info.state)
                 record.size_bytes = info.size_bytes
             log(
-                f"hot load round {rep + 1}/{settings.load_repeats}: "
+                f"hot load round {rep + 1}/{settings.repeats}: "
                 + ", ".join(f"r{r} {results[r].seconds[-1] * 1e3:.0f} ms" for r in ranks)
             )
     return [results[rank] for rank in ranks]
@@ -253,7 +215,7 @@ class Churner(threading.Thread):
             self.error = traceback.format_exc()
 
 
-async def _streams(target: str, settings: Settings, tokens: int, on_all_started: threading.Event | None) -> list:
+async def _streams(target: str, settings: LoadSettings, tokens: int, on_all_started: threading.Event | None) -> list:
     """Run the S streams concurrently; returns each stream's [(arrival time, tokens in chunk), ...]."""
     adapters = ["" if i % 2 == 0 else "resident" for i in range(settings.streams)]
     first_seen = [False] * settings.streams
@@ -284,7 +246,7 @@ async def _streams(target: str, settings: Settings, tokens: int, on_all_started:
     return results
 
 
-def stream_run(target: str, settings: Settings, churn_path: str | None, label: str) -> StreamRun:
+def stream_run(target: str, settings: LoadSettings, churn_path: str | None, label: str) -> StreamRun:
     if churn_path is None:
         return StreamRun("baseline", asyncio.run(_streams(target, settings, settings.new_tokens, None)))
     churner = Churner(target, churn_path, f"churn-{label}", settings.churn_pause)
@@ -304,21 +266,25 @@ def stream_run(target: str, settings: Settings, churn_path: str | None, label: s
     return StreamRun("under_load", streams, [w for w in churner.windows if w[0] < end])
 
 
-def measure_stall(target: str, churn_path: str, settings: Settings) -> list[StreamRun]:
-    log("stall: warm-up streams")
-    asyncio.run(_streams(target, settings, min(8, settings.new_tokens), None))
-    runs = []
-    for round_ in range(settings.rounds):
-        for condition in ("baseline", "under_load") if round_ % 2 == 0 else ("under_load", "baseline"):
-            run = stream_run(target, settings, churn_path if condition == "under_load" else None, str(round_))
-            runs.append(run)
-            gaps = run.gap_seconds()
-            log(
-                f"stall round {round_ + 1}/{settings.rounds} {condition}: {len(gaps)} gaps, "
-                f"p50 {percentile(gaps, 50) * 1e3:.0f} ms, max {max(gaps) * 1e3:.0f} ms"
-                + (f", {len(run.load_windows)} loads" if condition == "under_load" else "")
-            )
-    return runs
+def measure_stall(target: str, churn_path: str, settings: LoadSettings) -> list[StreamRun]:
+    """Baseline and under-load batches of streams taking turns; one short warm-up batch without loads."""
+    labels = itertools.count()
+
+    def describe(run: StreamRun) -> str:
+        gaps = run.gap_seconds()
+        loads = f", {len(run.load_windows)} loads" if run.condition == "under_load" else ""
+        return f"{len(gaps)} gaps, p50 {percentile(gaps, 50) * 1e3:.0f} ms, max {max(gaps) * 1e3:.0f} ms{loads}"
+
+    rounds = timed_rounds(
+        {
+            "baseline": lambda: stream_run(target, settings, None, ""),
+            "under_load": lambda: stream_run(target, settings, churn_path, str(next(labels))),
+        },
+        settings.rounds,
+        warmups={"streams": lambda: asyncio.run(_streams(target, settings, min(8, settings.new_tokens), None))},
+        describe=describe,
+    )
+    return [run for m in rounds.measurements.values() for run in m.runs]
 
 
 def stall_summary(runs: list[StreamRun]) -> dict[str, object]:
@@ -359,7 +325,7 @@ def pick(current: dict[str, str], state: str) -> str | None:
     return candidates[0] if candidates else None
 
 
-def measure_tiers(target: str, paths: dict[str, str], settings: Settings) -> dict[str, object]:
+def measure_tiers(target: str, paths: dict[str, str], settings: LoadSettings) -> dict[str, object]:
     """Time a short greedy request per adapter state; the state is checked right before each timed request.
     The request is streamed so that its time to first token (where bringing an adapter in lands: before the
     prefill) is recorded beside the end-to-end latency."""
@@ -368,8 +334,8 @@ def measure_tiers(target: str, paths: dict[str, str], settings: Settings) -> dic
     mismatches: list[dict[str, object]] = []
     options = dict(
         messages=[{"role": "user", "content": TIER_PROMPT}],
-        max_new_tokens=settings.tier_tokens,
-        min_new_tokens=settings.tier_tokens,
+        max_new_tokens=TIER_TOKENS,
+        min_new_tokens=TIER_TOKENS,
         temperature=0.0,
     )
 
@@ -382,8 +348,8 @@ def measure_tiers(target: str, paths: dict[str, str], settings: Settings) -> dic
             tokens += len(chunk.token_ids)
         timings[state].append(time.perf_counter() - start)
         first_token[state].append(first - start)
-        if tokens != settings.tier_tokens:
-            raise RuntimeError(f"{adapter_id or 'base'} generated {tokens} tokens, expected {settings.tier_tokens}")
+        if tokens != TIER_TOKENS:
+            raise RuntimeError(f"{adapter_id or 'base'} generated {tokens} tokens, expected {TIER_TOKENS}")
 
     with Client(target, timeout=CALL_TIMEOUT_S) as client:
         for adapter_id, path in paths.items():
@@ -425,20 +391,21 @@ def measure_tiers(target: str, paths: dict[str, str], settings: Settings) -> dic
 
 # ---- reporting ------------------------------------------------------------------------------------
 def hot_load_table(loads: list[RankLoads]) -> str:
-    header = f"{'rank':>4} {'size MB':>8} {'loads':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'unload p50 ms':>13}"
-    lines = [header, "-" * len(header)]
-    for r in loads:
-        lines.append(
-            f"{r.rank:>4} {r.size_bytes / 1e6:>8.1f} {len(r.seconds):>5} {percentile(r.seconds, 50) * 1e3:>8.0f} "
-            f"{percentile(r.seconds, 95) * 1e3:>8.0f} {max(r.seconds) * 1e3:>8.0f} "
-            f"{percentile(r.unload_seconds, 50) * 1e3:>13.1f}"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            r.rank,
+            f"{r.size_bytes / 1e6:.1f}",
+            len(r.seconds),
+            *(f"{percentile(r.seconds, q) * 1e3:.0f}" for q in (50, 95)),
+            f"{max(r.seconds) * 1e3:.0f}",
+            f"{percentile(r.unload_seconds, 50) * 1e3:.1f}",
+        ]
+        for r in loads
+    ]
+    return format_table(["rank", "size MB", "loads", "p50 ms", "p95 ms", "max ms", "unload p50 ms"], rows)
 
 
 def stall_table(stall: dict[str, object]) -> str:
-    header = f"{'gaps':<26} {'n':>5} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7}"
-    lines = [header, "-" * len(header)]
     under = stall["under_load"]
     rows = [
         ("baseline (no loads)", stall["baseline"]["gap_ms"]),
@@ -446,49 +413,48 @@ def stall_table(stall: dict[str, object]) -> str:
         ("  overlapping a load", under["gaps_overlapping_a_load"]),
         ("  no load in flight", under["gaps_without_a_load"]),
     ]
-    for name, g in rows:
-        lines.append(f"{name:<26} {g['n']:>5} {g['p50']:>7.0f} {g['p95']:>7.0f} {g['p99']:>7.0f} {g['max']:>7.0f}")
-    return "\n".join(lines)
+    cells = [[name, g["n"], *(f"{g[k]:.0f}" for k in ("p50", "p95", "p99", "max"))] for name, g in rows]
+    return format_table(["gaps", "n", "p50 ms", "p95 ms", "p99 ms", "max ms"], cells)
 
 
 def tier_table(tiers: dict[str, object]) -> str:
-    header = (
-        f"{'state':<7} {'requests':>8} {'e2e p50 ms':>10} {'e2e p95 ms':>10} {'vs device':>9} "
-        f"{'TTFT p50 ms':>11} {'vs device':>9}"
-    )
-    lines = [header, "-" * len(header)]
     e2e, ttft = tiers["latency_ms"], tiers["first_token_ms"]
-    for state in TIER_STATES:
-        lines.append(
-            f"{state:<7} {e2e[state]['n']:>8} {e2e[state]['p50']:>10.0f} {e2e[state]['p95']:>10.0f} "
-            f"{e2e[state]['p50'] - e2e['device']['p50']:>+9.0f} {ttft[state]['p50']:>11.0f} "
-            f"{ttft[state]['p50'] - ttft['device']['p50']:>+9.0f}"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            state,
+            e2e[state]["n"],
+            f"{e2e[state]['p50']:.0f}",
+            f"{e2e[state]['p95']:.0f}",
+            f"{e2e[state]['p50'] - e2e['device']['p50']:+.0f}",
+            f"{ttft[state]['p50']:.0f}",
+            f"{ttft[state]['p50'] - ttft['device']['p50']:+.0f}",
+        ]
+        for state in TIER_STATES
+    ]
+    return format_table(
+        ["state", "requests", "e2e p50 ms", "e2e p95 ms", "vs device", "TTFT p50 ms", "vs device"], rows
+    )
 
 
-def report(
-    settings: Settings,
+def result(
+    model_name: str,
+    settings: LoadSettings,
     loads: list[RankLoads],
     stall: dict[str, object],
     tiers: dict[str, object],
     max_seq_len: int,
 ) -> dict[str, object]:
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     return {
-        "benchmark": "adapter_load",
-        "machine": machine_info(),
-        "model": EMBEDDED_NAME,
+        "model": model_name,
         "device": "cpu",
         "dtype": "float32",
         "target_modules": "all-linear",
-        "settings": config,
         "server": {
             "max_lora_rank": MAX_LORA_RANK,
             "max_seq_len": max_seq_len,
             "parts_1_2": {"max_adapters": 4, "max_batch_size": settings.streams},
-            "part_3": {"max_adapters": settings.tier_slots, "max_cpu_adapters": settings.tier_host_cache},
-            "in_process": "the server runs in a thread of the benchmark process (tests/helpers.py ServerThread)",
+            "part_3": {"max_adapters": TIER_SLOTS, "max_cpu_adapters": TIER_HOST_CACHE},
+            "in_process": "the server runs in a thread of the benchmark process (deltaserve.testing ServerThread)",
         },
         "statistic": "p50/p95: linear interpolation between order statistics; times from time.perf_counter",
         "hot_load": {
@@ -516,22 +482,28 @@ def report(
             **stall,
         },
         "tiers": {
-            "adapters": settings.tier_adapters,
-            "rank": settings.tier_rank,
-            "device_slots": settings.tier_slots,
-            "host_cache": settings.tier_host_cache,
-            "tokens": settings.tier_tokens,
+            "adapters": TIER_ADAPTERS,
+            "rank": TIER_RANK,
+            "device_slots": TIER_SLOTS,
+            "host_cache": TIER_HOST_CACHE,
+            "tokens": TIER_TOKENS,
             **tiers,
         },
     }
 
 
-def write_plot(data: dict[str, object], path: Path) -> bool:
+def draw(data: dict[str, object]) -> object:
     """Load latency per rank (p50 bars, p95 whiskers), the gap distributions, and latency per adapter state."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, (ax_load, ax_gap, ax_tier) = plt.subplots(1, 3, figsize=(15, 4.2))
+
+    def plot(ax_load: object, ax_gap: object, ax_tier: object) -> None:
+        draw_loads(ax_load, data)
+        draw_gaps(ax_gap, data)
+        draw_tiers(ax_tier, data)
+
+    return plot
+
+
+def draw_loads(ax_load: object, data: dict[str, object]) -> None:
     hot = list(data["hot_load"].values())
     labels = [f"r{h['rank']}\n{h['size_bytes'] / 1e6:.0f} MB" for h in hot]
     p50 = [h["p50_ms"] for h in hot]
@@ -543,6 +515,8 @@ def write_plot(data: dict[str, object], path: Path) -> bool:
     ax_load.set_ylabel("LoadAdapter latency, ms (p50, whisker to p95)")
     ax_load.set_title("1. hot load (all-linear LoRA)", fontsize=10)
 
+
+def draw_gaps(ax_gap: object, data: dict[str, object]) -> None:
     stall = data["stall"]
     curves = (
         ("baseline (no loads)", stall["baseline"]["gaps_ms"], "#55a868", "-"),
@@ -562,6 +536,8 @@ def write_plot(data: dict[str, object], path: Path) -> bool:
     )
     ax_gap.legend(loc="lower right", fontsize=8)
 
+
+def draw_tiers(ax_tier: object, data: dict[str, object]) -> None:
     latency, first_token = data["tiers"]["latency_ms"], data["tiers"]["first_token_ms"]
     names = [s for s in TIER_STATES if latency[s]["n"]]
     bars = ax_tier.bar(names, [latency[s]["p50"] for s in names], color="#4c72b0", label="end to end")
@@ -577,102 +553,80 @@ def write_plot(data: dict[str, object], path: Path) -> bool:
         f"{tiers['host_cache']} host)",
         fontsize=10,
     )
-    fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
-    save_figure(fig, path, dpi=110)
-    return True
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def max_seq_len_for(tokenizer: PreTrainedTokenizerBase, settings: Settings) -> int:
-    prompts = [*STREAM_PROMPTS, TIER_PROMPT]
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
-    return longest + max(settings.new_tokens, settings.tier_tokens) + 16
+def make_adapters(model_dir: str, root: str, settings: LoadSettings) -> tuple[dict[int, str], str, dict[str, str]]:
+    """One adapter per rank, the resident rank-16 one, and the tier adapters."""
+    log(f"making LoRA adapters: ranks {list(settings.ranks)} and {TIER_ADAPTERS} x rank {TIER_RANK}")
+    rank_paths = {rank: make_adapter(model_dir, root, f"r{rank}", rank, seed=rank) for rank in settings.ranks}
+    resident = rank_paths.get(RESIDENT_RANK) or make_adapter(model_dir, root, "resident", RESIDENT_RANK, 99)
+    tier_paths = {
+        f"tier{i}": make_adapter(model_dir, root, f"tier{i}", TIER_RANK, seed=100 + i) for i in range(TIER_ADAPTERS)
+    }
+    return rank_paths, resident, tier_paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()  # keep the log readable
-    helpers = import_test_helpers()
-    model_dir = embedded_model_dir()
-    max_seq_len = max_seq_len_for(AutoTokenizer.from_pretrained(model_dir), settings)
+    settings = parse_settings(LoadSettings, argv, description(__doc__))
+    quiet()
+    model_dir, model_name = embedded_model()
+    tokens = max(settings.new_tokens, TIER_TOKENS)
+    max_seq_len = max_seq_len_for(AutoTokenizer.from_pretrained(model_dir), tokens, [*STREAM_PROMPTS, TIER_PROMPT])
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
-        log(
-            f"making LoRA adapters: ranks {list(settings.ranks)} and "
-            f"{settings.tier_adapters} x rank {settings.tier_rank}"
-        )
-        rank_paths = {
-            rank: make_adapter(helpers, model_dir, root, f"r{rank}", rank, seed=rank) for rank in settings.ranks
-        }
-        resident = rank_paths.get(RESIDENT_RANK) or make_adapter(
-            helpers, model_dir, root, "resident", RESIDENT_RANK, 99
-        )
-        tier_paths = {
-            f"tier{i}": make_adapter(helpers, model_dir, root, f"tier{i}", settings.tier_rank, seed=100 + i)
-            for i in range(settings.tier_adapters)
-        }
-        config = ServerConfig(
-            model=model_dir,
-            dtype="float32",
-            device="cpu",
+        rank_paths, resident, tier_paths = make_adapters(model_dir, root, settings)
+        # The resident adapter, the one being loaded, and room to spare: loads never evict.
+        config = cpu_config(
+            model_dir,
             max_batch_size=settings.streams,
             max_seq_len=max_seq_len,
-            max_adapters=4,  # the resident adapter, the one being loaded, and room to spare: loads never evict
+            max_adapters=4,
             max_lora_rank=MAX_LORA_RANK,
         )
         log("part 1/2: starting the server")
-        with helpers.ServerThread(config) as server:
+        with ServerThread(config) as server:
             loads = measure_hot_loads(server.target, rank_paths, settings)
             with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
                 client.load_adapter("resident", resident)
             stall = stall_summary(measure_stall(server.target, rank_paths[settings.churn_rank], settings))
-        tier_config = ServerConfig(
-            model=model_dir,
-            dtype="float32",
-            device="cpu",
+        tier_config = cpu_config(
+            model_dir,
             max_batch_size=4,
             max_seq_len=max_seq_len,
-            max_adapters=settings.tier_slots,
-            max_cpu_adapters=settings.tier_host_cache,
+            max_adapters=TIER_SLOTS,
+            max_cpu_adapters=TIER_HOST_CACHE,
             max_lora_rank=MAX_LORA_RANK,
         )
         log("part 3: starting the server")
-        with helpers.ServerThread(tier_config) as server:
+        with ServerThread(tier_config) as server:
             tiers = measure_tiers(server.target, tier_paths, settings)
-    data = report(settings, loads, stall, tiers, max_seq_len)
-    write_json(data, settings.out)
-    plotted = write_plot(data, settings.out.with_suffix(".png"))
-    print(f"{EMBEDDED_NAME} fp32 CPU ({os.cpu_count()} cores), all-linear LoRA, server max_lora_rank {MAX_LORA_RANK}")
-    print()
-    print(f"1. hot load: LoadAdapter until it returns, {settings.load_repeats} loads per rank (each then unloaded)")
-    print(hot_load_table(loads))
-    print()
-    print(
+    data = result(model_name, settings, loads, stall, tiers, max_seq_len)
+    text = summary_text(model_name, settings, loads, stall, tiers)
+    title = f"{model_name}, fp32 CPU ({os.cpu_count()} cores)"
+    report("adapter_load", settings, data, text, draw(data), panels=3, size=(15, 4.2), title=title, dpi=110)
+    return 0
+
+
+def summary_text(model_name: str, settings: LoadSettings, loads: list, stall: dict, tiers: dict) -> list[str]:
+    load_ms = stall["under_load"]["load_ms_during_streams"]
+    text = [
+        f"{model_name} fp32 CPU ({os.cpu_count()} cores), all-linear LoRA, server max_lora_rank {MAX_LORA_RANK}\n",
+        f"1. hot load: LoadAdapter until it returns, {settings.repeats} loads per rank (each then unloaded)",
+        hot_load_table(loads) + "\n",
         f"2. decode gaps: {settings.streams} greedy streams x {settings.new_tokens} tokens, {settings.rounds} "
         f"round(s) per condition; under load = rank-{settings.churn_rank} adapters loaded and unloaded, "
-        f"{settings.churn_pause:g} s apart"
-    )
-    print(stall_table(stall))
-    load_ms = stall["under_load"]["load_ms_during_streams"]
-    print(
+        f"{settings.churn_pause:g} s apart",
+        stall_table(stall),
         f"stall = under-load max gap - baseline p50 gap: {stall['stall_ms']:.0f} ms "
         f"(baseline max - baseline p50: {stall['baseline_max_over_p50_ms']:.0f} ms); "
-        f"LoadAdapter during the streams: p50 {load_ms['p50']:.0f} ms, max {load_ms['max']:.0f} ms"
-    )
-    print()
-    print(
-        f"3. request latency by adapter state: {settings.tier_tokens}-token greedy request, "
-        f"{settings.tier_adapters} rank-{settings.tier_rank} adapters over {settings.tier_slots} device slots + "
-        f"{settings.tier_host_cache} host-cache entry"
-    )
-    print(tier_table(tiers))
+        f"LoadAdapter during the streams: p50 {load_ms['p50']:.0f} ms, max {load_ms['max']:.0f} ms\n",
+        f"3. request latency by adapter state: {TIER_TOKENS}-token greedy request, {TIER_ADAPTERS} rank-{TIER_RANK} "
+        f"adapters over {TIER_SLOTS} device slots + {TIER_HOST_CACHE} host-cache entry",
+        tier_table(tiers),
+    ]
     if tiers["state_mismatches"]:
-        print(f"warning: {len(tiers['state_mismatches'])} timed requests skipped: the wanted state was not found")
-    print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
-    return 0
+        text.append(f"warning: {len(tiers['state_mismatches'])} timed requests skipped: the wanted state was not found")
+    return text
 
 
 if __name__ == "__main__":

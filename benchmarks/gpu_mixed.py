@@ -33,7 +33,6 @@ Writes benchmarks/results/gpu-mixed-<device>.json (gpu-mixed-<device>-tiny.json 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import queue
 import re
@@ -43,13 +42,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
-import transformers
 from adapter_files import clone_adapter, lora_bytes
-from common import RESULTS, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.server.engine.engine import Engine, EngineConfig
 from deltaserve.server.engine.request import Request, RequestOutput
@@ -58,6 +54,19 @@ from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.loader import embedded_model_dir
 from deltaserve.server.model.runner import ModelRunner
 from deltaserve.server.residency.registry import AdapterRegistry, DeviceSlots
+from harness import (
+    Settings,
+    description,
+    format_table,
+    log,
+    option,
+    parse_settings,
+    quiet,
+    ratio,
+    report,
+    require,
+    timed_rounds,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 LLAMA3_8B = dict(
@@ -87,49 +96,51 @@ BATCH_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
-class Settings:
-    tiny: bool
-    requests: int
-    prompt_tokens: int
-    new_tokens: int
-    rank: int
-    few: int
-    many: int
-    rounds: int
-    copy_mib: int
-    device: str
-    dtype: str
-    peft: bool
-    out: Path | None
+class GpuSettings(Settings):
+    QUICK_SUFFIX = "-tiny"
 
-
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="smoke run: 2-layer model, N=8, T=16, 2 and 4 adapters")
-    parser.add_argument("--requests", type=int, default=None, help="concurrent requests N (default 64)")
-    parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length P (default 32)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request T (default 128)")
-    parser.add_argument("--adapters", type=int, nargs=2, default=None, help="the two adapter counts (default 8 32)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT system (and its copy of the base)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
-    args = parser.parse_args(argv)
-    defaults = (8, 8, 16, (2, 4), 1, 64) if args.tiny else (64, 32, 128, (8, 32), 3, 4096)
-    given = (args.requests, args.prompt_tokens, args.new_tokens, args.adapters, args.rounds, None)
-    n, p, t, (few, many), rounds, copy_mib = (d if g is None else g for g, d in zip(given, defaults, strict=True))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not args.tiny and not device.startswith("cuda"):
-        parser.error("the full size needs a CUDA GPU (16 GB of bf16 weights, twice); use --tiny on the CPU")
-    if min(n, p, t, few, many, rounds, args.rank) < 1 or t < 2:
-        parser.error("counts must be at least 1 and --new-tokens at least 2")
-    if max(few, many) > n or few > many:
-        parser.error("the adapter counts must be ascending and at most N (every adapter needs a request)")
-    return Settings(
-        args.tiny, n, p, t, args.rank, few, many, rounds, copy_mib, device, args.dtype, not args.no_peft, args.out
+    quick: bool = option(
+        False, "smoke run: 2-layer model, N=8, P=8, T=16, 2 and 4 adapters (works on the CPU)", flag="--tiny"
     )
+    requests: int = option(64, "concurrent requests N", quick=8, minimum=1)
+    prompt_tokens: int = option(32, "prompt length P", quick=8, minimum=1)
+    new_tokens: int = option(128, "tokens per request T", quick=16, minimum=2)
+    adapters: tuple[int, ...] = option((8, 32), "the two adapter counts", quick=(2, 4), minimum=1)
+    rank: int = option(16, "LoRA rank", minimum=1)
+    rounds: int = option(3, "timed rounds", quick=1, minimum=1)
+    copy_mib: int = option(4096, "MiB copied to measure the device's bandwidth", quick=64, minimum=1)
+    device: str = option("", "cuda or cpu ('' = cuda when there is one)")
+    dtype: str = option("bfloat16", "bfloat16, float16 or float32")
+    no_peft: bool = option(False, "skip the PEFT system (and its copy of the base)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "device", self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        require(self.dtype in ("bfloat16", "float16", "float32"), "--dtype must be bfloat16, float16 or float32")
+        require(
+            self.quick or self.device.startswith("cuda"),
+            "the full size needs a CUDA GPU (16 GB of bf16 weights, twice); use --tiny on the CPU",
+        )
+        require(len(self.adapters) == 2, "--adapters takes two counts")
+        require(
+            self.few <= self.many <= self.requests,
+            "the adapter counts must be ascending and at most N (every adapter needs a request)",
+        )
+
+    @property
+    def few(self) -> int:
+        return self.adapters[0]
+
+    @property
+    def many(self) -> int:
+        return self.adapters[1]
+
+    @property
+    def peft(self) -> bool:
+        return not self.no_peft
+
+    def stem(self) -> str:
+        return f"gpu-mixed-{slug(device_name(torch.device(self.device)))}"
 
 
 def device_name(device: torch.device) -> str:
@@ -200,7 +211,7 @@ class Deltaserve:
 
 
 def build_deltaserve(
-    model: PreTrainedModel, settings: Settings, dtype: torch.dtype, device: torch.device
+    model: PreTrainedModel, settings: GpuSettings, dtype: torch.dtype, device: torch.device
 ) -> Deltaserve:
     """The parts server/app.py's Server assembles, without gRPC; EOS disabled (every row runs T tokens)."""
     max_seq_len = settings.prompt_tokens + settings.new_tokens + 8
@@ -292,22 +303,6 @@ def peft_batch(
 
 
 # ---- measuring and reporting ----------------------------------------------------------------------
-def measure(systems: dict[str, Callable[[], Batch]], rounds: int) -> dict[str, list[Batch]]:
-    """One warm-up batch per system (kernel compilation, allocator), then `rounds` rounds taking turns."""
-    for name, run in systems.items():
-        log(f"warm-up {name}: {run().rate:.1f} tok/s")
-    names = list(systems)
-    results: dict[str, list[Batch]] = {name: [] for name in names}
-    for round_ in range(rounds):
-        k = round_ % len(names)
-        for name in names[k:] + names[:k]:
-            batch = systems[name]()
-            results[name].append(batch)
-            decode = f", {batch.decode_rate:.1f} decode" if batch.decode_rate else ""
-            log(f"round {round_ + 1}/{rounds} {name}: {batch.rate:.1f} tok/s end to end{decode}")
-    return results
-
-
 def median_or_none(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -336,55 +331,59 @@ def summarize(results: dict[str, list[Batch]], adapters: dict[str, int], request
 
 
 def table(summary: dict[str, dict], floors: dict[str, float]) -> str:
-    header = (
-        f"{'system':<14} {'adapters':>8} {'tok/s e2e':>10} {'decode tok/s':>12} {'step ms':>8} {'e2e/base':>8} "
-        f"{'decode/base':>11} {'floor':>6}"
-    )
-    lines = [header, "-" * len(header)]
     base = summary[BASE]
+    rows = []
     for name, s in summary.items():
         decode = s["median_decode_tokens_per_s"]
-        ratio = f"{decode / base['median_decode_tokens_per_s']:>10.2f}x" if decode else f"{'-':>11}"
-        lines.append(
-            f"{name:<14} {s['adapters']:>8} {s['median_tokens_per_s']:>10.1f} "
-            + (f"{decode:>12.1f} {s['decode_step_ms']:>8.2f} " if decode else f"{'-':>12} {'-':>8} ")
-            + f"{s['median_tokens_per_s'] / base['median_tokens_per_s']:>7.2f}x {ratio} {floors.get(name, 1.0):>6.2f}"
+        rows.append(
+            [
+                name,
+                s["adapters"],
+                f"{s['median_tokens_per_s']:.1f}",
+                f"{decode:.1f}" if decode else "-",
+                f"{s['decode_step_ms']:.2f}" if decode else "-",
+                f"{s['median_tokens_per_s'] / base['median_tokens_per_s']:.2f}x",
+                f"{decode / base['median_decode_tokens_per_s']:.2f}x" if decode else "-",
+                f"{floors.get(name, 1.0):.2f}",
+            ]
         )
-    return "\n".join(lines)
+    header = ["system", "adapters", "tok/s e2e", "decode tok/s", "step ms", "e2e/base", "decode/base", "floor"]
+    return format_table(header, rows)
 
 
-def write_plot(summary: dict[str, dict], floors: dict[str, float], title: str, path: Path) -> bool:
-    plt = pyplot()
-    if plt is None:
-        return False
-    names = list(summary)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    xs = range(len(names))
-    e2e = [summary[n]["median_tokens_per_s"] for n in names]
-    bars = ax.bar([x - 0.2 for x in xs], e2e, 0.4, color="#4c72b0", label="end to end")
-    ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    with_decode = [(x, n) for x, n in zip(xs, names, strict=True) if summary[n]["median_decode_tokens_per_s"]]
-    decode = [summary[n]["median_decode_tokens_per_s"] for _, n in with_decode]
-    bars = ax.bar([x + 0.2 for x, _ in with_decode], decode, 0.4, color="#c44e52", label="decode (all rows running)")
-    ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    base_decode = summary[BASE]["median_decode_tokens_per_s"]
-    label = "base decode x bandwidth floor"
-    for x, name in with_decode[1:]:
-        ax.hlines(base_decode * floors[name], x, x + 0.4, colors="k", linestyles=":", label=label)
-        label = None
-    ax.set_xticks(list(xs), names)
-    ax.set_ylabel("generated tokens/s (median)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-    return True
+def draw(summary: dict[str, dict], floors: dict[str, float], title: str) -> Callable:
+    """End-to-end and decode tokens/s per system, with the base's decode rate scaled by each bandwidth floor."""
+
+    def plot(ax: object) -> None:
+        names = list(summary)
+        xs = range(len(names))
+        e2e = [summary[n]["median_tokens_per_s"] for n in names]
+        bars = ax.bar([x - 0.2 for x in xs], e2e, 0.4, color="#4c72b0", label="end to end")
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        with_decode = [(x, n) for x, n in zip(xs, names, strict=True) if summary[n]["median_decode_tokens_per_s"]]
+        decode = [summary[n]["median_decode_tokens_per_s"] for _, n in with_decode]
+        bars = ax.bar(
+            [x + 0.2 for x, _ in with_decode], decode, 0.4, color="#c44e52", label="decode (all rows running)"
+        )
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        base_decode = summary[BASE]["median_decode_tokens_per_s"]
+        label = "base decode x bandwidth floor"
+        for x, name in with_decode[1:]:
+            ax.hlines(base_decode * floors[name], x, x + 0.4, colors="k", linestyles=":", label=label)
+            label = None
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("generated tokens/s (median)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+
+    return plot
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def base_step_floor(model: PreTrainedModel, settings: Settings, bandwidth: float) -> dict[str, float]:
+def base_step_floor(model: PreTrainedModel, settings: GpuSettings, bandwidth: float) -> dict[str, float]:
     """The base decode step's memory-bandwidth floor: every weight but the input embeddings (a step gathers only N
     of their rows) and the attended KV cache (N rows x the mean attended span, K and V), each read once."""
     config = model.config
@@ -402,7 +401,7 @@ def over(a: float | None, b: float | None) -> float | None:
 
 
 def prepare(
-    model: PreTrainedModel, settings: Settings, dtype: torch.dtype, device: torch.device
+    model: PreTrainedModel, settings: GpuSettings, dtype: torch.dtype, device: torch.device
 ) -> tuple[Deltaserve, object | None, int]:
     """Make the adapters, assemble deltaserve with all of them loaded, and PEFT's model with the first few; also
     the bytes of one adapter's A and B in the served dtype."""
@@ -423,12 +422,11 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()
+    settings = parse_settings(GpuSettings, argv, description(__doc__))
+    quiet()
     device, dtype = torch.device(settings.device), getattr(torch, settings.dtype)
-    shape = TINY if settings.tiny else LLAMA3_8B
+    shape = TINY if settings.quick else LLAMA3_8B
     name = device_name(device)
-    out = settings.out or RESULTS / f"gpu-mixed-{slug(name)}{'-tiny' if settings.tiny else ''}.json"
     bandwidth = copy_bandwidth(device, settings.copy_mib)
     log(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; building the model")
     model = build_model(shape, dtype, device)
@@ -446,39 +444,26 @@ def main(argv: list[str] | None = None) -> int:
     if peft_model is not None:
         systems[peft_name] = lambda: peft_batch(peft_model, prompts, assign[peft_name], t, device)
     try:
-        results = measure(systems, settings.rounds)
+        rounds = timed_rounds(systems, settings.rounds, describe=describe)
     finally:
         ds.close()
+    results = {system: m.runs for system, m in rounds.measurements.items()}
     summary = summarize(results, adapters, n)
     floors = {system: 1 / (1 + k * adapter_bytes / base_bytes) for system, k in adapters.items()}
     step = base_step_floor(model, settings, bandwidth)
-    base = summary[BASE]
-    step["measured_ms"] = base["decode_step_ms"]
-    ratios = {
-        f"{few} / base (decode)": over(summary[few]["median_decode_tokens_per_s"], base["median_decode_tokens_per_s"]),
-        f"{many} / base (decode)": over(
-            summary[many]["median_decode_tokens_per_s"], base["median_decode_tokens_per_s"]
-        ),
-        f"{many} bandwidth floor": floors[many],
-        "base decode step: bandwidth floor / measured": over(step["floor_ms"], step["measured_ms"]),
-    }
+    step["measured_ms"] = summary[BASE]["decode_step_ms"]
+    ratios = compare(summary, few, many, peft_name, floors, step)
     agreement = {}
     if peft_name in summary:
-        ratios[f"{few} / {peft_name} (end to end)"] = over(
-            summary[few]["median_tokens_per_s"], summary[peft_name]["median_tokens_per_s"]
-        )
         pairs = zip(results[few][-1].outputs, results[peft_name][-1].outputs, strict=True)
         prefixes = [common_prefix(a, b) for a, b in pairs]
         agreement = {"mean_common_prefix_tokens": statistics.mean(prefixes), "identical_rows": prefixes.count(t)}
     data = {
-        "benchmark": "gpu_mixed",
         "command": shlex.join(["python", *sys.argv]),
-        "machine": machine_info(),
         "device": name,
         "cuda": torch.version.cuda,
         "dtype": settings.dtype,
         "model": {"architecture": "LlamaForCausalLM, random weights", **shape},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
         "base_bytes": base_bytes,
         "adapter_bytes_each": adapter_bytes,
         "copy_bandwidth_bytes_per_s": bandwidth,
@@ -489,30 +474,51 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "deltaserve_vs_peft_greedy": agreement,
     }
-    write_json(data, out)
     title = (
-        f"{'tiny Llama' if settings.tiny else 'Llama-3-8B-shaped'} random {settings.dtype} on {name}: "
+        f"{'tiny Llama' if settings.quick else 'Llama-3-8B-shaped'} random {settings.dtype} on {name}: "
         f"N={n}, P={settings.prompt_tokens}, T={t}, rank-{settings.rank} all-linear LoRA"
     )
-    plotted = write_plot(summary, floors, title, out.with_suffix(".png"))
-    print(title)
-    print(table(summary, floors))
+    text = [title, table(summary, floors)]
     for key, value in ratios.items():
-        print(f"{key}: " + ("-" if value is None else f"{value:.2f}"))
-    print(
+        shown = value["ratio"] if isinstance(value, dict) else value
+        text.append(f"{key}: " + ("-" if shown is None else f"{shown:.2f}"))
+    text.append(
         f"base {base_bytes / 1e6:.1f} MB, one adapter {adapter_bytes / 1e6:.1f} MB; copy bandwidth "
         f"{bandwidth / 1e9:.0f} GB/s; base decode step {step['measured_ms'] or 0:.2f} ms vs floor "
         f"{step['floor_ms']:.2f} ms (weights {step['weights_read_bytes'] / 1e6:.1f} MB + KV "
         f"{step['kv_read_bytes'] / 1e6:.1f} MB)"
     )
     if agreement:
-        print(
+        text.append(
             f"{few} vs PEFT greedy: {agreement['identical_rows']}/{n} rows identical, mean common prefix "
             f"{agreement['mean_common_prefix_tokens']:.1f} of {t} tokens"
             + ("" if dtype == torch.float32 else f" (deltaserve's slots hold {settings.dtype}, PEFT's adapters fp32)")
         )
-    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plotted else ""))
+    report("gpu_mixed", settings, data, text, draw(summary, floors, title), size=(7.5, 4.2))
     return 0
+
+
+def describe(batch: Batch) -> str:
+    decode = f", {batch.decode_rate:.1f} decode" if batch.decode_rate else ""
+    return f"{batch.rate:.1f} tok/s end to end{decode}"
+
+
+def compare(
+    summary: dict[str, dict], few: str, many: str, peft_name: str, floors: dict[str, float], step: dict
+) -> dict[str, object]:
+    """The headline ratios; throughput ratios carry both tokens/s beside them."""
+    base = summary[BASE]["median_decode_tokens_per_s"]
+    ratios: dict[str, object] = {
+        f"{few} / base (decode)": ratio(summary[few]["median_decode_tokens_per_s"], base),
+        f"{many} / base (decode)": ratio(summary[many]["median_decode_tokens_per_s"], base),
+        f"{many} bandwidth floor": floors[many],
+        "base decode step: bandwidth floor / measured": over(step["floor_ms"], step["measured_ms"]),
+    }
+    if peft_name in summary:
+        ratios[f"{few} / {peft_name} (end to end)"] = ratio(
+            summary[few]["median_tokens_per_s"], summary[peft_name]["median_tokens_per_s"]
+        )
+    return ratios
 
 
 if __name__ == "__main__":

@@ -25,19 +25,28 @@ Writes benchmarks/results/memory-cpu.json (…-quick.json for --quick) and a PNG
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import transformers
 from adapter_files import adapter_set
-from common import RESULTS, import_test_helpers, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
-from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.testing.helpers import ServerThread
+from harness import (
+    CALL_TIMEOUT_S,
+    Settings,
+    cpu_config,
+    description,
+    embedded_model,
+    format_table,
+    log,
+    option,
+    parse_settings,
+    quiet,
+    report,
+    require,
+    served,
+)
 
-CALL_TIMEOUT_S = 600.0
 UNLOADED = "unloaded"
 TRIMMED = "trimmed"
 PARTS = ("model", "kv_cache", "adapter_slots", "host_copies")
@@ -45,24 +54,16 @@ COLORS = {"model": "#8c8c8c", "kv_cache": "#4c72b0", "adapter_slots": "#c44e52",
 
 
 @dataclass(frozen=True)
-class Settings:
-    counts: tuple[int, ...]
-    rank: int
-    out: Path
+class MemorySettings(Settings):
+    STEM = "memory-cpu"
 
+    counts: tuple[int, ...] = option((0, 1, 8, 32, 64), "adapters loaded at each step", quick=(0, 1, 4, 8), minimum=0)
+    rank: int = option(16, "LoRA rank", minimum=1)
 
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 8 slots, 0 1 4 8 adapters")
-    parser.add_argument("--counts", type=int, nargs="+", default=None, help="adapters loaded (default 0 1 8 32 64)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
-    args = parser.parse_args(argv)
-    counts = tuple(sorted(set(args.counts or ((0, 1, 4, 8) if args.quick else (0, 1, 8, 32, 64)))))
-    if min(counts) < 0 or max(counts) < 1 or args.rank < 1:
-        parser.error("--counts must be non-negative with one at least 1, --rank at least 1")
-    out = args.out or RESULTS / ("memory-cpu-quick.json" if args.quick else "memory-cpu.json")
-    return Settings(counts, args.rank, out)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "counts", tuple(sorted(set(self.counts))))
+        require(max(self.counts) >= 1, "--counts needs one count of at least 1")
 
 
 def proc_status() -> dict[str, int]:
@@ -115,97 +116,88 @@ def expected_slot_bytes(server: object, slots: int, rank: int) -> int:
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    header = (
-        f"{'adapters':>9} {'device':>6} {'host':>4} {'model MB':>8} {'KV MB':>7} {'slots MB':>8} "
-        f"{'host copies MB':>14} {'sum MB':>7} {'RSS MB':>7} {'RSS-baseline MB':>15} {'other MB':>8} "
-        f"{'peak RSS MB':>11}"
+    header = ["adapters", "device", "host", "model MB", "KV MB", "slots MB", "host copies MB", "sum MB", "RSS MB"]
+    header += ["RSS-baseline MB", "other MB", "peak RSS MB"]
+    mb = ("model", "kv_cache", "adapter_slots", "host_copies", "accounted", "rss", "rss_over_baseline", "other")
+    return format_table(
+        header,
+        [
+            [r["step"], f"{r['device_resident']:.0f}", f"{r['host_resident']:.0f}"]
+            + [f"{r[k] / 1e6:.0f}" for k in (*mb, "peak_rss")]
+            for r in rows
+        ],
     )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['step']:>9} {r['device_resident']:>6.0f} {r['host_resident']:>4.0f} {r['model'] / 1e6:>8.0f} "
-            f"{r['kv_cache'] / 1e6:>7.0f} {r['adapter_slots'] / 1e6:>8.0f} {r['host_copies'] / 1e6:>14.0f} "
-            f"{r['accounted'] / 1e6:>7.0f} {r['rss'] / 1e6:>7.0f} {r['rss_over_baseline'] / 1e6:>15.0f} "
-            f"{r['other'] / 1e6:>8.0f} {r['peak_rss'] / 1e6:>11.0f}"
-        )
-    return "\n".join(lines)
 
 
-def write_plot(rows: list[dict[str, object]], title: str, path: Path) -> bool:
+def draw(rows: list[dict[str, object]], title: str) -> object:
     """Stacked bars of the accounted parts per step, with the measured RSS over the baseline as markers."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
-    labels = [str(r["step"]) for r in rows]
-    bottom = [0.0] * len(rows)
-    for part in PARTS:
-        values = [r[part] / 1e6 for r in rows]
-        ax.bar(labels, values, bottom=bottom, color=COLORS[part], label=part.replace("_", " "))
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.plot(labels, [r["rss_over_baseline"] / 1e6 for r in rows], "kD", label="RSS - baseline (measured)")
-    ax.set_xlabel("rank-16 adapters loaded")
-    ax.set_ylabel("MB")
-    ax.set_ylim(0, max(max(bottom), *(r["rss_over_baseline"] / 1e6 for r in rows)) * 1.3)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
-    save_figure(fig, path)
-    return True
+
+    def plot(ax: object) -> None:
+        labels = [str(r["step"]) for r in rows]
+        bottom = [0.0] * len(rows)
+        for part in PARTS:
+            values = [r[part] / 1e6 for r in rows]
+            ax.bar(labels, values, bottom=bottom, color=COLORS[part], label=part.replace("_", " "))
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.plot(labels, [r["rss_over_baseline"] / 1e6 for r in rows], "kD", label="RSS - baseline (measured)")
+        ax.set_xlabel("rank-16 adapters loaded")
+        ax.set_ylabel("MB")
+        ax.set_ylim(0, max(max(bottom), *(r["rss_over_baseline"] / 1e6 for r in rows)) * 1.3)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8, loc="upper center", ncol=3)
+
+    return plot
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()
-    helpers = import_test_helpers()
-    model_dir = embedded_model_dir()
-    slots = max(settings.counts)
-    paths = adapter_set(helpers, model_dir, EMBEDDED_NAME, settings.rank, slots)
-    config = ServerConfig(
-        model=model_dir, dtype="float32", device="cpu", max_adapters=slots, max_lora_rank=settings.rank
-    )
-    baseline = proc_status()["VmRSS"]
+def measure(thread: ServerThread, paths: list[str], counts: tuple[int, ...], baseline: int) -> list[dict]:
+    """Load adapters up to each count, unload them all, then trim the heap; one snapshot after each step."""
     rows = []
-    with helpers.ServerThread(config) as thread, Client(thread.target, timeout=CALL_TIMEOUT_S) as client:
-        server = thread.server
+    with Client(thread.target, timeout=CALL_TIMEOUT_S) as client:
         loaded = 0
-        for count in settings.counts:
+        for count in counts:
             for i in range(loaded, count):
                 client.load_adapter(f"lora{i}", paths[i])
             loaded = count
-            rows.append(snapshot(str(count), server, baseline))
+            rows.append(snapshot(str(count), thread.server, baseline))
         for i in range(loaded):
             client.unload_adapter(f"lora{i}")
-        rows.append(snapshot(UNLOADED, server, baseline))
-        if malloc_trim():
-            rows.append(snapshot(TRIMMED, server, baseline))
-        expected = expected_slot_bytes(server, slots, settings.rank)
-        served = {"max_batch_size": config.max_batch_size, "max_seq_len": server.engine.config.max_seq_len}
+    rows.append(snapshot(UNLOADED, thread.server, baseline))
+    if malloc_trim():
+        rows.append(snapshot(TRIMMED, thread.server, baseline))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_settings(MemorySettings, argv, description(__doc__))
+    quiet()
+    model_dir, model_name = embedded_model()
+    slots = max(s.counts)
+    paths = adapter_set(model_dir, model_name, s.rank, slots)
+    config = cpu_config(model_dir, max_adapters=slots, max_lora_rank=s.rank)
+    baseline = proc_status()["VmRSS"]
+    with ServerThread(config) as thread:
+        rows = measure(thread, paths, s.counts, baseline)
+        expected = expected_slot_bytes(thread.server, slots, s.rank)
+        served_limits = {**served(config, "max_batch_size"), "max_seq_len": thread.server.engine.config.max_seq_len}
     data = {
-        "benchmark": "memory",
-        "machine": machine_info(),
-        "model": EMBEDDED_NAME,
+        "model": model_name,
         "device": "cpu",
         "dtype": "float32",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-        "server": {"max_adapters": slots, "max_lora_rank": settings.rank, **served},
+        "server": {"max_adapters": slots, "max_lora_rank": s.rank, **served_limits},
         "baseline_rss_bytes": baseline,
         "expected_slot_bytes": expected,
         "statistic": "one reading per step; bytes",
         "steps": rows,
     }
-    write_json(data, settings.out)
     title = (
-        f"{EMBEDDED_NAME} fp32 CPU: {slots} slots x rank {settings.rank}, batch {served['max_batch_size']} x "
-        f"{served['max_seq_len']} context"
+        f"{model_name} fp32 CPU: {slots} slots x rank {s.rank}, batch {served_limits['max_batch_size']} x "
+        f"{served_limits['max_seq_len']} context"
     )
-    plotted = write_plot(rows, title, settings.out.with_suffix(".png"))
-    print(title)
-    print(table(rows))
-    print(
+    note = (
         f"baseline RSS before the server {baseline / 1e6:.0f} MB; expected slot stacks {expected / 1e6:.0f} MB "
-        f"({slots} slots x rank {settings.rank}, fp32)"
+        f"({slots} slots x rank {s.rank}, fp32)"
     )
-    print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
+    report("memory", s, data, [title, table(rows), note], draw(rows, title), size=(7.5, 4.4))
     return 0
 
 

@@ -46,134 +46,81 @@ Writes benchmarks/results/merge-cpu.json (…-quick.json for --quick) and a PNG 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import itertools
 import math
 import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import transformers
-from common import CHAT_PROMPTS as PROMPTS
-from common import (
-    RESULTS,
-    import_test_helpers,
-    log,
-    machine_info,
-    make_adapter,
-    ms_summary,
-    pyplot,
-    save_figure,
-    write_json,
-)
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.app import ServerConfig
-from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import ServerThread
+from harness import (
+    CALL_TIMEOUT_S,
+    Measurement,
+    Settings,
+    cpu_config,
+    description,
+    embedded_model,
+    format_table,
+    log,
+    make_adapter,
+    max_seq_len_for,
+    ms_summary,
+    on_loop,
+    option,
+    parse_settings,
+    quiet,
+    report,
+    served,
+    settings_dict,
+    timed_rounds,
+)
+from harness import CHAT_PROMPTS as PROMPTS
+from transformers import AutoTokenizer
 
-CALL_TIMEOUT_S = 600.0  # a hang shows up as DEADLINE_EXCEEDED rather than a stuck benchmark
 ADAPTER = "a"
 CONDITIONS = ("base", "unmerged", "merged")
 SHAPES = ("single", "batched")
 AUTO_ADAPTERS = ("a", "b", "c", "d")
 PHASE_B_TARGETS = ("a", "b", "c", "d", "")  # "" is the base
 SWITCH_METRIC = "deltaserve_merge_switches_total"
+DECODE = "decode_rate"  # the metric parts 1 compares
 TARGET_RATIO = 0.95  # the issue's target: merged >= 0.95x base, single stream
 
 
 @dataclass(frozen=True)
-class Settings:
-    rank: int
-    stream_tokens: int
-    batch: int
-    batch_tokens: int
-    rounds: int
-    merge_repeats: int
-    clients: int
-    auto_tokens: int
-    phase_a: float
-    phase_b: float
-    sample_every: float
-    merge_windows: tuple[int | None, ...]  # None: the server's default
-    out: Path
+class MergeSettings(Settings):
+    STEM = "merge-cpu"
 
-
-# ---- setup ----------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, batch 4, 1 round, short trace")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--stream-tokens", type=int, default=None, help="tokens of the single stream (default 64)")
-    parser.add_argument("--batch", type=int, default=None, help="concurrent requests when batched (default 8)")
-    parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per batched request (default 64)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the three conditions (default 6)")
-    parser.add_argument("--merge-repeats", type=int, default=None, help="timed merges/unmerges (default 10)")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients in the trace (default 4)")
-    parser.add_argument("--auto-tokens", type=int, default=16, help="tokens per trace request (default 16)")
-    parser.add_argument("--phase-a", type=float, default=None, help="seconds of single-adapter traffic (def. 30)")
-    parser.add_argument("--phase-b", type=float, default=None, help="seconds of mixed traffic (default 30)")
-    parser.add_argument("--sample-every", type=float, default=0.5, help="trace sampling period, s (default 0.5)")
-    parser.add_argument(
-        "--merge-windows",
-        type=int,
-        nargs="+",
-        default=None,
-        help="auto-policy windows to trace, one run each (default: the server's default and 16; --quick 8)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
-    args = parser.parse_args(argv)
-    defaults = (16, 4, 16, 1, 3, 10.0, 10.0) if args.quick else (64, 8, 64, 6, 10, 30.0, 30.0)
-    given = (
-        args.stream_tokens,
-        args.batch,
-        args.batch_tokens,
-        args.rounds,
-        args.merge_repeats,
-        args.phase_a,
-        args.phase_b,
-    )
-    stream_tokens, batch, batch_tokens, rounds, merge_repeats, phase_a, phase_b = (
-        d if g is None else g for g, d in zip(given, defaults, strict=True)
-    )
-    if min(args.rank, stream_tokens, batch, batch_tokens, rounds, merge_repeats, args.clients, args.auto_tokens) < 1:
-        parser.error("--rank, token counts, --batch, --rounds, --merge-repeats and --clients must be at least 1")
-    if min(stream_tokens, batch_tokens) < 2:
-        parser.error("--stream-tokens and --batch-tokens must be at least 2 (decode rate needs a second token)")
-    if min(phase_a, phase_b, args.sample_every) <= 0:
-        parser.error("--phase-a, --phase-b and --sample-every must be positive")
-    if args.merge_windows is not None and min(args.merge_windows) < 1:
-        parser.error("--merge-windows must be at least 1")
-    out = args.out or RESULTS / ("merge-cpu-quick.json" if args.quick else "merge-cpu.json")
-    return Settings(
-        rank=args.rank,
-        stream_tokens=stream_tokens,
-        batch=batch,
-        batch_tokens=batch_tokens,
-        rounds=rounds,
-        merge_repeats=merge_repeats,
-        clients=args.clients,
-        auto_tokens=args.auto_tokens,
-        phase_a=phase_a,
-        phase_b=phase_b,
-        sample_every=args.sample_every,
-        merge_windows=tuple(args.merge_windows or ((8,) if args.quick else (None, 16))),
-        out=out,
+    rank: int = option(16, "LoRA rank", minimum=1)
+    stream_tokens: int = option(64, "tokens of the single stream", quick=16, minimum=2)
+    batch: int = option(8, "concurrent requests when batched", quick=4, minimum=1)
+    batch_tokens: int = option(64, "tokens per batched request", quick=16, minimum=2)
+    rounds: int = option(6, "rounds of the three conditions", quick=1, minimum=1)
+    merge_repeats: int = option(10, "timed merges/unmerges", quick=3, minimum=1)
+    clients: int = option(4, "concurrent clients in the trace", minimum=1)
+    auto_tokens: int = option(16, "tokens per trace request", minimum=1)
+    phase_a: float = option(30.0, "seconds of single-adapter traffic", quick=10.0, minimum=0.001)
+    phase_b: float = option(30.0, "seconds of mixed traffic", quick=10.0, minimum=0.001)
+    sample_every: float = option(0.5, "trace sampling period, s", minimum=0.001)
+    # None: the server's default window.
+    merge_windows: tuple[int | None, ...] = option(
+        (None, 16), "auto-policy windows to trace, one run each (None = the server's default)", quick=(8,), minimum=1
     )
 
 
 def has_merge_policy() -> bool:
-    return any(f.name == "merge_policy" for f in dataclasses.fields(ServerConfig))
+    return "merge_policy" in ServerConfig.GROUP_OF
 
 
 def policy_window_field() -> str | None:
-    """The ServerConfig field of the auto policy's look-back window (merge_window_*), if there is one."""
-    return next((f.name for f in dataclasses.fields(ServerConfig) if f.name.startswith("merge_window")), None)
+    """The ServerConfig setting of the auto policy's look-back window (merge_window_*), if there is one."""
+    return next((name for name in ServerConfig.GROUP_OF if name.startswith("merge_window")), None)
 
 
 # ---- statistics -----------------------------------------------------------------------------------
@@ -237,31 +184,8 @@ async def _streams(client: AsyncClient, jobs: list[tuple[str, str]], tokens: int
 
 
 # ---- part 1: decode speed -------------------------------------------------------------------------
-@dataclass
-class Cell:
-    """One condition x shape: every round's batch."""
-
-    condition: str
-    shape: str
-    runs: list[StreamBatch] = field(default_factory=list)
-
-    def decode_rates(self) -> list[float]:
-        return [run.decode_rate for run in self.runs]
-
-    def e2e_rates(self) -> list[float]:
-        return [run.e2e_rate for run in self.runs]
-
-    @property
-    def best(self) -> float:
-        return max(self.decode_rates())
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.decode_rates())
-
-
 async def _condition(
-    client: AsyncClient, condition: str, settings: Settings, merge_times: list[tuple[float, float]]
+    client: AsyncClient, condition: str, settings: MergeSettings, merge_times: list[tuple[float, float]]
 ) -> dict[str, StreamBatch]:
     """Both shapes of one condition; merged runs are bracketed by MergeAdapter / UnmergeAdapter."""
     adapter_id = "" if condition == "base" else ADAPTER
@@ -285,35 +209,30 @@ async def _condition(
     return {"single": single, "batched": batched}
 
 
-async def _measure_speed(target: str, settings: Settings) -> tuple[dict[tuple[str, str], Cell], list, list]:
-    """Every condition x shape over the rounds; also each merged condition's (merge, unmerge) seconds and the
-    1-minute load average after each round (the machine is shared: a load above the core count means another
-    process competed)."""
-    cells = {(c, s): Cell(c, s) for c in CONDITIONS for s in SHAPES}
+def measure_speed(target: str, settings: MergeSettings) -> tuple[dict[tuple[str, str], Measurement], list, list]:
+    """The conditions take turns over the rounds on one client, each running both shapes; returns every
+    condition x shape, each merged condition's (merge, unmerge) seconds and the load average after each round."""
     merge_times: list[tuple[float, float]] = []
-    loads: list[float] = []
-    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
-        await client.model_info()  # connect before the clock starts
-        log("decode speed: warm-up of every condition")
-        for condition in CONDITIONS:
-            await _condition(client, condition, settings, merge_times)
-        merge_times.clear()
-        for round_ in range(settings.rounds):
-            k = round_ % len(CONDITIONS)
-            order = CONDITIONS[k:] + CONDITIONS[:k]
-            for condition in order:
-                for shape, run in (await _condition(client, condition, settings, merge_times)).items():
-                    cells[condition, shape].runs.append(run)
-            loads.append(os.getloadavg()[0])
-            log(
-                f"decode round {round_ + 1}/{settings.rounds} ({', '.join(order)}): "
-                + "; ".join(
-                    f"{s} " + ", ".join(f"{c} {cells[c, s].runs[-1].decode_rate:.1f}" for c in CONDITIONS)
-                    for s in SHAPES
-                )
-                + f" tok/s; load average {loads[-1]:.2f}"
-            )
-    return cells, merge_times, loads
+    with asyncio.Runner() as runner:
+        client = AsyncClient(target, timeout=CALL_TIMEOUT_S)
+        runner.run(client.model_info())  # connect before the clock starts
+
+        def system(condition: str, times: list) -> Callable[[], dict[str, StreamBatch]]:
+            return on_loop(runner, lambda: _condition(client, condition, settings, times))
+
+        rounds = timed_rounds(
+            {c: system(c, merge_times) for c in CONDITIONS},
+            settings.rounds,
+            warmups={c: system(c, []) for c in CONDITIONS},  # warm-up merges are not timed
+            describe=lambda shapes: "; ".join(f"{s} {run.decode_rate:.1f}" for s, run in shapes.items()) + " tok/s",
+        )
+        runner.run(client.close())
+    cells = {
+        (c, s): Measurement(f"{c}/{s}", [shapes[s] for shapes in rounds.measurements[c].runs])
+        for c in CONDITIONS
+        for s in SHAPES
+    }
+    return cells, merge_times, rounds.loads
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -324,7 +243,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare_outputs(cells: dict[tuple[str, str], Cell], shape: str, left: str, right: str) -> dict[str, object]:
+def compare_outputs(cells: dict[tuple[str, str], Measurement], shape: str, left: str, right: str) -> dict[str, object]:
     """Rows of `left` and `right` (every round) compared token for token."""
     rows, identical, differences = 0, 0, []
     for round_, (a, b) in enumerate(zip(cells[left, shape].runs, cells[right, shape].runs, strict=True)):
@@ -338,22 +257,24 @@ def compare_outputs(cells: dict[tuple[str, str], Cell], shape: str, left: str, r
     return {"rows": rows, "identical": identical, "differences": differences}
 
 
-def speed_summary(cells: dict[tuple[str, str], Cell], merge_times: list) -> dict[str, object]:
+def speed_summary(cells: dict[tuple[str, str], Measurement], merge_times: list) -> dict[str, object]:
     out: dict[str, object] = {}
     for shape in SHAPES:
         base = cells["base", shape]
         entry: dict[str, object] = {}
         for condition in CONDITIONS:
             cell = cells[condition, shape]
-            per_round = [r / b for r, b in zip(cell.decode_rates(), base.decode_rates(), strict=True)]
+            per_round = [r / b for r, b in zip(cell.values(DECODE), base.values(DECODE), strict=True)]
             entry[condition] = {
-                "best_decode_tokens_per_s": cell.best,
-                "median_decode_tokens_per_s": cell.median,
-                "decode_tokens_per_s": cell.decode_rates(),
-                "e2e_tokens_per_s": cell.e2e_rates(),
-                "median_e2e_tokens_per_s": statistics.median(cell.e2e_rates()),
-                "best_over_base": cell.best / base.best,
-                "median_over_base": cell.median / base.median,
+                "best_decode_tokens_per_s": cell.best(DECODE),
+                "median_decode_tokens_per_s": cell.median(DECODE),
+                "base_best_decode_tokens_per_s": base.best(DECODE),
+                "base_median_decode_tokens_per_s": base.median(DECODE),
+                "decode_tokens_per_s": cell.values(DECODE),
+                "e2e_tokens_per_s": cell.values("e2e_rate"),
+                "median_e2e_tokens_per_s": cell.median("e2e_rate"),
+                "best_over_base": cell.best(DECODE) / base.best(DECODE),
+                "median_over_base": cell.median(DECODE) / base.median(DECODE),
                 "per_round_over_base": per_round,
                 "median_of_per_round_over_base": statistics.median(per_round),
             }
@@ -377,7 +298,7 @@ def speed_summary(cells: dict[tuple[str, str], Cell], merge_times: list) -> dict
 
 
 # ---- part 2: the cost of a merge ------------------------------------------------------------------
-def measure_merge_cost(target: str, settings: Settings) -> dict[str, object]:
+def measure_merge_cost(target: str, settings: MergeSettings) -> dict[str, object]:
     merges, unmerges = [], []
     with Client(target, timeout=CALL_TIMEOUT_S) as client:
         if client.model_info().merged_adapter_id:
@@ -417,7 +338,7 @@ class Trace:
     errors: list[str] = field(default_factory=list)
 
 
-async def _trace(target: str, server: object, settings: Settings) -> Trace:
+async def _trace(target: str, server: object, settings: MergeSettings) -> Trace:
     trace = Trace()
     registry = server.server.metrics.registry
 
@@ -536,25 +457,22 @@ def trace_summary(trace: Trace) -> dict[str, object]:
 
 
 def measure_auto(
-    helpers: ModuleType, paths: dict[str, str], model_dir: str, settings: Settings, max_seq_len: int, window: int | None
+    paths: dict[str, str], model_dir: str, settings: MergeSettings, max_seq_len: int, window: int | None
 ) -> dict[str, object]:
     """One trace on a fresh server with merge_policy="auto" and the given window (None: the server's default)."""
-    config = ServerConfig(
-        model=model_dir,
-        dtype="float32",
-        device="cpu",
+    window_field = policy_window_field()
+    config = cpu_config(
+        model_dir,
         max_batch_size=max(settings.clients, 4),
         max_seq_len=max_seq_len,
         max_adapters=len(AUTO_ADAPTERS) + 1,  # every adapter stays on the device: no load in the trace
         max_lora_rank=settings.rank,
         merge_policy="auto",
+        **({window_field: window} if window is not None and window_field is not None else {}),
     )
-    window_field = policy_window_field()
-    if window is not None and window_field is not None:
-        setattr(config, window_field, window)
-    effective = getattr(config, window_field) if window_field is not None else None
+    effective = config.settings()[window_field] if window_field is not None else None
     log(f"part 3: starting a server with merge_policy='auto', window {effective}")
-    with helpers.ServerThread(config) as server:
+    with ServerThread(config) as server:
         with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
             for name, path in paths.items():
                 client.load_adapter(name, path)
@@ -568,53 +486,49 @@ def measure_auto(
     summary = trace_summary(trace)
     summary["server"] = {
         "merge_policy": "auto",
-        "max_adapters": config.max_adapters,
-        "max_batch_size": config.max_batch_size,
+        **served(config, "max_adapters", "max_batch_size"),
     }
     summary["load_average_after"] = load_after
     summary["window"] = effective
     summary["window_is_server_default"] = window is None
-    summary["policy_fields"] = {
-        f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig) if "merge" in f.name
-    }
+    summary["policy_fields"] = {name: value for name, value in config.settings().items() if "merge" in name}
     return summary
 
 
 # ---- reporting ------------------------------------------------------------------------------------
-def speed_table(speed: dict[str, object], settings: Settings) -> str:
-    header = (
-        f"{'shape':<22} {'condition':<9} {'best tok/s':>10} {'median tok/s':>12} {'best/base':>9} "
-        f"{'median/base':>11} {'per-round/base':>14}"
-    )
-    lines = [header, "-" * len(header)]
+def speed_table(speed: dict[str, object], settings: MergeSettings) -> str:
     shapes = {
         "single": f"single ({settings.stream_tokens} tok)",
         "batched": f"batched ({settings.batch}x{settings.batch_tokens} tok)",
     }
-    for shape in SHAPES:
-        for condition in CONDITIONS:
-            c = speed[shape][condition]
-            lines.append(
-                f"{shapes[shape]:<22} {condition:<9} {c['best_decode_tokens_per_s']:>10.1f} "
-                f"{c['median_decode_tokens_per_s']:>12.1f} {c['best_over_base']:>8.2f}x "
-                f"{c['median_over_base']:>10.2f}x {c['median_of_per_round_over_base']:>13.2f}x"
-            )
-    return "\n".join(lines)
+    rows = [
+        [
+            shapes[shape],
+            condition,
+            f"{c['best_decode_tokens_per_s']:.1f}",
+            f"{c['median_decode_tokens_per_s']:.1f}",
+            f"{c['best_over_base']:.2f}x",
+            f"{c['median_over_base']:.2f}x",
+            f"{c['median_of_per_round_over_base']:.2f}x",
+        ]
+        for shape in SHAPES
+        for condition in CONDITIONS
+        for c in [speed[shape][condition]]
+    ]
+    header = ["shape", "condition", "best tok/s", "median tok/s", "best/base", "median/base", "per-round/base"]
+    return format_table(header, rows, left=2)
 
 
 def merge_table(cost: dict[str, object], speed: dict[str, object]) -> str:
-    header = f"{'call':<36} {'n':>3} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}"
-    lines = [header, "-" * len(header)]
     between = speed["merge_unmerge_between_conditions_ms"]
-    rows = [
+    calls = [
         ("MergeAdapter (idle server)", cost["merge_ms"]),
         ("UnmergeAdapter (idle server)", cost["unmerge_ms"]),
         ("MergeAdapter (between part-1 runs)", between["merge"]),
         ("UnmergeAdapter (between part-1 runs)", between["unmerge"]),
     ]
-    for name, s in rows:
-        lines.append(f"{name:<36} {s['n']:>3} {s['p50']:>8.1f} {s['p95']:>8.1f} {s['max']:>8.1f}")
-    return "\n".join(lines)
+    rows = [[name, s["n"], *(f"{s[k]:.1f}" for k in ("p50", "p95", "max"))] for name, s in calls]
+    return format_table(["call", "n", "p50 ms", "p95 ms", "max ms"], rows)
 
 
 def _fmt_s(value: float | None) -> str:
@@ -650,27 +564,24 @@ def _window_label(run: dict[str, object]) -> str:
     return f"window {run['window']}" + (" (server default)" if run["window_is_server_default"] else "")
 
 
-def report(
-    settings: Settings,
+def result(
+    model_name: str,
+    settings: MergeSettings,
     speed: dict[str, object],
     cost: dict[str, object],
     auto: dict[str, object],
     max_seq_len: int,
-    cells: dict[tuple[str, str], Cell],
+    cells: dict[tuple[str, str], Measurement],
 ) -> dict[str, object]:
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     return {
-        "benchmark": "merge",
-        "machine": machine_info(),
-        "model": EMBEDDED_NAME,
+        "model": model_name,
         "device": "cpu",
         "dtype": "float32",
         "target_modules": "all-linear",
-        "settings": config,
         "server": {
             "max_seq_len": max_seq_len,
             "parts_1_2": {"max_batch_size": settings.batch, "max_adapters": 2, "max_lora_rank": settings.rank},
-            "in_process": "the server runs in a thread of the benchmark process (tests/helpers.py ServerThread)",
+            "in_process": "the server runs in a thread of the benchmark process (deltaserve.testing ServerThread)",
         },
         "statistic": (
             "decode tokens/s = tokens after each stream's first / (last stream's last chunk - first stream's first "
@@ -688,156 +599,147 @@ def report(
     }
 
 
-def write_plot(data: dict[str, object], path: Path) -> bool:
+def draw(data: dict[str, object], settings: dict[str, object]) -> object:
     """Decode tokens/s per condition, merge/unmerge latency, and the auto-policy trace."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, (ax_speed, ax_cost, ax_auto) = plt.subplots(
-        1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 0.7, 1.6]}
-    )
-    speed = data["decode_speed"]
-    colors = {"base": "#8c8c8c", "unmerged": "#c44e52", "merged": "#55a868"}
-    width = 0.26
-    for i, condition in enumerate(CONDITIONS):
-        xs = [j + (i - 1) * width for j in range(len(SHAPES))]
-        best = [speed[s][condition]["best_decode_tokens_per_s"] for s in SHAPES]
-        bars = ax_speed.bar(xs, best, width, color=colors[condition], label=condition)
-        ax_speed.bar_label(bars, fmt="%.0f", fontsize=8)
-        for x, shape in zip(xs, SHAPES, strict=True):
-            rates = speed[shape][condition]["decode_tokens_per_s"]
-            ax_speed.plot([x] * len(rates), rates, "k.", markersize=3)
-    settings = data["settings"]
-    ax_speed.set_xticks(
-        range(len(SHAPES)), [f"single stream\n{settings['stream_tokens']} tok", f"batch {settings['batch']}"]
-    )
-    ax_speed.set_ylabel("decode tokens/s (bars: best; dots: every round)")
-    ax_speed.set_title(f"1. decode speed, rank-{settings['rank']} all-linear LoRA", fontsize=10)
-    ax_speed.legend(fontsize=8, loc="upper left")
 
-    cost = data["merge_cost"]
-    names = ["merge", "unmerge"]
-    p50 = [cost[f"{n}_ms"]["p50"] for n in names]
-    p95 = [cost[f"{n}_ms"]["p95"] for n in names]
-    bars = ax_cost.bar(
-        names, p50, color="#4c72b0", yerr=[[0, 0], [b - a for a, b in zip(p50, p95, strict=True)]], capsize=4
-    )
-    ax_cost.bar_label(bars, fmt="%.0f", label_type="center", color="white")
-    ax_cost.set_ylabel("call latency, ms (p50, whisker to p95)")
-    ax_cost.set_title(f"2. MergeAdapter / UnmergeAdapter ({cost['merge_ms']['n']}x)", fontsize=10)
-
-    auto = data["auto_policy"]
-    if "skipped" in auto:
-        ax_auto.text(0.5, 0.5, "3. auto policy skipped:\n" + auto["skipped"], ha="center", va="center", wrap=True)
-        ax_auto.set_axis_off()
-    else:
-        # One band per traced window: merged state (step, left axis) and tokens/s in 2 s bins (right axis).
-        runs = auto["runs"]
-        ax_rate = ax_auto.twinx()
-        palette = ["#55a868", "#dd8452", "#8172b3", "#937860"]
-        bin_s = 2.0
-        peak = 1.0
-        for i, run in enumerate(runs):
-            color = palette[i % len(palette)]
-            level = 2.0 * (len(runs) - 1 - i)
-            times = [x["t"] for x in run["samples"]]
-            state = [level + (1 if x["merged"] else 0) for x in run["samples"]]
-            ax_auto.step(times, state, where="post", color=color, lw=2, label=f"merged, {_window_label(run)}")
-            bins = max(1, math.ceil(run["end_s"] / bin_s))
-            counts = [0] * bins
-            for t, n in run["chunks"]:
-                if 0 <= t < run["end_s"]:
-                    counts[min(int(t / bin_s), bins - 1)] += n
-            rates = [c / bin_s for c in counts]
-            peak = max(peak, *rates)
-            ax_rate.plot([(k + 0.5) * bin_s for k in range(bins)], rates, color=color, lw=0.8, linestyle=":")
-        ticks = [2.0 * k + d for k in range(len(runs)) for d in (0, 1)]
-        ax_auto.set_yticks(ticks, ["unmerged", "merged"] * len(runs), fontsize=8)
-        top = 2.0 * len(runs) - 0.4
-        ax_auto.set_ylim(-0.1, top)
-        phase_b, end = runs[0]["phase_b_start_s"], runs[0]["end_s"]
-        ax_auto.axvline(phase_b, color="k", linestyle="--", linewidth=0.8)
-        ax_auto.text(phase_b / 2, top - 0.3, "A: all on a", ha="center", fontsize=8)
-        ax_auto.text((phase_b + end) / 2, top - 0.3, "B: a, b, c, d, base", ha="center", fontsize=8)
-        ax_auto.legend(loc="center left", fontsize=7)
-        ax_rate.set_ylim(0, peak * 1.3)
-        ax_rate.set_ylabel(f"tokens/s, dotted ({bin_s:g} s bins)")
-        ax_auto.set_xlabel("seconds since the trace started")
-        ax_auto.set_title(
-            "3. merge_policy=auto: " + "; ".join(f"w{run['window']}: {run['switches']:.0f} switches" for run in runs),
-            fontsize=10,
+    def plot(ax_speed: object, ax_cost: object, ax_auto: object) -> None:
+        speed = data["decode_speed"]
+        colors = {"base": "#8c8c8c", "unmerged": "#c44e52", "merged": "#55a868"}
+        width = 0.26
+        for i, condition in enumerate(CONDITIONS):
+            xs = [j + (i - 1) * width for j in range(len(SHAPES))]
+            best = [speed[s][condition]["best_decode_tokens_per_s"] for s in SHAPES]
+            bars = ax_speed.bar(xs, best, width, color=colors[condition], label=condition)
+            ax_speed.bar_label(bars, fmt="%.0f", fontsize=8)
+            for x, shape in zip(xs, SHAPES, strict=True):
+                rates = speed[shape][condition]["decode_tokens_per_s"]
+                ax_speed.plot([x] * len(rates), rates, "k.", markersize=3)
+        ax_speed.set_xticks(
+            range(len(SHAPES)), [f"single stream\n{settings['stream_tokens']} tok", f"batch {settings['batch']}"]
         )
-    fig.suptitle(f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores)", fontsize=10)
-    save_figure(fig, path, dpi=110)
-    return True
+        ax_speed.set_ylabel("decode tokens/s (bars: best; dots: every round)")
+        ax_speed.set_title(f"1. decode speed, rank-{settings['rank']} all-linear LoRA", fontsize=10)
+        ax_speed.legend(fontsize=8, loc="upper left")
+
+        cost = data["merge_cost"]
+        names = ["merge", "unmerge"]
+        p50 = [cost[f"{n}_ms"]["p50"] for n in names]
+        p95 = [cost[f"{n}_ms"]["p95"] for n in names]
+        bars = ax_cost.bar(
+            names, p50, color="#4c72b0", yerr=[[0, 0], [b - a for a, b in zip(p50, p95, strict=True)]], capsize=4
+        )
+        ax_cost.bar_label(bars, fmt="%.0f", label_type="center", color="white")
+        ax_cost.set_ylabel("call latency, ms (p50, whisker to p95)")
+        ax_cost.set_title(f"2. MergeAdapter / UnmergeAdapter ({cost['merge_ms']['n']}x)", fontsize=10)
+
+        auto = data["auto_policy"]
+        if "skipped" in auto:
+            ax_auto.text(0.5, 0.5, "3. auto policy skipped:\n" + auto["skipped"], ha="center", va="center", wrap=True)
+            ax_auto.set_axis_off()
+        else:
+            # One band per traced window: merged state (step, left axis) and tokens/s in 2 s bins (right axis).
+            runs = auto["runs"]
+            ax_rate = ax_auto.twinx()
+            palette = ["#55a868", "#dd8452", "#8172b3", "#937860"]
+            bin_s = 2.0
+            peak = 1.0
+            for i, run in enumerate(runs):
+                color = palette[i % len(palette)]
+                level = 2.0 * (len(runs) - 1 - i)
+                times = [x["t"] for x in run["samples"]]
+                state = [level + (1 if x["merged"] else 0) for x in run["samples"]]
+                ax_auto.step(times, state, where="post", color=color, lw=2, label=f"merged, {_window_label(run)}")
+                bins = max(1, math.ceil(run["end_s"] / bin_s))
+                counts = [0] * bins
+                for t, n in run["chunks"]:
+                    if 0 <= t < run["end_s"]:
+                        counts[min(int(t / bin_s), bins - 1)] += n
+                rates = [c / bin_s for c in counts]
+                peak = max(peak, *rates)
+                ax_rate.plot([(k + 0.5) * bin_s for k in range(bins)], rates, color=color, lw=0.8, linestyle=":")
+            ticks = [2.0 * k + d for k in range(len(runs)) for d in (0, 1)]
+            ax_auto.set_yticks(ticks, ["unmerged", "merged"] * len(runs), fontsize=8)
+            top = 2.0 * len(runs) - 0.4
+            ax_auto.set_ylim(-0.1, top)
+            phase_b, end = runs[0]["phase_b_start_s"], runs[0]["end_s"]
+            ax_auto.axvline(phase_b, color="k", linestyle="--", linewidth=0.8)
+            ax_auto.text(phase_b / 2, top - 0.3, "A: all on a", ha="center", fontsize=8)
+            ax_auto.text((phase_b + end) / 2, top - 0.3, "B: a, b, c, d, base", ha="center", fontsize=8)
+            ax_auto.legend(loc="center left", fontsize=7)
+            ax_rate.set_ylim(0, peak * 1.3)
+            ax_rate.set_ylabel(f"tokens/s, dotted ({bin_s:g} s bins)")
+            ax_auto.set_xlabel("seconds since the trace started")
+            ax_auto.set_title(
+                "3. merge_policy=auto: "
+                + "; ".join(f"w{run['window']}: {run['switches']:.0f} switches" for run in runs),
+                fontsize=10,
+            )
+
+    return plot
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def max_seq_len_for(tokenizer: PreTrainedTokenizerBase, settings: Settings) -> int:
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in PROMPTS
-    ]
-    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
-    return longest + max(settings.stream_tokens, settings.batch_tokens, settings.auto_tokens) + 16
-
-
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()  # keep the log readable
-    helpers = import_test_helpers()
-    model_dir = embedded_model_dir()
-    max_seq_len = max_seq_len_for(AutoTokenizer.from_pretrained(model_dir), settings)
+    settings = parse_settings(MergeSettings, argv, description(__doc__))
+    quiet()
+    model_dir, model_name = embedded_model()
+    tokens = max(settings.stream_tokens, settings.batch_tokens, settings.auto_tokens)
+    max_seq_len = max_seq_len_for(AutoTokenizer.from_pretrained(model_dir), tokens)
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
         log(f"making a rank-{settings.rank} all-linear LoRA adapter")
-        path = make_adapter(helpers, model_dir, root, ADAPTER, settings.rank, seed=1)
-        config = ServerConfig(
-            model=model_dir,
-            dtype="float32",
-            device="cpu",
+        path = make_adapter(model_dir, root, ADAPTER, settings.rank, seed=1)
+        config = cpu_config(
+            model_dir,
             max_batch_size=settings.batch,
             max_seq_len=max_seq_len,
             max_adapters=2,
             max_lora_rank=settings.rank,
         )
         log("parts 1-2: starting the server")
-        with helpers.ServerThread(config) as server:
+        with ServerThread(config) as server:
             with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
                 client.load_adapter(ADAPTER, path)
-            cells, merge_times, loads = asyncio.run(_measure_speed(server.target, settings))
+            cells, merge_times, loads = measure_speed(server.target, settings)
             cost = measure_merge_cost(server.target, settings)
         speed = speed_summary(cells, merge_times)
         speed["load_average_after_each_round"] = loads
-        if has_merge_policy():
-            paths = {
-                name: make_adapter(helpers, model_dir, root, f"auto-{name}", settings.rank, seed=10 + i)
-                for i, name in enumerate(AUTO_ADAPTERS)
-            }
-            runs = [measure_auto(helpers, paths, model_dir, settings, max_seq_len, w) for w in settings.merge_windows]
-            auto: dict[str, object] = {"runs": runs}
-        else:
-            auto = {
-                "skipped": "this server's ServerConfig has no merge_policy field (the auto policy is not there yet)"
-            }
-    data = report(settings, speed, cost, auto, max_seq_len, cells)
-    write_json(data, settings.out)
-    plotted = write_plot(data, settings.out.with_suffix(".png"))
+        auto = measure_auto_runs(model_dir, root, settings, max_seq_len)
+    data = result(model_name, settings, speed, cost, auto, max_seq_len, cells)
+    text = summary_text(model_name, settings, speed, cost, auto)
+    title = f"{model_name}, fp32 CPU ({os.cpu_count()} cores)"
+    plot = {"panels": 3, "size": (16, 4.4), "widths": (1, 0.7, 1.6), "title": title, "dpi": 110}
+    report("merge", settings, data, text, draw(data, settings_dict(settings)), **plot)
+    return 0
 
-    print(f"{EMBEDDED_NAME} fp32 CPU ({os.cpu_count()} cores), one rank-{settings.rank} all-linear LoRA adapter")
-    print()
-    print(
+
+def measure_auto_runs(model_dir: str, root: str, settings: MergeSettings, max_seq_len: int) -> dict[str, object]:
+    """Part 3 for each window, or a note when this server has no auto merge policy."""
+    if not has_merge_policy():
+        return {"skipped": "this server's ServerConfig has no merge_policy field (the auto policy is not there yet)"}
+    paths = {
+        name: make_adapter(model_dir, root, f"auto-{name}", settings.rank, seed=10 + i)
+        for i, name in enumerate(AUTO_ADAPTERS)
+    }
+    return {"runs": [measure_auto(paths, model_dir, settings, max_seq_len, w) for w in settings.merge_windows]}
+
+
+def summary_text(model_name: str, settings: MergeSettings, speed: dict, cost: dict, auto: dict) -> list[str]:
+    out: list[str] = []
+    out.append(f"{model_name} fp32 CPU ({os.cpu_count()} cores), one rank-{settings.rank} all-linear LoRA adapter")
+    out.append("")
+    out.append(
         f"1. decode tokens/s (greedy, min_new_tokens = max_new_tokens), {settings.rounds} round(s), conditions "
         "alternating; per-round/base = median of each round's ratio"
     )
-    print(speed_table(speed, settings))
+    out.append(speed_table(speed, settings))
     target = speed["target"]
     verdict = "met" if target["met_on_best"] and target["met_on_median"] else "NOT met"
-    print(
+    out.append(
         f"target merged >= {TARGET_RATIO}x base (single stream): {verdict} "
         f"(best {target['best_over_base']:.2f}x, median {target['median_over_base']:.2f}x, "
         f"per-round median {target['median_of_per_round_over_base']:.2f}x)"
     )
-    print(
+    out.append(
         "1-minute load average after each round: "
         + ", ".join(f"{x:.2f}" for x in speed["load_average_after_each_round"])
         + f" ({os.cpu_count()} cores)"
@@ -846,26 +748,28 @@ def main(argv: list[str] | None = None) -> int:
         same = speed[shape]["merged_vs_unmerged_tokens"]
         differs = speed[shape]["unmerged_vs_base_tokens"]
         firsts = sorted({d["first_differing_token"] for d in same["differences"]})
-        print(
+        out.append(
             f"{shape}: merged vs unmerged greedy rows identical token for token: {same['identical']}/{same['rows']}"
             + (f" (first differing token at {firsts})" if firsts else "")
             + f"; unmerged differs from base in {differs['rows'] - differs['identical']}/{differs['rows']} rows"
         )
-    print()
-    print(f"2. MergeAdapter / UnmergeAdapter latency (client side), {settings.merge_repeats} each on the idle server")
-    print(merge_table(cost, speed))
-    print()
+    out.append("")
+    out.append(
+        f"2. MergeAdapter / UnmergeAdapter latency (client side), {settings.merge_repeats} each on the idle server"
+    )
+    out.append(merge_table(cost, speed))
+    out.append("")
     if "skipped" in auto:
-        print(f"3. auto merge policy: skipped: {auto['skipped']}")
+        out.append(f"3. auto merge policy: skipped: {auto['skipped']}")
     else:
-        print(
+        out.append(
             f"3. merge_policy=auto: {settings.clients} clients x {settings.auto_tokens}-token requests; phase A "
             f"{settings.phase_a:g} s all on {ADAPTER!r}, phase B {settings.phase_b:g} s over a, b, c, d and the base; "
             f"sampled every {settings.sample_every:g} s; merge/unmerge times from the start of phase A / B"
         )
     for run in auto.get("runs", []):
-        print()
-        print(
+        out.append("")
+        out.append(
             f"{_window_label(run)}: "
             + ", ".join(f"{k}={v}" for k, v in run["policy_fields"].items())
             + (
@@ -874,9 +778,9 @@ def main(argv: list[str] | None = None) -> int:
                 else f"; {run['requests']['started_before_the_merge']} requests started before the merge"
             )
         )
-        print(auto_table(run))
+        out.append(auto_table(run))
         flapping = "" if run["switches"] == 2 else "  <- expected exactly 2 (one merge, one unmerge)"
-        print(
+        out.append(
             f"switches ({SWITCH_METRIC}): {run['switches']:.0f}{flapping}; sampled transitions: "
             + (
                 ", ".join(
@@ -889,9 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             f"load average after {run['load_average_after']:.2f}"
         )
         if run["errors"]:
-            print(f"warning: {len(run['errors'])} trace requests went wrong: {run['errors'][:3]}")
-    print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
-    return 0
+            out.append(f"warning: {len(run['errors'])} trace requests went wrong: {run['errors'][:3]}")
+    return out
 
 
 if __name__ == "__main__":

@@ -15,19 +15,53 @@ Writes benchmarks/results/revision-ab-cpu.json (…-quick.json for --quick).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 
-from common import CHAT_PROMPTS, REPO, RESULTS, import_test_helpers, log, machine_info, make_adapter, write_json
 from deltaserve.client import AsyncClient, Client
-from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
+from harness import (
+    REPO,
+    Measurement,
+    Run,
+    Settings,
+    chat_messages,
+    description,
+    embedded_model,
+    format_table,
+    generate_batch,
+    log,
+    make_adapter,
+    on_loop,
+    option,
+    parse_settings,
+    ratio,
+    report,
+    require,
+    timed_rounds,
+)
+
+RANK = 16
+
+
+@dataclass(frozen=True)
+class RevisionSettings(Settings):
+    STEM = "revision-ab-cpu"
+
+    revision: str = option("", "the git revision to compare this checkout against (required)")
+    requests: int = option(16, "concurrent requests N", quick=4, minimum=1)
+    new_tokens: int = option(64, "tokens per request", quick=8, minimum=1)
+    adapters: int = option(8, "LoRA adapters K of the mixed workload", quick=2, minimum=1)
+    rounds: int = option(3, "timed rounds", quick=1, minimum=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self.revision), "--revision is required")
+
 
 # How the old build is imported: a `deltaserve` package whose subpackages are the revision's folders.
 SHIM = """
@@ -70,42 +104,34 @@ def start_server(name: str, command: list[str], args: list[str]) -> tuple[subpro
     return process, target
 
 
-async def batch(target: str, prompts: list[str], adapter_ids: list[str], tokens: int) -> tuple[float, list[list[int]]]:
+async def batch(target: str, prompts: list[str], adapter_ids: list[str], tokens: int) -> Run:
     async with AsyncClient(target, timeout=600) as client:
-        await client.model_info()
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                client.generate(
-                    messages=[{"role": "user", "content": prompt}],
-                    adapter_id=adapter_id,
-                    max_new_tokens=tokens,
-                    min_new_tokens=tokens,
-                )
-                for prompt, adapter_id in zip(prompts, adapter_ids, strict=True)
-            )
-        )
-        seconds = time.perf_counter() - start
-    return seconds, [r.token_ids for r in results]
+        await client.model_info()  # connect before the clock starts
+        return await generate_batch(client, prompts, adapter_ids, tokens)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--revision", required=True, help="the git revision to compare this checkout against")
-    parser.add_argument("--quick", action="store_true", help="smoke run: N=4 x 8 tokens, K=2, 1 round")
-    parser.add_argument("--rounds", type=int, default=None)
-    args = parser.parse_args(argv)
-    n, tokens, k, rounds = (4, 8, 2, 1) if args.quick else (16, 64, 8, 3)
-    rounds = args.rounds or rounds
-    out = RESULTS / ("revision-ab-cpu-quick.json" if args.quick else "revision-ab-cpu.json")
-    helpers = import_test_helpers()
-    model_dir = embedded_model_dir()
-    prompts = [CHAT_PROMPTS[i % len(CHAT_PROMPTS)] for i in range(n)]
-    workloads = {"base": [""] * n, f"mixed-{k}": [f"lora{i % k}" for i in range(n)]}
-    serve_args = ["--model", model_dir, "--max-adapters", str(k), "--max-lora-rank", "16", "--max-batch-size", str(n)]
+def measure(servers: dict[str, str], workloads: dict[str, list[str]], s: RevisionSettings) -> dict[str, Measurement]:
+    """Every (build, workload) pair in turns; only one server works at a time."""
+    prompts = chat_messages(s.requests)
+    with asyncio.Runner() as runner:
+
+        def system(target: str, ids: list[str], tokens: int) -> object:
+            return on_loop(runner, lambda: batch(target, prompts, ids, tokens))
+
+        pairs = {f"{b} {w}": (target, ids) for b, target in servers.items() for w, ids in workloads.items()}
+        return timed_rounds(
+            {key: system(*pair, s.new_tokens) for key, pair in pairs.items()},
+            s.rounds,
+            warmups={key: system(*pair, 4) for key, pair in pairs.items()},
+        ).measurements
+
+
+def run_builds(s: RevisionSettings, model_dir: str, workloads: dict[str, list[str]]) -> dict[str, Measurement]:
+    serve_args = ["--model", model_dir, "--max-adapters", str(s.adapters), "--max-lora-rank", str(RANK)]
+    serve_args += ["--max-batch-size", str(s.requests)]
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = {f"lora{i}": make_adapter(helpers, model_dir, tmp, f"lora{i}", 16, seed=i) for i in range(k)}
-        old_tree = checkout(args.revision, tmp)
+        adapters = {f"lora{i}": make_adapter(model_dir, tmp, f"lora{i}", RANK, seed=i) for i in range(s.adapters)}
+        old_tree = checkout(s.revision, tmp)
         builds = {
             "old": [sys.executable, "-c", SHIM, old_tree],
             "new": [sys.executable, "-c", "import sys; from deltaserve.server.cli import main; sys.exit(main())"],
@@ -116,57 +142,53 @@ def main(argv: list[str] | None = None) -> int:
                 with Client(target) as client:
                     for adapter_id, path in adapters.items():
                         client.load_adapter(adapter_id, path)
-            rates: dict[tuple[str, str], list[float]] = {(b, w): [] for b in builds for w in workloads}
-            outputs: dict[tuple[str, str], list[list[int]]] = {}
-            for key in rates:  # warm-up
-                asyncio.run(batch(servers[key[0]][1], prompts, workloads[key[1]], 4))
-            for round_ in range(rounds):
-                order = list(rates)[round_ % len(rates) :] + list(rates)[: round_ % len(rates)]
-                for build, workload in order:
-                    seconds, outputs[build, workload] = asyncio.run(
-                        batch(servers[build][1], prompts, workloads[workload], tokens)
-                    )
-                    rates[build, workload].append(n * tokens / seconds)
-                    log(f"round {round_ + 1}/{rounds} {build} {workload}: {rates[build, workload][-1]:.1f} tok/s")
+            return measure({name: target for name, (_, target) in servers.items()}, workloads, s)
         finally:
             for process, _ in servers.values():
                 process.terminate()
                 process.wait(timeout=60)
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", old_tree], check=False)
-    median = {key: statistics.median(values) for key, values in rates.items()}
-    mixed = f"mixed-{k}"
-    summary = {
-        "old mixed / old base": median["old", mixed] / median["old", "base"],
-        "new mixed / new base": median["new", mixed] / median["new", "base"],
-        "new / old, base": median["new", "base"] / median["old", "base"],
-        "new / old, mixed": median["new", mixed] / median["old", mixed],
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_settings(RevisionSettings, argv, description(__doc__))
+    model_dir, model_name = embedded_model()
+    n, mixed = s.requests, f"mixed-{s.adapters}"
+    workloads = {"base": [""] * n, mixed: [f"lora{i % s.adapters}" for i in range(n)]}
+    cells = run_builds(s, model_dir, workloads)
+    median = {key: m.median() for key, m in cells.items()}
+    ratios = {
+        "old mixed / old base": ratio(median[f"old {mixed}"], median["old base"]),
+        "new mixed / new base": ratio(median[f"new {mixed}"], median["new base"]),
+        "new / old, base": ratio(median["new base"], median["old base"]),
+        "new / old, mixed": ratio(median[f"new {mixed}"], median[f"old {mixed}"]),
     }
-    same = {w: sum(a == b for a, b in zip(outputs["old", w], outputs["new", w], strict=True)) for w in workloads}
-    print(f"{EMBEDDED_NAME} fp32 CPU ({os.cpu_count()} cores): N={n} x {tokens} tokens, K={k}; median of {rounds}")
-    print(f"{'build':<6} {'workload':<10} {'tok/s (median)':>15}  rounds")
-    for (build, workload), values in rates.items():
-        print(f"{build:<6} {workload:<10} {median[build, workload]:>15.1f}  " + " ".join(f"{v:.1f}" for v in values))
-    for name, value in summary.items():
-        print(f"{name}: {value:.3f}")
-    print("identical greedy rows, old vs new: " + ", ".join(f"{w} {c}/{n}" for w, c in same.items()))
-    write_json(
-        {
-            "benchmark": "revision_ab",
-            "machine": machine_info(),
-            "model": EMBEDDED_NAME,
-            "old_revision": args.revision,
-            "new_revision": subprocess.run(
-                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip(),
-            "settings": {"requests": n, "new_tokens": tokens, "adapters": k, "rank": 16, "rounds": rounds},
-            "tokens_per_second": {f"{b} {w}": v for (b, w), v in rates.items()},
-            "median": {f"{b} {w}": v for (b, w), v in median.items()},
-            "ratios": summary,
-            "identical_rows": same,
-        },
-        out,
-    )
-    print(f"wrote {out}")
+    same = {
+        w: sum(
+            a == b for a, b in zip(cells[f"old {w}"].runs[-1].outputs, cells[f"new {w}"].runs[-1].outputs, strict=True)
+        )
+        for w in workloads
+    }
+    rows = [[key, f"{median[key]:.1f}", " ".join(f"{v:.1f}" for v in m.values())] for key, m in cells.items()]
+    text = [
+        f"{model_name} fp32 CPU ({os.cpu_count()} cores): N={n} x {s.new_tokens} tokens, K={s.adapters}; "
+        f"median of {s.rounds}",
+        format_table(["build workload", "tok/s (median)", "rounds"], rows),
+        *(f"{name}: {r['ratio']:.3f}" for name, r in ratios.items()),
+        "identical greedy rows, old vs new: " + ", ".join(f"{w} {c}/{n}" for w, c in same.items()),
+    ]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    data = {
+        "model": model_name,
+        "old_revision": s.revision,
+        "new_revision": head.stdout.strip(),
+        "rank": RANK,
+        "tokens_per_second": {key: m.values() for key, m in cells.items()},
+        "median": median,
+        "ratios": ratios,
+        "identical_rows": same,
+    }
+    report("revision_ab", s, data, text)
     return 0
 
 

@@ -26,42 +26,55 @@ Writes benchmarks/results/throughput-cpu.json (…-quick.json for --quick) and a
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
+from dataclasses import dataclass
 
 import torch
-import transformers
-from common import CHAT_PROMPTS as PROMPTS
-from common import RESULTS, Run, import_test_helpers, log, machine_info, pyplot, save_figure, write_json
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
-from deltaserve.server.app import ServerConfig
-from deltaserve.server.model.loader import EMBEDDED_NAME, embedded_model_dir
+from deltaserve.testing.helpers import ServerThread
+from harness import (
+    CALL_TIMEOUT_S,
+    Measurement,
+    Run,
+    Settings,
+    chat_messages,
+    cpu_config,
+    description,
+    embedded_model,
+    format_table,
+    generate_batch,
+    load_adapters,
+    log,
+    make_adapter,
+    option,
+    parse_settings,
+    quiet,
+    ratio,
+    render,
+    report,
+    timed_rounds,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 SERVER_BASE = "server-base"
 SERVER_MIXED = "server-mixed"
 HF_GENERATE = "hf-generate"
 PEFT_MIXED = "peft-mixed"
-REQUEST_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
-class Settings:
-    n_requests: int
-    new_tokens: int
-    adapters: int
-    rank: int
-    repeats: int
-    out: Path
+class ThroughputSettings(Settings):
+    STEM = "throughput-cpu"
+
+    requests: int = option(16, "concurrent requests N", quick=4, minimum=1)
+    new_tokens: int = option(64, "tokens per request", quick=16, minimum=1)
+    adapters: int = option(8, "LoRA adapters K", quick=2, minimum=1)
+    rank: int = option(16, "LoRA rank", minimum=1)
+    repeats: int = option(2, "timed rounds per system", quick=1, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -74,67 +87,12 @@ class Workload:
     new_tokens: int
 
 
-@dataclass
-class Measurement:
-    system: str
-    runs: list[Run] = field(default_factory=list)
-
-    def rates(self) -> list[float]:
-        return [run.tokens / run.seconds for run in self.runs]
-
-    @property
-    def best(self) -> float:
-        return max(self.rates())
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates())
-
-
 # ---- setup ----------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: N=4, 16 tokens, K=2, 1 repeat")
-    parser.add_argument("--requests", type=int, default=None, help="concurrent requests N (default 16)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per request (default 64)")
-    parser.add_argument("--adapters", type=int, default=None, help="LoRA adapters K (default 8)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per system (default 2)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG goes next to it)")
-    args = parser.parse_args(argv)
-    defaults = (4, 16, 2, 1) if args.quick else (16, 64, 8, 2)
-    given = (args.requests, args.new_tokens, args.adapters, args.repeats)
-    n, tokens, k, repeats = (d if g is None else g for g, d in zip(given, defaults, strict=True))
-    if min(n, tokens, k, repeats, args.rank) < 1:
-        parser.error("--requests, --new-tokens, --adapters, --repeats and --rank must be at least 1")
-    out = args.out or RESULTS / ("throughput-cpu-quick.json" if args.quick else "throughput-cpu.json")
-    return Settings(n, tokens, k, args.rank, repeats, out)
-
-
-def build_workload(tokenizer: PreTrainedTokenizerBase, settings: Settings) -> Workload:
+def build_workload(tokenizer: PreTrainedTokenizerBase, s: ThroughputSettings) -> Workload:
     """Cycle through the prompts; request i uses adapter i % K in the mixed runs."""
-    messages = [PROMPTS[i % len(PROMPTS)] for i in range(settings.n_requests)]
-    rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
-        for m in messages
-    ]
-    adapter_ids = [f"lora{i % settings.adapters}" for i in range(settings.n_requests)]
-    return Workload(messages, rendered, adapter_ids, settings.new_tokens)
-
-
-def make_adapters(helpers: ModuleType, model_dir: str, root: str, settings: Settings) -> dict[str, str]:
-    """K random, non-zero LoRA adapters saved with PEFT's save_pretrained; adapter id -> directory."""
-    paths = {}
-    for i in range(settings.adapters):
-        paths[f"lora{i}"] = helpers.make_lora(
-            model_dir,
-            os.path.join(root, f"lora{i}"),
-            seed=i,
-            r=settings.rank,
-            lora_alpha=2 * settings.rank,
-            target_modules="all-linear",
-        )
-    return paths
+    messages = chat_messages(s.requests)
+    adapter_ids = [f"lora{i % s.adapters}" for i in range(s.requests)]
+    return Workload(messages, [render(tokenizer, m) for m in messages], adapter_ids, s.new_tokens)
 
 
 def load_base(model_dir: str) -> PreTrainedModel:
@@ -162,29 +120,14 @@ def left_padded(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 # ---- the systems ----------------------------------------------------------------------------------
 async def _server_batch(target: str, work: Workload, adapter_ids: list[str]) -> Run:
-    async with AsyncClient(target, timeout=REQUEST_TIMEOUT_S) as client:
+    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
         await client.model_info()  # connect before the clock starts
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                client.generate(
-                    messages=[{"role": "user", "content": message}],
-                    adapter_id=adapter_id,
-                    max_new_tokens=work.new_tokens,
-                    min_new_tokens=work.new_tokens,
-                    temperature=0.0,
-                )
-                for message, adapter_id in zip(work.messages, adapter_ids, strict=True)
-            )
-        )
-        seconds = time.perf_counter() - start
-    return Run(seconds, [result.token_ids for result in results])
+        return await generate_batch(client, work.messages, adapter_ids, work.new_tokens)
 
 
-async def load_adapters(target: str, adapters: dict[str, str]) -> None:
-    async with AsyncClient(target, timeout=REQUEST_TIMEOUT_S) as client:
-        for adapter_id, path in adapters.items():
-            await client.load_adapter(adapter_id, path)
+async def _load(target: str, adapters: dict[str, str]) -> None:
+    async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
+        await load_adapters(client, adapters)
 
 
 def server_runner(target: str, work: Workload, mixed: bool) -> Callable[[], Run]:
@@ -218,24 +161,16 @@ def generate_runner(
     return run
 
 
-def measure(systems: dict[str, Callable[[], Run]], settings: Settings, expected: int) -> list[Measurement]:
-    """Warm every system up once, then time them in turn for `repeats` rounds."""
-    for name, run in systems.items():
-        log(f"warming up {name}")
-        check_tokens(name, run(), expected)
-    results = {name: Measurement(name) for name in systems}
-    for round_ in range(settings.repeats):
-        for name, run in systems.items():
-            result = check_tokens(name, run(), expected)
-            results[name].runs.append(result)
-            log(f"round {round_ + 1}/{settings.repeats} {name}: {result.tokens / result.seconds:.1f} tok/s")
-    return list(results.values())
+def checked(name: str, run: Callable[[], Run], expected: int) -> Callable[[], Run]:
+    """`run`, failing loudly if a round did not generate exactly the expected tokens."""
 
+    def wrapped() -> Run:
+        result = run()
+        if result.tokens != expected:
+            raise RuntimeError(f"{name} generated {result.tokens} tokens, expected {expected}")
+        return result
 
-def check_tokens(name: str, run: Run, expected: int) -> Run:
-    if run.tokens != expected:
-        raise RuntimeError(f"{name} generated {run.tokens} tokens, expected {expected}")
-    return run
+    return wrapped
 
 
 def matching_rows(a: Measurement, b: Measurement) -> int:
@@ -244,25 +179,24 @@ def matching_rows(a: Measurement, b: Measurement) -> int:
 
 
 # ---- reporting ------------------------------------------------------------------------------------
-def ratios(by_name: dict[str, Measurement]) -> dict[str, float]:
-    best = {name: m.best for name, m in by_name.items()}
-    return {
-        "server_mixed / server_base": best[SERVER_MIXED] / best[SERVER_BASE],
-        "server_mixed / peft_mixed": best[SERVER_MIXED] / best[PEFT_MIXED],
-        "server_base / hf_generate": best[SERVER_BASE] / best[HF_GENERATE],
+def ratios(by_name: dict[str, Measurement]) -> dict[str, dict]:
+    """Best-round ratios, each with both throughputs beside it."""
+    best = {name: m.best() for name, m in by_name.items()}
+    pairs = {
+        "server_mixed / server_base": (SERVER_MIXED, SERVER_BASE),
+        "server_mixed / peft_mixed": (SERVER_MIXED, PEFT_MIXED),
+        "server_base / hf_generate": (SERVER_BASE, HF_GENERATE),
     }
+    return {label: ratio(best[a], best[b]) for label, (a, b) in pairs.items()}
 
 
-def table(measurements: list[Measurement]) -> str:
-    by_name = {m.system: m for m in measurements}
-    header = f"{'system':<14} {'tok/s (best)':>12} {'tok/s (median)':>14} {'vs server-base':>14} {'vs peft-mixed':>13}"
-    lines = [header, "-" * len(header)]
-    for m in measurements:
-        lines.append(
-            f"{m.system:<14} {m.best:>12.1f} {m.median:>14.1f} "
-            f"{m.best / by_name[SERVER_BASE].best:>13.2f}x {m.best / by_name[PEFT_MIXED].best:>12.2f}x"
-        )
-    return "\n".join(lines)
+def table(by_name: dict[str, Measurement]) -> str:
+    base, peft = by_name[SERVER_BASE].best(), by_name[PEFT_MIXED].best()
+    rows = [
+        [m.name, f"{m.best():.1f}", f"{m.median():.1f}", f"{m.best() / base:.2f}x", f"{m.best() / peft:.2f}x"]
+        for m in by_name.values()
+    ]
+    return format_table(["system", "tok/s (best)", "tok/s (median)", "vs server-base", "vs peft-mixed"], rows)
 
 
 def weight_bytes(server: object) -> dict[str, float]:
@@ -273,90 +207,85 @@ def weight_bytes(server: object) -> dict[str, float]:
     return {"base_bytes": base, "adapter_bytes": adapters, "bandwidth_floor_mixed_over_base": 1 / (1 + adapters / base)}
 
 
-def report(
-    measurements: list[Measurement], settings: Settings, work: Workload, max_seq_len: int, sizes: dict[str, float]
-) -> dict[str, object]:
-    by_name = {m.system: m for m in measurements}
+def result(by_name: dict[str, Measurement], s: ThroughputSettings, max_seq_len: int, sizes: dict) -> dict:
     return {
-        "benchmark": "throughput",
-        "machine": machine_info(),
-        "model": EMBEDDED_NAME,
+        "model": by_name[SERVER_BASE].info["model"],
         "device": "cpu",
         "dtype": "float32",
-        "n_requests": settings.n_requests,
-        "new_tokens_per_request": settings.new_tokens,
-        "tokens_per_run": settings.n_requests * settings.new_tokens,
-        "adapters": settings.adapters,
-        "rank": settings.rank,
+        "tokens_per_run": s.requests * s.new_tokens,
         "target_modules": "all-linear",
-        "repeats": settings.repeats,
         "statistic": "best of repeats (highest tokens/s), after one warm-up run per system",
         "server_max_seq_len": max_seq_len,
         "systems": {
-            m.system: {
-                "best_tokens_per_s": m.best,
-                "median_tokens_per_s": m.median,
-                "tokens_per_s": m.rates(),
-                "seconds": [run.seconds for run in m.runs],
+            m.name: {
+                "best_tokens_per_s": m.best(),
+                "median_tokens_per_s": m.median(),
+                "tokens_per_s": m.values(),
+                "seconds": m.values("seconds"),
             }
-            for m in measurements
+            for m in by_name.values()
         },
         "ratios": ratios(by_name),
         "weights": sizes,
         "greedy_rows_matching": {
             "server-base vs hf-generate": matching_rows(by_name[SERVER_BASE], by_name[HF_GENERATE]),
             "server-mixed vs peft-mixed": matching_rows(by_name[SERVER_MIXED], by_name[PEFT_MIXED]),
-            "of": len(work.messages),
+            "of": s.requests,
         },
     }
 
 
-def write_plot(measurements: list[Measurement], settings: Settings, path: Path) -> bool:
-    """A bar chart of the best tokens/s per system; False (with a warning) without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [m.system for m in measurements]
-    values = [m.best for m in measurements]
-    bars = ax.bar(names, values, color=["#4c72b0", "#55a868", "#8c8c8c", "#c44e52"][: len(names)])
-    ax.bar_label(bars, fmt="%.0f")
-    ax.set_ylabel("generated tokens / s (best of repeats)")
-    ax.set_title(
-        f"{EMBEDDED_NAME}, fp32 CPU ({os.cpu_count()} cores): N={settings.n_requests}, "
-        f"{settings.new_tokens} tokens, K={settings.adapters} LoRA r={settings.rank}",
-        fontsize=9,
+def draw(by_name: dict[str, Measurement], title: str) -> Callable:
+    """A bar chart of the best tokens/s per system."""
+
+    def plot(ax: object) -> None:
+        bars = ax.bar(list(by_name), [m.best() for m in by_name.values()])
+        for bar, color in zip(bars, ["#4c72b0", "#55a868", "#8c8c8c", "#c44e52"], strict=False):
+            bar.set_color(color)
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_ylabel("generated tokens / s (best of repeats)")
+        ax.set_title(title, fontsize=9)
+
+    return plot
+
+
+def summary_lines(data: dict, sizes: dict) -> list[str]:
+    lines = [
+        f"{name}: {r['ratio']:.2f} ({r['tokens_per_s']:.1f} / {r['base_tokens_per_s']:.1f} tok/s)"
+        for name, r in data["ratios"].items()
+    ]
+    lines.append(
+        f"adapters {sizes['adapter_bytes'] / 1e6:.0f} MB vs base {sizes['base_bytes'] / 1e6:.0f} MB: "
+        f"bandwidth floor for server_mixed / server_base {sizes['bandwidth_floor_mixed_over_base']:.2f}"
     )
-    save_figure(fig, path)
-    return True
+    match = data["greedy_rows_matching"]
+    pairs = ", ".join(f"{pair} {count}/{match['of']}" for pair, count in match.items() if pair != "of")
+    return [*lines, f"identical greedy rows: {pairs}"]
 
 
 # ---- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()  # keep the log readable
-    helpers = import_test_helpers()
-    model_dir = embedded_model_dir()
+    s = parse_settings(ThroughputSettings, argv, description(__doc__))
+    quiet()
+    model_dir, model_name = embedded_model()
     tokenizer = left_padded(AutoTokenizer.from_pretrained(model_dir))
-    work = build_workload(tokenizer, settings)
+    work = build_workload(tokenizer, s)
     longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in work.rendered)
-    max_seq_len = longest + settings.new_tokens + 16
-    expected = settings.n_requests * settings.new_tokens
+    max_seq_len = longest + s.new_tokens + 16
+    expected = s.requests * s.new_tokens
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
-        log(f"making {settings.adapters} LoRA adapters (rank {settings.rank}, all-linear)")
-        adapters = make_adapters(helpers, model_dir, root, settings)
-        config = ServerConfig(
-            model=model_dir,
-            dtype="float32",
-            device="cpu",
-            max_batch_size=settings.n_requests,
+        log(f"making {s.adapters} LoRA adapters (rank {s.rank}, all-linear)")
+        adapters = {f"lora{i}": make_adapter(model_dir, root, f"lora{i}", s.rank, seed=i) for i in range(s.adapters)}
+        config = cpu_config(
+            model_dir,
+            max_batch_size=s.requests,
             max_seq_len=max_seq_len,
-            max_adapters=settings.adapters,
-            max_lora_rank=settings.rank,
+            max_adapters=s.adapters,
+            max_lora_rank=s.rank,
         )
         log("starting the server and loading the base and PEFT models")
-        with helpers.ServerThread(config) as server:
-            asyncio.run(load_adapters(server.target, adapters))
+        with ServerThread(config) as server:
+            asyncio.run(_load(server.target, adapters))
             sizes = weight_bytes(server.server)
             systems = {
                 SERVER_BASE: server_runner(server.target, work, mixed=False),
@@ -364,26 +293,16 @@ def main(argv: list[str] | None = None) -> int:
                 HF_GENERATE: generate_runner(load_base(model_dir), tokenizer, work, mixed=False),
                 PEFT_MIXED: generate_runner(load_peft(model_dir, adapters), tokenizer, work, mixed=True),
             }
-            measurements = measure(systems, settings, expected)
-    data = report(measurements, settings, work, max_seq_len, sizes)
-    write_json(data, settings.out)
-    plotted = write_plot(measurements, settings, settings.out.with_suffix(".png"))
-    print(
-        f"{EMBEDDED_NAME} fp32 CPU ({os.cpu_count()} cores), N={settings.n_requests} concurrent requests x "
-        f"{settings.new_tokens} tokens, K={settings.adapters} LoRA adapters rank {settings.rank}, "
-        f"best of {settings.repeats}"
+            systems = {name: checked(name, run, expected) for name, run in systems.items()}
+            by_name = timed_rounds(systems, s.repeats, rotate=False).measurements
+    by_name[SERVER_BASE].info["model"] = model_name
+    data = result(by_name, s, max_seq_len, sizes)
+    title = (
+        f"{model_name} fp32 CPU: N={s.requests} concurrent requests x {s.new_tokens} tokens, "
+        f"K={s.adapters} LoRA adapters rank {s.rank}, best of {s.repeats}"
     )
-    print(table(measurements))
-    for name, value in data["ratios"].items():
-        print(f"{name}: {value:.2f}")
-    print(
-        f"adapters {sizes['adapter_bytes'] / 1e6:.0f} MB vs base {sizes['base_bytes'] / 1e6:.0f} MB: "
-        f"bandwidth floor for server_mixed / server_base {sizes['bandwidth_floor_mixed_over_base']:.2f}"
-    )
-    match = data["greedy_rows_matching"]
-    pairs = ", ".join(f"{pair} {count}/{match['of']}" for pair, count in match.items() if pair != "of")
-    print(f"identical greedy rows: {pairs}")
-    print(f"wrote {settings.out}" + (f" and {settings.out.with_suffix('.png')}" if plotted else ""))
+    text = [title, table(by_name), *summary_lines(data, sizes)]
+    report("throughput", s, data, text, draw(by_name, title), size=(7, 4))
     return 0
 
 

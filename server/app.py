@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.metadata
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
 
 import grpc
 from deltaserve.adapters import ReadOptions, load_adapter, served_kinds, tensor_bytes
@@ -15,9 +15,9 @@ from deltaserve.client.fmaas import generation_pb2 as tgis_pb
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.engine.engine import Engine, EngineConfig
 from deltaserve.server.engine.merge import AutoMergePolicy, MergeController
-from deltaserve.server.errors import ModelLoadError
 from deltaserve.server.frontends.auth import AdapterPathPolicy, AdminTokenInterceptor, BearerToken
 from deltaserve.server.frontends.core import FrontDoorCore
 from deltaserve.server.frontends.grpc_api import AdaptersService, GenerationService
@@ -30,40 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
-
-
-@dataclass
-class ServerConfig:
-    model: str | None = None  # None: the embedded default model
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int | None = None
-    http_port: int | None = None  # the OpenAI-compatible HTTP front door (server/frontends/openai/); off if None
-    dtype: str = "auto"
-    device: str = "auto"
-    quantize: str = "none"
-    max_batch_size: int = 16
-    max_seq_len: int = 2048
-    max_adapters: int = 8
-    max_lora_rank: int = 64
-    max_bottleneck_size: int = 64  # largest bottleneck adapter dimension a device slot holds
-    default_max_new_tokens: int = 256
-    max_prefill_tokens: int = 4096
-    preload: list[tuple[str, str]] = field(default_factory=list)
-    adapter_dir: list[str] = field(default_factory=list)  # register every adapter under these at start-up
-    max_cpu_adapters: int = 32  # host-cache adapters beyond those on the device
-    adapter_root: list[str] = field(default_factory=list)  # LoadAdapter paths must lie under one of these
-    allow_pickle: bool = False
-    max_adapter_bytes: int | None = None
-    admin_token: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    max_request_bytes: int = 4 * 1024 * 1024
-    merge_policy: str = "off"  # "auto": merge the adapter that carries nearly all traffic (server/engine/merge.py)
-    merge_window_requests: int = 32
-    shutdown_grace_seconds: float = 30.0
-    metrics_max_adapters: int = 64
+VERSION = importlib.metadata.version("deltaserve")  # pyproject.toml's version, the only place it is written
 
 
 def _context_length(loaded: LoadedModel, requested: int) -> int:
@@ -97,9 +64,7 @@ def adapters_under(directories: list[str]) -> list[tuple[str, str]]:
     return found
 
 
-def _tls_credentials(cert_file: str, key_file: str | None) -> grpc.ServerCredentials:
-    if not key_file:
-        raise ModelLoadError("--tls-cert needs --tls-key")
+def _tls_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
     with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
@@ -110,11 +75,11 @@ class Server:
     def __init__(self, config: ServerConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.loaded = loaded
-        self.metrics = Metrics(config.metrics_max_adapters)
-        max_seq_len = _context_length(loaded, config.max_seq_len)
+        self.metrics = Metrics(config.ops.metrics_max_adapters)
+        max_seq_len = _context_length(loaded, config.batching.max_seq_len)
         self.runner = ModelRunner(
             loaded.model,
-            max_batch_size=config.max_batch_size,
+            max_batch_size=config.batching.max_batch_size,
             max_seq_len=max_seq_len,
             dtype=loaded.dtype,
             device=loaded.device,
@@ -122,35 +87,39 @@ class Server:
         slots = DeviceSlots(
             self.runner.adapter_layers,
             self.runner.bottleneck_banks,
-            config.max_adapters,
-            config.max_lora_rank,
+            config.adapters.max_adapters,
+            config.adapters.max_lora_rank,
             loaded.dtype,
             loaded.device,
-            max_bottleneck_size=config.max_bottleneck_size,
+            max_bottleneck_size=config.adapters.max_bottleneck_size,
         )
-        self.path_policy = AdapterPathPolicy(config.adapter_root)
+        self.path_policy = AdapterPathPolicy(config.adapters.adapter_root)
         read_options = ReadOptions(
-            allow_pickle=config.allow_pickle,
-            max_bytes=config.max_adapter_bytes,
+            allow_pickle=config.adapters.allow_pickle,
+            max_bytes=config.adapters.max_adapter_bytes,
             roots=self.path_policy.roots,
             compute_dtype=loaded.dtype,
         )
         self.registry = AdapterRegistry(
             self.runner.base_spec(),
             slots,
-            max_host=config.max_cpu_adapters,
+            max_host=config.adapters.max_cpu_adapters,
             loader=functools.partial(load_adapter, options=read_options),
             resolve_path=self.path_policy.resolve,
         )
         engine_config = EngineConfig(
-            config.max_batch_size, max_seq_len, _eos_token_ids(loaded), max(config.max_prefill_tokens, max_seq_len)
+            config.batching.max_batch_size,
+            max_seq_len,
+            _eos_token_ids(loaded),
+            max(config.batching.max_prefill_tokens, max_seq_len),
+            max_waiting=config.batching.max_waiting_requests,
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.merges = MergeController(self.engine, self.registry, self.runner, self.metrics)
-        if config.merge_policy == "auto":
-            self.engine.admission_observer = AutoMergePolicy(self.merges, window=config.merge_window_requests).observe
-        elif config.merge_policy != "off":
-            raise ModelLoadError(f"unknown --merge-policy {config.merge_policy!r}; use off or auto")
+        self.merge_policy: AutoMergePolicy | None = None
+        if config.merge.merge_policy == "auto":  # MergeConfig has refused any other value than off
+            self.merge_policy = AutoMergePolicy(self.merges, window=config.merge.merge_window_requests)
+            self.engine.admission_observer = self.merge_policy.observe
         self.registry.on_resident = self.engine.wake
         self.registry.on_evict = self.metrics.adapter_evictions.inc
         self._bind_metrics(slots)
@@ -184,7 +153,9 @@ class Server:
 
     @classmethod
     def create(cls, config: ServerConfig) -> Server:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device, quantize=config.quantize)
+        loaded = load_model(
+            config.base.model, dtype=config.base.dtype, device=config.base.device, quantize=config.base.quantize
+        )
         return cls(config, loaded)
 
     def model_info(self) -> pb.ModelInfoResponse:
@@ -196,14 +167,14 @@ class Server:
             device=str(loaded.device),
             quantization=loaded.quantization,
             max_seq_len=self.engine.config.max_seq_len,
-            max_batch_size=self.config.max_batch_size,
+            max_batch_size=self.config.batching.max_batch_size,
             vocab_size=loaded.model.config.vocab_size,
             eos_token_ids=list(self.engine.config.eos_token_ids),
-            max_adapters=self.config.max_adapters,
-            max_lora_rank=self.config.max_lora_rank,
+            max_adapters=self.config.adapters.max_adapters,
+            max_lora_rank=self.config.adapters.max_lora_rank,
             adapter_kinds=served_kinds(),
             version=VERSION,
-            default_max_new_tokens=self.config.default_max_new_tokens,
+            default_max_new_tokens=self.config.batching.default_max_new_tokens,
             merged_adapter_id=self.merges.merged_adapter_id,
         )
 
@@ -217,20 +188,23 @@ class Server:
     async def start(self) -> int:
         """Start the engine and the gRPC server; returns the bound port. Health turns SERVING at the end."""
         await asyncio.to_thread(self.warm_up)
-        for adapter_id, path in [*self.config.preload, *adapters_under(self.config.adapter_dir)]:
+        for adapter_id, path in [*self.config.adapters.preload, *adapters_under(self.config.adapters.adapter_dir)]:
             record = await asyncio.to_thread(self.registry.load, adapter_id, path)
             log.info("registered adapter %r (%s) from %s", adapter_id, record.state.value, path)
         loop = asyncio.get_running_loop()
         self.engine.on_death = lambda err: loop.call_soon_threadsafe(asyncio.ensure_future, self._engine_died())
         self.engine.start()
-        token = BearerToken(self.config.admin_token)
+        token = BearerToken(self.config.security.admin_token)
         interceptors = [AdminTokenInterceptor(token)] if token.required else []
         server = grpc.aio.server(
             interceptors=interceptors,
-            options=[("grpc.max_receive_message_length", self.config.max_request_bytes)],
+            options=[("grpc.max_receive_message_length", self.config.security.max_request_bytes)],
         )
         core = self.core = FrontDoorCore(
-            self.engine, self.loaded.tokenizer, self.engine.config.max_seq_len, self.config.default_max_new_tokens
+            self.engine,
+            self.loaded.tokenizer,
+            self.engine.config.max_seq_len,
+            self.config.batching.default_max_new_tokens,
         )
         generation = self.generation = GenerationService(core, self.model_info)
         adapters = self.adapters = AdaptersService(self.engine, self.metrics, self.merges)
@@ -247,23 +221,25 @@ class Server:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls_cert:
-            self.port = server.add_secure_port(address, _tls_credentials(self.config.tls_cert, self.config.tls_key))
+        address = f"{self.config.doors.host}:{self.config.doors.port}"
+        if self.config.security.tls_cert:
+            self.port = server.add_secure_port(
+                address, _tls_credentials(self.config.security.tls_cert, self.config.security.tls_key)
+            )
         else:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+            raise OSError(f"cannot bind {self.config.doors.host}:{self.config.doors.port}")
         await server.start()
         self.grpc_server = server
-        if self.config.metrics_port is not None:
-            self.metrics.serve(self.config.metrics_port, self.config.host)
-        if self.config.http_port is not None:
+        if self.config.doors.metrics_port is not None:
+            self.metrics.serve(self.config.doors.metrics_port, self.config.doors.host)
+        if self.config.doors.http_port is not None:
             await self._start_http(core, adapters, token)
         self._health_services = ("", *names[:3])
         for service in self._health_services:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.host, self.port)
+        log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.doors.host, self.port)
         return self.port
 
     async def _start_http(self, core: FrontDoorCore, adapters: AdaptersService, token: BearerToken) -> None:
@@ -274,19 +250,19 @@ class Server:
             adapters,
             model_name=self.loaded.name,
             token=token,
-            max_request_bytes=self.config.max_request_bytes,
-            shutdown_grace_seconds=self.config.shutdown_grace_seconds,
-            tls_cert=self.config.tls_cert,
-            tls_key=self.config.tls_key,
+            max_request_bytes=self.config.security.max_request_bytes,
+            shutdown_grace_seconds=self.config.ops.shutdown_grace_seconds,
+            tls_cert=self.config.security.tls_cert,
+            tls_key=self.config.security.tls_key,
         )
-        self.http_port = await self.http.start(self.config.host, self.config.http_port)
-        scheme = "https" if self.config.tls_cert else "http"
-        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", scheme, self.config.host, self.http_port)
+        self.http_port = await self.http.start(self.config.doors.host, self.config.doors.http_port)
+        scheme = "https" if self.config.security.tls_cert else "http"
+        log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", scheme, self.config.doors.host, self.http_port)
 
     async def stop(self) -> None:
         """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace), exit."""
         await self.health.enter_graceful_shutdown()
-        grace = self.config.shutdown_grace_seconds
+        grace = self.config.ops.shutdown_grace_seconds
         engine_stop = asyncio.create_task(asyncio.to_thread(self.engine.stop, grace))
         http_stop = asyncio.create_task(self.http.stop()) if self.http is not None else None
         if self.grpc_server is not None:
@@ -321,7 +297,7 @@ class Server:
         died.cancel()
         if self.engine_dead.is_set():
             log.critical("the engine died: stopping with status 1 so that the process is restarted")
-        log.info("shutting down: finishing in-flight requests (up to %.0f s)", self.config.shutdown_grace_seconds)
+        log.info("shutting down: finishing in-flight requests (up to %.0f s)", self.config.ops.shutdown_grace_seconds)
         await self.stop()
         log.info("stopped")
         return 1 if self.engine_dead.is_set() else 0

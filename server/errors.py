@@ -61,3 +61,11 @@ class EngineStepError(DeltaserveServerError):
 
 class ModelLoadError(DeltaserveServerError):
     """The base model cannot be loaded or is of an architecture the runner does not serve."""
+
+
+class ConfigError(DeltaserveServerError, ValueError):
+    """A configuration value is refused; the message names the flag (server/config.py). The CLI exits 2 on it."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting  # the config field at fault, so the Ray builder can name its own argument

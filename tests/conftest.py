@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.helpers import make_lora, make_tiny_llama
+from deltaserve.testing.helpers import make_lora, make_tiny_llama
 
 torch.set_num_threads(2)
 

@@ -7,14 +7,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # folder -> import name (pyproject.toml's package-dir)
-PACKAGES = {"server": "deltaserve.server", "adapters": "deltaserve.adapters", "client": "deltaserve.client"}
+PACKAGES = {
+    "server": "deltaserve.server",
+    "adapters": "deltaserve.adapters",
+    "client": "deltaserve.client",
+    "testing": "deltaserve.testing",
+}
 # server's layers, bottom first: a module may import its own layer and the ones below it, never above.
 SERVER_LAYERS = ["errors", "config", "kernels", "model", "residency", "metrics", "engine", "frontends", "app"]
 SERVER_LAYERS += ["cluster", "cli"]
 
 
 def modules() -> dict[str, Path]:
-    """{dotted module name: file} for every module of the three code folders."""
+    """{dotted module name: file} for every module of the code folders."""
     found = {}
     for folder, package in PACKAGES.items():
         for path in (ROOT / folder).rglob("*.py"):
@@ -102,6 +107,9 @@ def test_imports_point_down_the_layers():
             if module.startswith("deltaserve.adapters") and target.startswith("deltaserve.server"):
                 upward.append((module, target))
             if module.startswith("deltaserve.client") and not target.startswith("deltaserve.client"):
+                upward.append((module, target))
+            # The test fixtures sit on top: they may use the server, the shipped code never uses them.
+            if target.startswith("deltaserve.testing") and not module.startswith("deltaserve.testing"):
                 upward.append((module, target))
             mine, theirs = server_layer(module), server_layer(target)
             if mine is not None and theirs is not None and theirs > mine:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from deltaserve.testing.helpers import PROMPTS
+from deltaserve.testing.kinds import make_peft_adapter
 
-from tests.helpers import PROMPTS
-from tests.kinds import make_peft_adapter
 from tests.references import (
     OracleError,
     greedy_reference,

@@ -17,13 +17,12 @@ Three deployments make the application (`build_app`):
 Each HTTP response carries `x-deltaserve-replica` (the replica's id), which is how affinity is observed.
 """
 
-import dataclasses
 import os
 from typing import Any
 
-from deltaserve.server.app import ServerConfig, adapters_under
+from deltaserve.server.app import adapters_under
 from deltaserve.server.cluster.catalog import AdapterCatalog
-from deltaserve.server.cluster.config import ClusterConfig
+from deltaserve.server.cluster.config import ClusterConfig, cluster_from_args
 from deltaserve.server.cluster.ingress import Ingress
 from deltaserve.server.cluster.replica import DeltaserveReplica
 from deltaserve.server.model.loader import EMBEDDED_NAME
@@ -35,66 +34,33 @@ def served_name(model: str | None) -> str:
     return EMBEDDED_NAME if model is None else os.path.basename(os.path.normpath(model))
 
 
-def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing_requests: float) -> dict[str, Any]:
-    """Ray Serve's autoscaling_config scaling on queue depth: requests in flight per replica."""
-    return {
-        "min_replicas": min_replicas,
-        "max_replicas": max_replicas,
-        "target_ongoing_requests": target_ongoing_requests,
-    }
-
-
 def build_app(config: ClusterConfig) -> serve.Application:
-    """The Ray Serve application: catalog, replicas, ingress."""
-    catalog = AdapterCatalog.bind(config.server.adapter_root, config.server.preload)
+    """The Ray Serve application: catalog, replicas, ingress. The adapters under --adapter-dir are registered in
+    the catalog (replicas load them on demand)."""
+    adapters = config.server.adapters
+    catalog = AdapterCatalog.bind(adapters.adapter_root, [*adapters.preload, *adapters_under(adapters.adapter_dir)])
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         "max_ongoing_requests": config.max_ongoing_requests,
     }
-    if config.autoscaling:
-        options["autoscaling_config"] = config.autoscaling
+    autoscaling = config.autoscaling_options()
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = config.replicas
     replicas = DeltaserveReplica.options(**options).bind(config, catalog)
     return Ingress.bind(
-        replicas, catalog, served_name(config.server.model), config.server.admin_token, config.adapter_affinity
+        replicas,
+        catalog,
+        served_name(config.server.base.model),
+        config.server.security.admin_token,
+        config.adapter_affinity,
     )
 
 
-def app_from_args(args: dict[str, str]) -> serve.Application:
-    """The application builder for `serve run` and Serve config files (deploy/ray/serve.yaml): `args` are
-    strings. Keys: model, replicas, max_adapters_per_replica, replica_cpus, replica_gpus, torch_threads,
-    max_replicas and target_ongoing_requests (autoscaling), adapter_root and adapter_dir (comma-separated),
-    preload (comma-separated id=path), and ServerConfig's numeric and text fields by name (max_seq_len, dtype...)."""
-    args = {name: str(value) for name, value in args.items()}  # a YAML config may give numbers
-    cluster = ClusterConfig()
-    for name, kind in (("replicas", int), ("max_adapters_per_replica", int), ("torch_threads", int)):
-        if name in args:
-            setattr(cluster, name, kind(args.pop(name)))
-    for name in ("replica_cpus", "replica_gpus"):
-        if name in args:
-            setattr(cluster, name, float(args.pop(name)))
-    if "max_replicas" in args:
-        max_replicas = int(args.pop("max_replicas"))
-        target = float(args.pop("target_ongoing_requests", "8"))
-        cluster.autoscaling = autoscaling_config(cluster.replicas, max_replicas, target)
-    server = cluster.server
-    for name in ("adapter_root", "adapter_dir"):
-        setattr(server, name, [part for part in args.pop(name, "").split(",") if part])
-    for item in [part for part in args.pop("preload", "").split(",") if part]:
-        adapter_id, _, path = item.partition("=")
-        server.preload.append((adapter_id, path))
-    server.preload += adapters_under(server.adapter_dir)
-    server.adapter_dir = []
-    types = {item.name: type(getattr(server, item.name)) for item in dataclasses.fields(ServerConfig)}
-    for name, value in args.items():
-        if name not in types:
-            raise ValueError(f"unknown deltaserve application argument {name!r}")
-        if name in ("metrics_port", "max_adapter_bytes"):  # int or None
-            value = int(value)
-        elif types[name] is bool:
-            value = value.lower() in ("1", "true", "yes")
-        elif types[name] not in (str, type(None)):
-            value = types[name](value)
-        setattr(server, name, value)
-    return build_app(cluster)
+def app_from_args(args: dict[str, Any]) -> serve.Application:
+    """The application builder for `serve run` and Serve config files (deploy/ray/serve.yaml): `args` name
+    ClusterConfig's and ServerConfig's settings by field (replicas, max_replicas, model, max_seq_len, ...), as
+    text or YAML scalars; lists (adapter_root, adapter_dir, preload as id=path) are comma-separated. They are
+    parsed and validated like the flags: a bad one raises ConfigError naming it."""
+    return build_app(cluster_from_args(args))

@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 from collections import Counter
@@ -52,13 +51,14 @@ class DeltaserveReplica:
             torch.set_num_threads(config.torch_threads)
         # The replica's own gRPC server listens on loopback only: the ingress reaches it through this replica, and
         # adapter administration goes through the catalog (the ingress checks the admin token).
-        server_config = dataclasses.replace(
-            config.server,
+        # Its adapters come from the catalog on demand, so none are preloaded or read from --adapter-dir here.
+        server_config = config.server.replace(
             host="127.0.0.1",
             port=0,
             http_port=None,
             metrics_port=None,
             preload=[],
+            adapter_dir=[],
             tls_cert=None,
             tls_key=None,
             admin_token=None,
@@ -68,13 +68,13 @@ class DeltaserveReplica:
         self.loop = asyncio.get_running_loop()
         self.channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{self.server.port}",
-            options=[("grpc.max_send_message_length", server_config.max_request_bytes)],
+            options=[("grpc.max_send_message_length", server_config.security.max_request_bytes)],
         )
         self.front = OpenAIFrontDoor(
             self.server.core,
             self.server.adapters,
             model_name=self.server.loaded.name,
-            max_request_bytes=server_config.max_request_bytes,
+            max_request_bytes=server_config.security.max_request_bytes,
         )
         self.catalog = catalog
         context = serve.get_replica_context()
@@ -94,11 +94,11 @@ class DeltaserveReplica:
 
     def _serve_metrics(self, config: ClusterConfig, local_rank: int) -> int | None:
         """Replicas on one node take consecutive ports from --metrics-port, by their rank on the node."""
-        if config.server.metrics_port is None:
+        if config.server.doors.metrics_port is None:
             return None
-        port = config.server.metrics_port + local_rank
+        port = config.server.doors.metrics_port + local_rank
         try:
-            self.server.metrics.serve(port, config.server.host)
+            self.server.metrics.serve(port, config.server.doors.host)
         except OSError as err:
             log.warning("replica %s cannot serve its metrics on port %d: %s", self.replica_id, port, err)
             return None

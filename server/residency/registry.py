@@ -290,12 +290,13 @@ class AdapterRegistry:
             return record
         self._ensure_host_copy(record)
         with self._cv:
-            slot = self._reserve_slot(record) if record.slot < 0 else -2
-            if slot == -1:
+            if record.slot >= 0:  # placed meanwhile
+                return record
+            slot = self._reserve_slot(record)
+            if slot < 0:
                 record.pinned = was_pinned
                 raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
-        if slot >= 0:
-            self._fill_slot(record, slot)
+        self._fill_slot(record, slot)
         return record
 
     def set_merged(self, adapter_id: str, merged: bool) -> AdapterRecord:

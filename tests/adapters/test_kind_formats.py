@@ -21,8 +21,8 @@ from deltaserve.adapters import (
     compose,
     load_adapter,
 )
+from deltaserve.testing.kinds import make_bottleneck, make_peft_adapter
 
-from tests.kinds import make_bottleneck, make_peft_adapter
 from tests.references import load_reference_model
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
-
-from tests.helpers import PROMPTS, ServerThread
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +105,7 @@ def stack(tiny_dir, lora_dirs, tmp_path_factory):
     """deltaserve with /metrics, and a real Prometheus scraping it every second."""
     binary = _binary("prometheus")
     metrics_port = _free_port()
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=2, max_lora_rank=16, metrics_port=metrics_port
     )
     with ServerThread(config) as server:
@@ -146,7 +145,7 @@ def test_promql_answers_about_live_traffic(stack):
 def _exported_series(server) -> set[str]:
     """Every series name the server exports, from /metrics (families without samples included; counters
     are typed under their _total name there)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.config.metrics_port}/metrics") as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.config.doors.metrics_port}/metrics") as response:
         text = response.read().decode()
     names = set()
     suffixes = {"counter": ("",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

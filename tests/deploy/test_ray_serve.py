@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.helpers import PROMPTS, ServerThread, make_lora
 from tests.server.test_tgis import TgisClient
 
 ray = pytest.importorskip("ray")
@@ -54,9 +54,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _post(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> tuple[int, dict, dict[str, str]]:
-    """(HTTP status, JSON answer, headers) of one greedy completion."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+def _post(
+    base_url: str, model: str, prompt: str, max_tokens: int = 8, min_tokens: int = 0
+) -> tuple[int, dict, dict[str, str]]:
+    """(HTTP status, JSON answer, headers) of one greedy completion (min_tokens: no EOS before that many)."""
+    fields = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "min_tokens": min_tokens}
+    body = json.dumps(fields).encode()
     request = urllib.request.Request(
         f"{base_url}/v1/completions", data=body, headers={"content-type": "application/json"}
     )
@@ -68,8 +71,10 @@ def _post(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> tuple[
     return status, json.loads(raw), {k.lower(): v for k, v in headers.items()}
 
 
-def _complete(base_url: str, model: str, prompt: str, max_tokens: int = 8) -> tuple[str, dict[str, str]]:
-    status, answer, headers = _post(base_url, model, prompt, max_tokens)
+def _complete(
+    base_url: str, model: str, prompt: str, max_tokens: int = 8, min_tokens: int = 0
+) -> tuple[str, dict[str, str]]:
+    status, answer, headers = _post(base_url, model, prompt, max_tokens, min_tokens)
     assert status == 200, answer
     return answer["choices"][0]["text"], headers
 
@@ -86,7 +91,7 @@ def adapter_dirs(tmp_path_factory, tiny_dir) -> dict[str, str]:
 
 
 def _server_config(tiny_dir: str, adapter_dirs: dict[str, str]) -> ServerConfig:
-    return ServerConfig(
+    return ServerConfig.of(
         model=tiny_dir,
         max_seq_len=MAX_SEQ_LEN,
         max_batch_size=4,
@@ -100,13 +105,12 @@ def _server_config(tiny_dir: str, adapter_dirs: dict[str, str]) -> ServerConfig:
 def reference(tiny_dir, adapter_dirs) -> dict:
     """What one plain deltaserve server (same adapters) answers: (model, prompt) -> HTTP completion text, and
     ("grpc", ...) / ("tgis", ...) keys for the gRPC calls the cluster must answer the same way."""
-    config = _server_config(tiny_dir, adapter_dirs)
-    config.http_port = 0
+    config = _server_config(tiny_dir, adapter_dirs).replace(http_port=0)
     with ServerThread(config) as server:
         url = f"http://127.0.0.1:{server.server.http_port}"
         answers = {(model, p): _complete(url, model, p)[0] for model in ["base", *ADAPTERS] for p in PROMPTS[:2]}
         for model in ADAPTERS:
-            answers[(model, LONG)] = _complete(url, model, PROMPTS[2], LONG_TOKENS)[0]
+            answers[(model, LONG)] = _complete(url, model, PROMPTS[2], LONG_TOKENS, LONG_TOKENS)[0]
         with Client(server.target) as client:
             for adapter in ["", *ADAPTERS[:4]]:
                 answers[("grpc", adapter)] = client.generate(PROMPTS[1], adapter_id=adapter, **GRPC_OPTIONS)
@@ -153,8 +157,8 @@ def deployed(ray_cluster, tiny_dir, adapter_dirs) -> Cluster:
     """The `deltaserve` application: two replicas, each holding up to 8 adapters."""
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
-    server = _server_config(tiny_dir, adapter_dirs)
-    server.metrics_port = METRICS_PORT[0] = _free_port()  # replica k serves its metrics on this port + k
+    METRICS_PORT[0] = _free_port()  # replica k serves its metrics on this port + k
+    server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=METRICS_PORT[0])
     config = ClusterConfig(server=server, replicas=2, max_adapters_per_replica=8, replica_cpus=1, torch_threads=1)
     serve.run(build_app(config), name="deltaserve", route_prefix="/")
     return ray_cluster
@@ -245,6 +249,17 @@ def _same_generation(got, expected) -> None:
     assert len(got.logprobs) == len(expected.logprobs) > 0
     for a, b in zip(got.logprobs, expected.logprobs, strict=True):
         assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), (got.logprobs, expected.logprobs)
+
+
+def _wait_until_running(port: int, timeout: float = 30.0) -> None:
+    """Until the replica serving /metrics on `port` reports a request decoding."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+        if re.search(r"^deltaserve_requests_running (?!0\.0$)", text, re.MULTILINE):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no request started decoding on the replica with metrics port {port}")
 
 
 def _served_by_replica() -> dict[int, set[str]]:
@@ -412,11 +427,15 @@ def test_a_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(clus
     actor = ray.get_actor(f"SERVE_REPLICA::deltaserve#DeltaserveReplica#{victim}", namespace="serve")
 
     def long_request(adapter: str) -> tuple[int, dict, dict[str, str]]:
-        return _post(cluster, adapter, PROMPTS[2], LONG_TOKENS)
+        # Every long request runs all its steps (no early EOS), so those on the victim are in flight together.
+        return _post(cluster, adapter, PROMPTS[2], LONG_TOKENS, LONG_TOKENS)
 
+    # The victim's metrics port: a replica that served ADAPTERS[0] (both, if a mix loaded it on both).
+    ports = [port for port, adapters in _served_by_replica().items() if ADAPTERS[0] in adapters]
     with ThreadPoolExecutor(len(ADAPTERS)) as pool:
         futures = {adapter: pool.submit(long_request, adapter) for adapter in ADAPTERS}
-        time.sleep(0.3)
+        for port in ports:  # killed mid-decode, whatever the machine's speed
+            _wait_until_running(port)
         ray.kill(actor, no_restart=True)
         results = {adapter: future.result() for adapter, future in futures.items()}
 
@@ -457,8 +476,8 @@ def small(ray_cluster, tiny_dir, adapter_dirs) -> Client:
     request in flight per replica is the target). Reached over gRPC with Ray's `application` metadata."""
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
-    server = _server_config(tiny_dir, adapter_dirs)
-    server.metrics_port = SMALL_METRICS_PORT[0] = _free_port()
+    SMALL_METRICS_PORT[0] = _free_port()
+    server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=SMALL_METRICS_PORT[0])
     autoscaling = {
         "min_replicas": 1,
         "max_replicas": 2,

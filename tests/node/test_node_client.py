@@ -10,9 +10,8 @@ import subprocess
 
 import pytest
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
-
-from tests.helpers import PROMPTS, ServerThread
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 NODE_DIR = pathlib.Path(__file__).resolve().parent
 MISSING = "no-such-adapter"
@@ -40,7 +39,7 @@ def node_client() -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=2, max_lora_rank=16)
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=2, max_lora_rank=16)
     with ServerThread(config) as running:
         Client(running.target).load_adapter("qv8", lora_dirs["qv8"])
         yield running

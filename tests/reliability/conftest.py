@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import greedy_reference, load_reference_model, tokenizer_for
 
 VICTIM_TOKENS = 12
@@ -93,7 +93,7 @@ def campaign(tmp_path_factory, tiny_dir, lora_dirs) -> Iterator[Campaign]:
     expected = greedy_reference(
         load_reference_model(tiny_dir), tokenizer, tokenizer(PROMPTS[0])["input_ids"], VICTIM_TOKENS
     ).token_ids
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, max_batch_size=8, max_seq_len=256, max_adapters=4, max_lora_rank=16, adapter_root=[str(root)]
     )
     with ServerThread(config) as server:

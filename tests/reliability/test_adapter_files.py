@@ -13,9 +13,8 @@ import grpc
 import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
+from deltaserve.testing.kinds import make_bottleneck
 from safetensors.torch import load_file, save_file
-
-from tests.kinds import make_bottleneck
 
 
 def _refused(campaign, path: str, adapter_id: str = "hostile") -> tuple[grpc.StatusCode, str]:

@@ -9,16 +9,15 @@ from pathlib import Path
 import grpc
 import pytest
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
-
-from tests.helpers import ServerThread
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import ServerThread
 
 
 def test_a_failed_read_back_heals_once_the_files_are_fixed(tiny_dir, lora_dirs, tmp_path):
     """An adapter dropped to disk (one device slot in use, no host cache) whose weights are then corrupted:
     its requests fail without naming any server path; once the file is good again, the next request works."""
     paths = {name: shutil.copytree(lora_dirs[name], tmp_path / name) for name in ("qv8", "pattern", "head")}
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=2, max_cpu_adapters=0, max_lora_rank=16
     )
     with ServerThread(config) as server, Client(server.target, timeout=60) as client:

@@ -13,7 +13,8 @@ import time
 import grpc
 import pytest
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import Server, ServerConfig
+from deltaserve.server.app import Server
+from deltaserve.server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
@@ -22,7 +23,7 @@ def _broken(*args, **kwargs):
 
 
 def test_a_dead_engine_fails_fast_reports_not_serving_and_exits_non_zero(tiny_dir):
-    config = ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=128, host="127.0.0.1", port=0)
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=4, max_seq_len=128, host="127.0.0.1", port=0)
     server = Server.create(config)
     loop = asyncio.new_event_loop()
     outcome: dict[str, int] = {}
@@ -53,7 +54,7 @@ def test_a_dead_engine_fails_fast_reports_not_serving_and_exits_non_zero(tiny_di
 
 
 def test_health_reports_not_serving_while_the_dead_server_drains(tiny_dir):
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, max_batch_size=4, max_seq_len=128, host="127.0.0.1", port=0, shutdown_grace_seconds=5
     )
     server = Server.create(config)

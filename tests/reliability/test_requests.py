@@ -9,9 +9,8 @@ import grpc
 import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
+from deltaserve.testing.kinds import make_bottleneck
 from safetensors.torch import load_file, save_file
-
-from tests.kinds import make_bottleneck
 
 
 def test_an_overflowing_adapter_fails_only_its_own_requests(campaign, tiny_dir):

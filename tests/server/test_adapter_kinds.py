@@ -13,11 +13,9 @@ import grpc
 import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
-from safetensors.torch import load_file, save_file
-
-from tests.helpers import PROMPTS, ServerThread, make_tiny_llama
-from tests.kinds import (
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_tiny_llama
+from deltaserve.testing.kinds import (
     BOTTLENECK_PRESETS,
     PEFT_KINDS,
     BottleneckReference,
@@ -25,6 +23,8 @@ from tests.kinds import (
     make_bottleneck,
     make_peft_adapter,
 )
+from safetensors.torch import load_file, save_file
+
 from tests.references import (
     assert_logprobs_close,
     greedy_reference,
@@ -82,7 +82,7 @@ def references(tiny_dir, kind_dirs):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, kind_dirs):
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, max_batch_size=8, max_seq_len=128, max_adapters=len(kind_dirs) + 3, max_lora_rank=16
     )
     with ServerThread(config) as running:
@@ -262,7 +262,7 @@ def _serve_and_compare(model_dir: str, dirs: dict[str, str], prompts: list[str],
     expected = reference_table(model_dir, dirs, prompts, max_new)
     for name in dirs:
         assert any(expected[name, i].token_ids != expected["", i].token_ids for i in range(len(prompts))), name
-    server_config = ServerConfig(model=model_dir, max_batch_size=8, max_adapters=len(dirs) + 1, **config)
+    server_config = ServerConfig.of(model=model_dir, max_batch_size=8, max_adapters=len(dirs) + 1, **config)
     with ServerThread(server_config) as running, Client(running.target, timeout=300) as client:
         for name, path in dirs.items():
             client.load_adapter(name, path)

@@ -16,11 +16,10 @@ import pytest
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora, make_tiny_llama
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from tests.helpers import PROMPTS, ServerThread, make_lora, make_tiny_llama
 
 MAX_SEQ_LEN = 128
 
@@ -33,7 +32,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(
+    config = ServerConfig.of(
         metrics_port=_free_port(),
         model=tiny_dir,
         max_batch_size=4,
@@ -90,7 +89,7 @@ def test_stream_equals_unary(server):
 
 def test_cancel_mid_stream_frees_the_row(tiny_dir):
     """With one row, a cancelled stream must leave the batch, or the next request would wait forever."""
-    with ServerThread(ServerConfig(model=tiny_dir, max_batch_size=1, max_seq_len=512)) as running:
+    with ServerThread(ServerConfig.of(model=tiny_dir, max_batch_size=1, max_seq_len=512)) as running:
         with Client(running.target, timeout=60) as client:
             stream = client.generate_stream(PROMPTS[0], max_new_tokens=400, min_new_tokens=400)
             received = [next(stream) for _ in range(3)]
@@ -102,7 +101,7 @@ def test_cancel_mid_stream_frees_the_row(tiny_dir):
 
 
 def test_deadline_cancels_the_request(tiny_dir):
-    with ServerThread(ServerConfig(model=tiny_dir, max_batch_size=1, max_seq_len=512)) as running:
+    with ServerThread(ServerConfig.of(model=tiny_dir, max_batch_size=1, max_seq_len=512)) as running:
         with Client(running.target) as client:
             with pytest.raises(DeltaserveError) as info:
                 client.generate(PROMPTS[0], max_new_tokens=500, min_new_tokens=500, timeout=0.3)
@@ -351,7 +350,7 @@ def test_concurrent_clients_are_all_answered(server):
 
 def test_metrics_endpoint_counts_requests(server):
     def scrape() -> str:
-        url = f"http://127.0.0.1:{server.server.config.metrics_port}/metrics"
+        url = f"http://127.0.0.1:{server.server.config.doors.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.read().decode()
 

@@ -14,8 +14,7 @@ import time
 
 import pytest
 from deltaserve.client import Client
-
-from tests.helpers import PROMPTS
+from deltaserve.testing.helpers import PROMPTS
 
 pytestmark = pytest.mark.slow
 DELTASERVE = shutil.which("deltaserve") or os.path.join(os.path.dirname(sys.executable), "deltaserve")

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
 MAX_NEW = 12
@@ -17,7 +17,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(model=tiny_dir, max_batch_size=6, max_seq_len=256, max_adapters=4, max_lora_rank=16)
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=6, max_seq_len=256, max_adapters=4, max_lora_rank=16)
     with ServerThread(config) as running:
         with Client(running.target, timeout=120) as client:
             for name, path in lora_dirs.items():
@@ -86,7 +86,7 @@ def test_smollm2_base_concurrent_matches_transformers(smol_dir):
     tokenizer = tokenizer_for(smol_dir)
     model = load_reference_model(smol_dir)
     prompts = PROMPTS[:3]
-    with ServerThread(ServerConfig(model=smol_dir, max_batch_size=4, max_seq_len=512)) as running:
+    with ServerThread(ServerConfig.of(model=smol_dir, max_batch_size=4, max_seq_len=512)) as running:
         with ThreadPoolExecutor(max_workers=3) as pool:
             results = list(
                 pool.map(
@@ -111,12 +111,12 @@ FAMILIES = {
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_other_decoder_families_match_transformers(family, tmp_path, smol_dir):
     """The runner drives each supported family's own modules; greedy output equals its generate, with a LoRA."""
-    from tests.helpers import make_lora, make_tiny_llama
+    from deltaserve.testing.helpers import make_lora, make_tiny_llama
 
     model_dir = make_tiny_llama(str(tmp_path / family), smol_dir, family=family, **FAMILIES[family])
     adapter_dir = make_lora(model_dir, str(tmp_path / "lora"), seed=5, r=8, target_modules="all-linear")
     tokenizer = tokenizer_for(model_dir)
-    with ServerThread(ServerConfig(model=model_dir, max_batch_size=4, max_seq_len=128)) as running:
+    with ServerThread(ServerConfig.of(model=model_dir, max_batch_size=4, max_seq_len=128)) as running:
         client = Client(running.target, timeout=120)
         client.load_adapter("a", adapter_dir)
         for adapter in ("", "a"):

@@ -19,13 +19,12 @@ from deltaserve.client.fmaas import generation_pb2 as tgis
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.errors import UnauthenticatedError
 from deltaserve.server.frontends.auth import HTTP_ADMIN_NEEDS, BearerToken
 from deltaserve.server.frontends.core import AdapterRef, adapter_for_model, float32
 from deltaserve.server.frontends.openai.errors import error_json
-
-from tests.helpers import PROMPTS, ServerThread
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 MAX_SEQ_LEN = 64
 TOKEN = "core-test-token"
@@ -34,7 +33,7 @@ TOO_LONG = "word " * 200  # more tokens than the context holds
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    config = ServerConfig(model=tiny_dir, http_port=0, admin_token=TOKEN, max_batch_size=2, max_seq_len=MAX_SEQ_LEN)
+    config = ServerConfig.of(model=tiny_dir, http_port=0, admin_token=TOKEN, max_batch_size=2, max_seq_len=MAX_SEQ_LEN)
     with ServerThread(config) as running:
         yield running
 

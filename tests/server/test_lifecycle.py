@@ -12,10 +12,10 @@ import grpc
 import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
 from safetensors.torch import load_file
 
-from tests.helpers import PROMPTS, ServerThread, make_lora
 from tests.references import greedy_reference, load_reference_model, tokenizer_for
 
 MAX_NEW = 8
@@ -56,7 +56,7 @@ def _config(tiny_dir, **overrides) -> ServerConfig:
         model=tiny_dir, max_batch_size=6, max_seq_len=256, max_adapters=2, max_cpu_adapters=1, max_lora_rank=16
     )
     params.update(overrides)
-    return ServerConfig(**params)
+    return ServerConfig.of(**params)
 
 
 def _generate(target: str, adapter: str, prompt: int) -> list[int]:

@@ -9,9 +9,9 @@ import grpc
 import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
 MAX_NEW = 10
@@ -31,7 +31,7 @@ def references(tiny_dir, lora_dirs):
 
 @pytest.fixture
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(model=tiny_dir, max_batch_size=6, max_seq_len=256, max_adapters=4, max_lora_rank=16)
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=6, max_seq_len=256, max_adapters=4, max_lora_rank=16)
     with ServerThread(config) as running:
         with Client(running.target, timeout=120) as client:
             for name in ("qv8", "pattern", MERGED, "head"):
@@ -118,7 +118,7 @@ def test_merge_refusals(server, lora_dirs):
 
 def test_quantized_base_refuses_to_merge(tiny_dir, lora_dirs):
     pytest.importorskip("bitsandbytes")
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir,
         quantize="nf4",
         device="cpu",
@@ -138,7 +138,7 @@ def test_quantized_base_refuses_to_merge(tiny_dir, lora_dirs):
 
 
 def test_auto_policy_merges_single_adapter_traffic_and_unmerges_mixed(tiny_dir, lora_dirs, references):
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir,
         max_batch_size=6,
         max_seq_len=256,
@@ -167,10 +167,10 @@ def test_auto_policy_merges_single_adapter_traffic_and_unmerges_mixed(tiny_dir, 
 
 def test_auto_policy_leaves_unmergeable_kinds_alone(tiny_dir, tmp_path):
     """All traffic on a prefix-tuning adapter: the policy must not merge (or pin) what is not a W + BA delta."""
-    from tests.kinds import make_peft_adapter
+    from deltaserve.testing.kinds import make_peft_adapter
 
     prefix = make_peft_adapter(tiny_dir, str(tmp_path / "prefix"), "prefix", seed=5)
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=2, merge_policy="auto", merge_window_requests=2
     )
     with ServerThread(config) as server, Client(server.target, timeout=120) as client:

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
+import tomllib
+from pathlib import Path
 
 import grpc
 import pytest
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
+# The version is written once, in pyproject.toml; the server reports it through the installed package's metadata.
+PROJECT_VERSION = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["version"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=3, max_lora_rank=16, metrics_max_adapters=2
     )
     with ServerThread(config) as running:
@@ -90,7 +94,7 @@ def test_load_and_resource_metrics(server, lora_dirs, tmp_path):
             server,
             "deltaserve_info",
             model="model",
-            version="0.1.0",
+            version=PROJECT_VERSION,
             dtype="float32",
             device="cpu",
             quantization="none",

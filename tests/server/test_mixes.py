@@ -7,9 +7,9 @@ import grpc
 import pytest
 import torch
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
 
-from tests.helpers import PROMPTS, ServerThread, make_lora
 from tests.references import assert_logprobs_close, greedy_reference, tokenizer_for
 
 MAX_NEW = 10
@@ -49,7 +49,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, parts):
-    config = ServerConfig(model=tiny_dir, max_batch_size=6, max_seq_len=256, max_adapters=6, max_lora_rank=32)
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=6, max_seq_len=256, max_adapters=6, max_lora_rank=32)
     with ServerThread(config) as running:
         with Client(running.target, timeout=120) as client:
             for name, path in parts.items():

@@ -19,11 +19,10 @@ import grpc
 import openai
 import pytest
 from deltaserve.client import Client, DeltaserveError
-from deltaserve.server.app import ServerConfig
 from deltaserve.server.cli import add_serve_subcommand
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 from transformers import AutoTokenizer
-
-from tests.helpers import PROMPTS, ServerThread
 
 MAX_SEQ_LEN = 128
 TOKEN = "test-admin-token"
@@ -33,7 +32,7 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir,
         http_port=0,
         admin_token=TOKEN,
@@ -424,7 +423,7 @@ def test_chat_template_refusal_is_400(tiny_dir, tmp_path):
         "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant:"
     )
     tokenizer.save_pretrained(strict)
-    with ServerThread(ServerConfig(model=str(strict), max_seq_len=64, http_port=0)) as running:
+    with ServerThread(ServerConfig.of(model=str(strict), max_seq_len=64, http_port=0)) as running:
         url = f"http://127.0.0.1:{running.server.http_port}/v1"
         with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as client:
             with pytest.raises(openai.BadRequestError) as info:
@@ -488,7 +487,7 @@ def test_load_generate_unload_over_http(base_url, oai, grpc_client, lora_dirs, t
 @pytest.fixture(scope="module")
 def one_row(tiny_dir):
     """One cache row: a request that is not cancelled would keep every later one waiting."""
-    with ServerThread(ServerConfig(model=tiny_dir, max_batch_size=1, max_seq_len=512, http_port=0)) as running:
+    with ServerThread(ServerConfig.of(model=tiny_dir, max_batch_size=1, max_seq_len=512, http_port=0)) as running:
         yield running
 
 
@@ -572,7 +571,7 @@ def test_http_status_follows_the_grpc_status_of_each_core_error():
 
 
 def test_resource_exhausted_is_429_and_unavailable_is_503(tiny_dir, lora_dirs):
-    config = ServerConfig(model=tiny_dir, max_batch_size=1, max_seq_len=64, http_port=0, max_adapter_bytes=1000)
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=1, max_seq_len=64, http_port=0, max_adapter_bytes=1000)
     with ServerThread(config) as running:
         url = f"http://127.0.0.1:{running.server.http_port}/v1"
         too_big = _http(f"{url}/load_lora_adapter", {"lora_name": "big", "lora_path": lora_dirs["qv8"]})
@@ -590,7 +589,7 @@ def test_cli_flag_reaches_the_config():
 
     args = build_parser(add_serve_subcommand).parse_args(["serve", "--http-port", "8000"])
     assert args.http_port == 8000
-    assert ServerConfig().http_port is None, "the HTTP front door is off unless asked for"
+    assert ServerConfig().doors.http_port is None, "the HTTP front door is off unless asked for"
 
 
 def test_https_with_the_grpc_certificate(tiny_dir, tmp_path):
@@ -603,7 +602,7 @@ def test_https_with_the_grpc_certificate(tiny_dir, tmp_path):
         check=True,
         capture_output=True,
     )
-    config = ServerConfig(model=tiny_dir, max_seq_len=64, http_port=0, tls_cert=str(cert), tls_key=str(key))
+    config = ServerConfig.of(model=tiny_dir, max_seq_len=64, http_port=0, tls_cert=str(cert), tls_key=str(key))
     with ServerThread(config) as running:
         port = running.server.http_port
         trusted = openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(cert)))
@@ -618,7 +617,7 @@ def test_https_with_the_grpc_certificate(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_embedded_model_chat_over_http(smol_dir):
     """The real SmolLM2 with its own chat template: the HTTP chat answer is the gRPC one."""
-    with ServerThread(ServerConfig(max_batch_size=2, max_seq_len=256, http_port=0)) as running:
+    with ServerThread(ServerConfig.of(max_batch_size=2, max_seq_len=256, http_port=0)) as running:
         url = f"http://127.0.0.1:{running.server.http_port}/v1"
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) as client:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import assert_logprobs_close, greedy_reference, load_reference_model, tokenizer_for
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
@@ -30,7 +30,7 @@ def _bnb_config(quantize: str):
 def test_quantized_base_with_lora_matches_peft(tiny_dir, lora_dirs, quantize):
     quant = _bnb_config(quantize)
     tokenizer = tokenizer_for(tiny_dir)
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir,
         quantize=quantize,
         device="cpu",
@@ -60,13 +60,13 @@ def test_quantized_base_with_lora_matches_peft(tiny_dir, lora_dirs, quantize):
 def test_quantized_base_with_other_kinds_matches_peft(tiny_dir, tmp_path, quantize):
     """DoRA's norms need the dequantized weight; IA3 and prefix tuning act around the quantized layers.
     PEFT's own DoRA fails on bitsandbytes 8-bit layers, so on INT8 there is no oracle for DoRA."""
-    from tests.kinds import make_peft_adapter
+    from deltaserve.testing.kinds import make_peft_adapter
 
     quant = _bnb_config(quantize)
     tokenizer = tokenizer_for(tiny_dir)
     kinds = ["dora", "ia3", "prefix"] if quantize == "nf4" else ["ia3", "prefix"]
     dirs = {name: make_peft_adapter(tiny_dir, str(tmp_path / name), name, seed=60 + i) for i, name in enumerate(kinds)}
-    config = ServerConfig(
+    config = ServerConfig.of(
         model=tiny_dir, quantize=quantize, device="cpu", max_batch_size=4, max_seq_len=128, max_adapters=4
     )
     with ServerThread(config) as running, Client(running.target, timeout=120) as client:

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from deltaserve.client import Client
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.engine.sampling import RowState, SamplingParams, _process_row, sample
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 
-from tests.helpers import PROMPTS, ServerThread
 from tests.references import greedy_reference, load_reference_model, tokenizer_for
 
 
 @pytest.fixture(scope="module")
 def client(tiny_dir):
-    with ServerThread(ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=256)) as running:
+    with ServerThread(ServerConfig.of(model=tiny_dir, max_batch_size=4, max_seq_len=256)) as running:
         with Client(running.target, timeout=60) as client:
             yield client
 

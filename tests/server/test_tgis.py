@@ -18,13 +18,12 @@ import pytest
 from deltaserve.client import Client
 from deltaserve.client.fmaas import generation_pb2 as tgis_pb
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
-from deltaserve.server.app import ServerConfig
+from deltaserve.server.config import ServerConfig
+from deltaserve.testing.helpers import PROMPTS, ServerThread
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
-
-from tests.helpers import PROMPTS, ServerThread
 
 MAX_SEQ_LEN = 128
 CLIENT_SCRIPT = pathlib.Path(__file__).with_name("tgis_client.py")
@@ -37,7 +36,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
-    config = ServerConfig(model=tiny_dir, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, max_adapters=3, max_lora_rank=16)
+    config = ServerConfig.of(
+        model=tiny_dir, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, max_adapters=3, max_lora_rank=16
+    )
     with ServerThread(config) as running:
         Client(running.target).load_adapter("qv8", lora_dirs["qv8"])
         yield running
@@ -410,7 +411,7 @@ def test_health_and_reflection_name_the_service(server):
 
 # ---- the admin token guards the Adapters service only --------------------------------------------------------
 def test_admin_token_leaves_tgis_open(tiny_dir):
-    config = ServerConfig(model=tiny_dir, max_batch_size=2, max_seq_len=MAX_SEQ_LEN, admin_token="s3cret")
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=2, max_seq_len=MAX_SEQ_LEN, admin_token="s3cret")
     with ServerThread(config) as running, grpc.insecure_channel(running.target) as channel:
         stub = tgis_grpc.GenerationServiceStub(channel)  # this repository's stubs: same wire format
         request = tgis_pb.BatchedGenerationRequest(

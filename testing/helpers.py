@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny real models, real PEFT adapters, and real servers on loopback."""
+"""Tiny real models, real PEFT LoRA adapters, and real servers on loopback (for tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import asyncio
 import threading
 
 import torch
-from deltaserve.server.app import Server, ServerConfig
+from deltaserve.server.app import Server
+from deltaserve.server.config import ServerConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = [
@@ -66,9 +67,7 @@ class ServerThread:
     """A real deltaserve gRPC server on 127.0.0.1 with its own event loop, in a background thread."""
 
     def __init__(self, config: ServerConfig) -> None:
-        config.host = "127.0.0.1"
-        config.port = 0
-        self.server = Server.create(config)
+        self.server = Server.create(config.replace(host="127.0.0.1", port=0))
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
