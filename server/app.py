@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
+LISTENER_CLOSE_SECONDS = 2.0  # after the drain, for the last responses to leave before the listeners close
 VERSION = importlib.metadata.version("deltaserve")  # pyproject.toml's version, the only place it is written
 
 
@@ -260,16 +261,15 @@ class Server:
         log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", scheme, self.config.doors.host, self.http_port)
 
     async def stop(self) -> None:
-        """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace), exit."""
+        """Graceful stop. Health turns NOT_SERVING and new work is refused (UNAVAILABLE) while the listeners stay
+        open, so the drain is observable; in-flight requests finish (aborted once the grace is over); then the
+        listeners close. A load still running (a hung file system) is not waited for."""
         await self.health.enter_graceful_shutdown()
-        grace = self.config.ops.shutdown_grace_seconds
-        engine_stop = asyncio.create_task(asyncio.to_thread(self.engine.stop, grace))
-        http_stop = asyncio.create_task(self.http.stop()) if self.http is not None else None
+        await asyncio.to_thread(self.engine.stop, self.config.ops.shutdown_grace_seconds)
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace + 1.0)
-        if http_stop is not None:
-            await http_stop
-        await engine_stop
+            await self.grpc_server.stop(LISTENER_CLOSE_SECONDS)  # the last outputs are on their way
+        if self.http is not None:
+            await self.http.stop()
         self.registry.close()
 
     async def _engine_died(self) -> None:

@@ -8,8 +8,10 @@ one table in `status.py`; the Adapters service's bearer token is checked by `aut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,7 @@ from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.engine.engine import Engine
 from deltaserve.server.engine.merge import MergeController
 from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
+from deltaserve.server.errors import CapacityError
 from deltaserve.server.frontends.core import (
     AdapterRef,
     ChatTurn,
@@ -213,11 +216,41 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
     )
 
 
+MAX_CONCURRENT_LOADS = 8  # adapter loads running at once; more are refused (RESOURCE_EXHAUSTED)
+
+
+async def _in_daemon_thread(gate: threading.BoundedSemaphore, work: Callable[[], Any]) -> Any:
+    """Run `work` on a daemon thread of its own, holding `gate` until the thread ends. A load that hangs (a
+    stalled network file system) then holds no thread of the event loop's executor, which the other calls
+    need, and never keeps the process from exiting; an abandoned await leaves the gate taken until it ends."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = work()
+        except BaseException as err:
+            error = err
+        finally:
+            gate.release()
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="deltaserve-load", daemon=True).start()
+    return await future
+
+
 class AdaptersService(pb_grpc.AdaptersServicer):
     def __init__(self, engine: Engine, metrics: Metrics, merges: MergeController) -> None:
         self.registry = engine.registry
         self.metrics = metrics
         self.merges = merges
+        self._loads = threading.BoundedSemaphore(MAX_CONCURRENT_LOADS)
 
     @_unary_errors
     async def LoadAdapter(self, request, context):
@@ -226,10 +259,13 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     async def load(self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False) -> AdapterRecord:
         """Validate and register an adapter, with its metrics and log line (gRPC LoadAdapter and the HTTP
         load endpoint both come here)."""
-        # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
+        # Parsing and copying weights blocks: it runs on a thread of its own, never on the event loop.
         started = time.monotonic()
         try:
-            record = await asyncio.to_thread(self.registry.load, adapter_id, path, replace=replace, pin=pin)
+            if not self._loads.acquire(blocking=False):
+                raise CapacityError(f"{MAX_CONCURRENT_LOADS} adapter loads are in progress; retry later")
+            load = functools.partial(self.registry.load, adapter_id, path, replace=replace, pin=pin)
+            record = await _in_daemon_thread(self._loads, load)
         except Exception as err:
             self.metrics.observe_load(
                 _declared_kind(err), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
