@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,3 +79,30 @@ def test_a_tgis_batch_is_capped(campaign):
         tgis_grpc.GenerationServiceStub(channel).Generate(batch, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 128" in info.value.details()
     campaign.assert_clean()
+
+
+def test_the_waiting_queue_is_bounded(tiny_dir):
+    """One row busy, two requests waiting: the next is refused at once with RESOURCE_EXHAUSTED, and every
+    accepted request still completes."""
+    from deltaserve.server.config import ServerConfig
+    from deltaserve.testing.helpers import ServerThread
+
+    config = ServerConfig.of(model=tiny_dir, max_batch_size=1, max_seq_len=512, max_waiting_requests=2)
+    with ServerThread(config) as running, Client(running.target, timeout=120) as client:
+        registry = running.server.metrics.registry
+        with ThreadPoolExecutor(3) as pool:
+            accepted = [pool.submit(client.generate, "Queued", max_new_tokens=500, min_new_tokens=500)]
+            _wait_for(lambda: registry.get_sample_value("deltaserve_requests_running") == 1)
+            accepted += [pool.submit(client.generate, "Queued", max_new_tokens=4) for _ in range(2)]
+            _wait_for(lambda: registry.get_sample_value("deltaserve_requests_waiting") == 2)
+            with pytest.raises(DeltaserveError) as info:
+                client.generate("One too many", max_new_tokens=4)
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in info.value.message
+            assert [future.result().generated_tokens for future in accepted] == [500, 4, 4]
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
