@@ -533,6 +533,11 @@ class AdapterRegistry:
         with self._cv:
             return sorted([*self._by_id.values(), *self._draining], key=lambda r: r.adapter_id)
 
+    def occupied_slots(self) -> int:
+        """Device slots owned or reserved; equal to resident("device") whenever no copy is in progress."""
+        with self._cv:
+            return sum(owner is not None for owner in self._owners)
+
     def resident(self, tier: str) -> int:
         """Adapters per tier: "device" (holding a slot, incl. draining), "host" (host cache only)."""
         with self._cv:

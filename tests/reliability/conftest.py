@@ -83,6 +83,8 @@ class Campaign:
             time.sleep(0.02)
         assert registry.get_sample_value("deltaserve_requests_running") == 0
         assert registry.get_sample_value("deltaserve_requests_waiting") == 0
+        adapters = self.server.server.registry
+        assert adapters.occupied_slots() == adapters.resident("device")  # no slot reserved by a failed copy
 
 
 @pytest.fixture(scope="package")
