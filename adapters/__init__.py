@@ -1,6 +1,7 @@
 """deltaserve.adapters: adapter kinds — parse adapter directories, validate against the base, represent."""
 
 from deltaserve.adapters.base import (
+    AdapterAccessError,
     AdapterError,
     AdapterFormatError,
     AdapterKind,
@@ -30,6 +31,7 @@ __all__ = [
     "ATTENTION_SITE",
     "BOTTLENECK_SITES",
     "OUTPUT_SITE",
+    "AdapterAccessError",
     "AdapterError",
     "AdapterFormatError",
     "AdapterKind",

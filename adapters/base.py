@@ -21,6 +21,9 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
 class AdapterError(Exception):
     """Base of every adapter failure; the API layer maps each subclass to one gRPC status."""
 
+    # The kind the adapter's config declared, when it was read before the failure (for metrics labels).
+    declared_kind: AdapterKind | None = None
+
 
 class AdapterFormatError(AdapterError):
     """The directory or its files are missing, unreadable, corrupt or hold non-finite values."""
@@ -36,6 +39,10 @@ class AdapterMismatchError(AdapterError):
 
 class AdapterLimitError(AdapterError):
     """The adapter is larger than the server accepts."""
+
+
+class AdapterAccessError(AdapterError):
+    """The path lies outside the allowed adapter roots, or reaches a file through a link under one."""
 
 
 class AdapterKind(enum.Enum):

@@ -30,6 +30,7 @@ from deltaserve.adapters.base import (
     BaseModelSpec,
     UnsupportedAdapterError,
 )
+from deltaserve.adapters.directory import AdapterDirectory
 from deltaserve.adapters.peft_files import ReadOptions, check_finite, check_vector, read_pickle, read_safetensors
 from deltaserve.adapters.weights import ATTENTION_SITE, OUTPUT_SITE, Bottleneck, ParsedAdapter
 
@@ -107,19 +108,17 @@ def _settings(config: Mapping[str, Any]) -> tuple[str, str, Any]:
     return _input_mode(settings), _activation(settings, "version" in config), scaling
 
 
-def _read_tensors(path: str, options: ReadOptions) -> dict[str, torch.Tensor]:
-    safe = os.path.join(path, SAFE_WEIGHTS_NAME)
-    if os.path.exists(safe):
-        return read_safetensors(safe, options)
-    pickled = os.path.join(path, PICKLE_WEIGHTS_NAME)
-    if not os.path.exists(pickled):
-        raise AdapterFormatError(f"{safe!r} is missing")
+def _read_tensors(directory: AdapterDirectory, options: ReadOptions) -> dict[str, torch.Tensor]:
+    if directory.has(SAFE_WEIGHTS_NAME):
+        return read_safetensors(directory, SAFE_WEIGHTS_NAME, options)
+    if not directory.has(PICKLE_WEIGHTS_NAME):
+        raise AdapterFormatError(f"{os.path.join(directory.path, SAFE_WEIGHTS_NAME)!r} is missing")
     if not options.allow_pickle:
         raise AdapterFormatError(
-            f"{pickled!r} is a pickle file, which can run arbitrary code when loaded; deltaserve loads "
+            f"{PICKLE_WEIGHTS_NAME!r} is a pickle file, which can run arbitrary code when loaded; deltaserve loads "
             f"{SAFE_WEIGHTS_NAME} only (convert it with safetensors, or start the server with --allow-pickle)"
         )
-    return read_pickle(pickled, options)
+    return read_pickle(directory, PICKLE_WEIGHTS_NAME, options)
 
 
 def _group(tensors: Mapping[str, torch.Tensor]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
@@ -178,7 +177,9 @@ def _module(where: str, parts: dict[str, torch.Tensor], hidden: int, settings: t
     )
 
 
-def read_bottleneck(path: str, config: Mapping[str, Any], spec: BaseModelSpec, options: ReadOptions) -> ParsedAdapter:
+def read_bottleneck(
+    directory: AdapterDirectory, config: Mapping[str, Any], spec: BaseModelSpec, options: ReadOptions
+) -> ParsedAdapter:
     settings = _settings(config)
     geometry = spec.geometry
     if geometry is None:
@@ -188,9 +189,9 @@ def read_bottleneck(path: str, config: Mapping[str, Any], spec: BaseModelSpec, o
         raise AdapterMismatchError(
             f"the adapter was trained for hidden_size {declared}; the base model's is {geometry.hidden_size}"
         )
-    grouped = _group(_read_tensors(path, options))
+    grouped = _group(_read_tensors(directory, options))
     if not grouped:
-        raise AdapterFormatError(f"{path!r} holds no bottleneck weights")
+        raise AdapterFormatError(f"{directory.path!r} holds no bottleneck weights")
     bottlenecks = {}
     for (layer, site), parts in sorted(grouped.items()):
         if layer >= geometry.num_layers:
@@ -199,4 +200,4 @@ def read_bottleneck(path: str, config: Mapping[str, Any], spec: BaseModelSpec, o
             )
         where = f"layers.{layer}.{site}"
         bottlenecks[(layer, site)] = _module(where, parts, geometry.hidden_size, settings)
-    return ParsedAdapter(path=path, kind=AdapterKind.BOTTLENECK, bottlenecks=bottlenecks)
+    return ParsedAdapter(path=directory.path, kind=AdapterKind.BOTTLENECK, bottlenecks=bottlenecks)

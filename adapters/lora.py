@@ -16,9 +16,8 @@ Trained biases (``bias="all"`` / ``"lora_only"``, BitFit-style) become bias delt
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from deltaserve.adapters.base import (
     BaseModelSpec,
     UnsupportedAdapterError,
 )
+from deltaserve.adapters.patterns import PatternBudget, compile_patterns, matches
 from deltaserve.adapters.peft_files import PeftFiles, check_finite, check_vector, group_module_tensors, linear_shape
 from deltaserve.adapters.weights import ModuleDelta, ParsedAdapter, sum_present
 
@@ -43,6 +43,11 @@ class LoraConfig:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     fan_in_fan_out: bool
+    # The patterns compiled for PEFT's rule (a key matches a module name ending in it, as a regex), and the
+    # time budget their matching shares (deltaserve.adapters.patterns).
+    _rank_regexes: tuple = field(default=(), compare=False, repr=False)
+    _alpha_regexes: tuple = field(default=(), compare=False, repr=False)
+    _budget: PatternBudget = field(default_factory=PatternBudget, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> LoraConfig:
@@ -50,9 +55,9 @@ class LoraConfig:
         try:
             r = int(config.get("r", 8))
             alpha = float(config.get("lora_alpha", 8))
-            rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
-            alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
-        except (TypeError, ValueError) as err:
+            rank_pattern = {str(k): int(v) for k, v in _mapping(config, "rank_pattern").items()}
+            alpha_pattern = {str(k): float(v) for k, v in _mapping(config, "alpha_pattern").items()}
+        except (TypeError, ValueError, OverflowError) as err:
             raise AdapterFormatError(f"adapter_config.json has a malformed LoRA field: {err}") from None
         if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
             raise AdapterFormatError("adapter_config.json: LoRA rank r must be positive")
@@ -63,25 +68,39 @@ class LoraConfig:
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
             fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+            _rank_regexes=_suffix_regexes("rank_pattern", rank_pattern),
+            _alpha_regexes=_suffix_regexes("alpha_pattern", alpha_pattern),
         )
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """Rank and alpha for one module, honouring the patterns as PEFT's `get_pattern_key` does."""
-        rank = self.r
-        for pattern, value in self.rank_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                rank = value
-                break
-        alpha = self.lora_alpha
-        for pattern, value in self.alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = value
-                break
+        rank = next(
+            (value for regex, value in self._rank_regexes if matches(regex, module, "rank_pattern", self._budget)),
+            self.r,
+        )
+        alpha = next(
+            (value for regex, value in self._alpha_regexes if matches(regex, module, "alpha_pattern", self._budget)),
+            self.lora_alpha,
+        )
         return rank, alpha
 
     def scaling(self, module: str) -> float:
         rank, alpha = self.rank_and_alpha(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _mapping(config: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise AdapterFormatError(f"adapter_config.json: {key} must be an object")
+    return value
+
+
+def _suffix_regexes(field_name: str, pattern: Mapping[str, Any]) -> tuple:
+    """(compiled, value) pairs; PEFT's rule: a key matches a module name that ends in it (as a regex)."""
+    compile_patterns(field_name, pattern)  # count, length and syntax of the keys as the user wrote them
+    compiled = compile_patterns(field_name, [rf"(.*\.)?({key})$" for key in pattern])
+    return tuple(zip(compiled, pattern.values(), strict=True))
 
 
 def refuse_unsupported_features(config: Mapping[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,14 +13,14 @@ from typing import Any
 import torch
 from deltaserve.adapters.base import (
     AdapterFormatError,
-    AdapterLimitError,
     AdapterMismatchError,
     BaseModelSpec,
     LinearShape,
     UnsupportedAdapterError,
 )
+from deltaserve.adapters.directory import AdapterDirectory
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,78 +38,79 @@ class PeftFiles:
         return str(self.config.get("peft_type", "")).upper()
 
 
-def read_config(path: str) -> dict[str, Any]:
+# adapter_config.json is a few kilobytes; the cap bounds what a hostile file can make the parser do.
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def read_config(directory: AdapterDirectory) -> dict[str, Any]:
     """Read and parse `adapter_config.json`, naming the problem when it cannot."""
-    if not os.path.isdir(path):
-        raise AdapterFormatError(f"adapter directory {path!r} does not exist or is not a directory")
-    config_path = os.path.join(path, CONFIG_NAME)
+    where = f"{os.path.join(directory.path, CONFIG_NAME)!r}"
+    if not directory.has(CONFIG_NAME):
+        raise AdapterFormatError(f"{where} is missing: not a PEFT adapter directory")
+    data = directory.read(CONFIG_NAME, CONFIG_MAX_BYTES, f"the {CONFIG_MAX_BYTES}-byte cap on adapter configs")
     try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise AdapterFormatError(f"{config_path!r} is missing: not a PEFT adapter directory") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise AdapterFormatError(f"cannot read {config_path!r}: {err}") from None
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{where} is not UTF-8 text") from None
     except json.JSONDecodeError as err:
-        raise AdapterFormatError(f"{config_path!r} is not valid JSON: {err}") from None
+        raise AdapterFormatError(f"{where} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{where} nests JSON too deeply") from None
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_path!r} must hold a JSON object")
+        raise AdapterFormatError(f"{where} must hold a JSON object")
     return config
 
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """Server policy for reading weights: pickle is refused unless allowed; files above `max_bytes` too."""
+    """Server policy for reading adapters: pickle is refused unless allowed; weight files above `max_bytes`
+    too; with `roots`, directories are confined to them (see deltaserve.adapters.directory)."""
 
     allow_pickle: bool = False
     max_bytes: int | None = None
+    roots: tuple[str, ...] = ()
+    compute_dtype: torch.dtype = torch.float32  # what the device computes in: parsed values must be finite in it
 
 
 DEFAULT_READ_OPTIONS = ReadOptions()
 
 
-def _check_size(file: str, options: ReadOptions) -> None:
-    size = os.path.getsize(file)
-    if options.max_bytes is not None and size > options.max_bytes:
-        raise AdapterLimitError(
-            f"{file!r} is {size} bytes; the server accepts adapters up to {options.max_bytes} bytes "
-            "(--max-adapter-bytes)"
-        )
-
-
-def read_weights(path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> dict[str, torch.Tensor]:
+def read_weights(directory: AdapterDirectory, options: ReadOptions = DEFAULT_READ_OPTIONS) -> dict[str, torch.Tensor]:
     """Load `adapter_model.safetensors` on the CPU. Pickle files are refused (unpickling runs code) unless
     the server allows them, and even then they are read with torch.load(weights_only=True)."""
-    weights_path = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.exists(weights_path):
-        pickled = [os.path.join(path, name) for name in PICKLE_WEIGHTS if os.path.exists(os.path.join(path, name))]
-        if pickled and options.allow_pickle:
-            return read_pickle(pickled[0], options)
-        if pickled:
-            raise AdapterFormatError(
-                f"{pickled[0]!r} is a pickle file, which can run arbitrary code when loaded; deltaserve loads "
-                f"{WEIGHTS_NAME} only (convert it with safetensors, or start the server with --allow-pickle)"
-            )
-        raise AdapterFormatError(f"{weights_path!r} is missing")
-    return read_safetensors(weights_path, options)
+    if directory.has(WEIGHTS_NAME):
+        return read_safetensors(directory, WEIGHTS_NAME, options)
+    pickled = [name for name in PICKLE_WEIGHTS if directory.has(name)]
+    if pickled and options.allow_pickle:
+        return read_pickle(directory, pickled[0], options)
+    if pickled:
+        raise AdapterFormatError(
+            f"{pickled[0]!r} is a pickle file, which can run arbitrary code when loaded; deltaserve loads "
+            f"{WEIGHTS_NAME} only (convert it with safetensors, or start the server with --allow-pickle)"
+        )
+    raise AdapterFormatError(f"{os.path.join(directory.path, WEIGHTS_NAME)!r} is missing")
 
 
-def read_safetensors(file: str, options: ReadOptions) -> dict[str, torch.Tensor]:
-    _check_size(file, options)
+def _weights_bytes(directory: AdapterDirectory, name: str, options: ReadOptions) -> bytes:
+    return directory.read(name, options.max_bytes, "--max-adapter-bytes")
+
+
+def read_safetensors(directory: AdapterDirectory, name: str, options: ReadOptions) -> dict[str, torch.Tensor]:
+    data = _weights_bytes(directory, name, options)
     try:
-        return load_file(file, device="cpu")
+        return load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFormatError(f"cannot read {file!r} (truncated or corrupt?): {err}") from None
+        raise AdapterFormatError(f"cannot read {name!r} (truncated or corrupt?): {err}") from None
 
 
-def read_pickle(file: str, options: ReadOptions) -> dict[str, torch.Tensor]:
-    _check_size(file, options)
+def read_pickle(directory: AdapterDirectory, name: str, options: ReadOptions) -> dict[str, torch.Tensor]:
+    data = _weights_bytes(directory, name, options)
     try:
-        tensors = torch.load(file, map_location="cpu", weights_only=True)
+        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad pickles; all mean the same to the caller
-        raise AdapterFormatError(f"cannot read {file!r} as a weights-only pickle: {err}") from None
+        raise AdapterFormatError(f"cannot read {name!r} as a weights-only pickle: {err}") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise AdapterFormatError(f"{file!r} does not hold a flat dict of tensors")
+        raise AdapterFormatError(f"{name!r} does not hold a flat dict of tensors")
     return tensors
 
 

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from deltaserve.adapters.adalora import parse_adalora
-from deltaserve.adapters.base import AdapterFormatError, AdapterKind, BaseModelSpec, UnsupportedAdapterError
+from deltaserve.adapters.base import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterKind,
+    BaseModelSpec,
+    UnsupportedAdapterError,
+)
 from deltaserve.adapters.bottleneck import is_adapterhub_config, read_bottleneck
+from deltaserve.adapters.directory import AdapterDirectory
 from deltaserve.adapters.ia3 import parse_ia3
 from deltaserve.adapters.lora import parse_lora
 from deltaserve.adapters.peft_files import DEFAULT_READ_OPTIONS, PeftFiles, ReadOptions, read_config, read_weights
@@ -60,10 +68,30 @@ def declared_kind(config: dict) -> AdapterKind:
 
 
 def load_adapter(path: str, spec: BaseModelSpec, options: ReadOptions = DEFAULT_READ_OPTIONS) -> ParsedAdapter:
-    """Read, validate and parse the adapter in `path` (config first, so a wrong kind fails fast)."""
-    config = read_config(path)
-    if is_adapterhub_config(config):
-        return read_bottleneck(path, config, spec, options)
-    parser = parser_for(config)
-    files = PeftFiles(path=path, config=config, tensors=read_weights(path, options))
-    return parser(files, spec)
+    """Read, validate and parse the adapter in `path` (config first, so a wrong kind fails fast). The
+    directory is opened once, confined to `options.roots`, and every file is read relative to it. A failure
+    carries the kind the config declared, so nobody needs to read the path again to label it."""
+    kind = None
+    try:
+        with AdapterDirectory(path, options.roots) as directory:
+            config = read_config(directory)
+            kind = declared_kind(config)
+            if kind is AdapterKind.BOTTLENECK:
+                return check_device_ready(read_bottleneck(directory, config, spec, options), options.compute_dtype)
+            files = PeftFiles(path=path, config=config, tensors=read_weights(directory, options))
+        return check_device_ready(parser_for(config)(files, spec), options.compute_dtype)
+    except AdapterError as err:
+        err.declared_kind = kind
+        raise
+
+
+def check_device_ready(adapter: ParsedAdapter, dtype: torch.dtype) -> ParsedAdapter:
+    """Every value as the device will compute with it (scaling folded in, cast to the compute dtype) must be
+    finite: a finite file can still overflow (lora_alpha 1e39, or 1e5 in fp16), and one non-finite value
+    in a shared batch could otherwise reach other rows' results."""
+    for name, tensor in adapter.named_tensors():
+        if not torch.isfinite(tensor.to(dtype)).all():
+            raise AdapterFormatError(
+                f"{name} is not finite in {str(dtype).removeprefix('torch.')} once scaled (nan, inf or overflow)"
+            )
+    return adapter

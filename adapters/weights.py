@@ -49,9 +49,13 @@ class ModuleDelta:
     def has_vectors(self) -> bool:
         return any(t is not None for t in (self.input_scale, self.output_scale, self.bias_delta))
 
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in ("lora_a", "lora_b_scaled", "input_scale", "output_scale", "bias_delta"):
+            if (tensor := getattr(self, name)) is not None:
+                yield name, tensor
+
     def tensors(self) -> Iterator[torch.Tensor]:
-        fields = (self.lora_a, self.lora_b_scaled, self.input_scale, self.output_scale, self.bias_delta)
-        return (t for t in fields if t is not None)
+        return (tensor for _, tensor in self.named_tensors())
 
 
 # What a bottleneck reads, for a block mapping the residual stream r to h (the layer then outputs r + h + A(x)).
@@ -74,8 +78,11 @@ class Bottleneck:
     def size(self) -> int:
         return self.down.shape[0]
 
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter((("down", self.down), ("down_bias", self.down_bias), ("up", self.up), ("up_bias", self.up_bias)))
+
     def tensors(self) -> Iterator[torch.Tensor]:
-        return iter((self.down, self.down_bias, self.up, self.up_bias))
+        return (tensor for _, tensor in self.named_tensors())
 
 
 @dataclass(frozen=True)
@@ -112,15 +119,23 @@ class ParsedAdapter:
     def bottleneck_size(self) -> int:
         return max((b.size for b in self.bottlenecks.values()), default=0)
 
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor the server will place on the device, named for error messages."""
+        for module, delta in self.modules.items():
+            for name, tensor in delta.named_tensors():
+                yield f"{module}.{name}", tensor
+        for (layer, site), bottleneck in self.bottlenecks.items():
+            for name, tensor in bottleneck.named_tensors():
+                yield f"layers.{layer}.{site}_bottleneck.{name}", tensor
+        if self.prefix is not None:
+            yield "prefix keys", self.prefix.keys
+            yield "prefix values", self.prefix.values
+        if self.virtual_tokens is not None:
+            yield "virtual token embeddings", self.virtual_tokens
+
     @property
     def size_bytes(self) -> int:
-        parts: list[torch.Tensor] = [t for delta in self.modules.values() for t in delta.tensors()]
-        parts += [t for b in self.bottlenecks.values() for t in b.tensors()]
-        if self.prefix is not None:
-            parts += [self.prefix.keys, self.prefix.values]
-        if self.virtual_tokens is not None:
-            parts.append(self.virtual_tokens)
-        return tensor_bytes(parts)
+        return tensor_bytes(tensor for _, tensor in self.named_tensors())
 
     @property
     def target_modules(self) -> list[str]:

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
+LISTENER_CLOSE_SECONDS = 2.0  # after the drain, for the last responses to leave before the listeners close
 VERSION = importlib.metadata.version("deltaserve")  # pyproject.toml's version, the only place it is written
 
 
@@ -95,7 +96,10 @@ class Server:
         )
         self.path_policy = AdapterPathPolicy(config.adapters.adapter_root)
         read_options = ReadOptions(
-            allow_pickle=config.adapters.allow_pickle, max_bytes=config.adapters.max_adapter_bytes
+            allow_pickle=config.adapters.allow_pickle,
+            max_bytes=config.adapters.max_adapter_bytes,
+            roots=self.path_policy.roots,
+            compute_dtype=loaded.dtype,
         )
         self.registry = AdapterRegistry(
             self.runner.base_spec(),
@@ -109,6 +113,7 @@ class Server:
             max_seq_len,
             _eos_token_ids(loaded),
             max(config.batching.max_prefill_tokens, max_seq_len),
+            max_waiting=config.batching.max_waiting_requests,
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.merges = MergeController(self.engine, self.registry, self.runner, self.metrics)
@@ -120,6 +125,8 @@ class Server:
         self.registry.on_evict = self.metrics.adapter_evictions.inc
         self._bind_metrics(slots)
         self.health = health.aio.HealthServicer()
+        self._health_services: tuple[str, ...] = ()
+        self.engine_dead = asyncio.Event()  # set on the event loop when the engine thread dies
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.core: FrontDoorCore | None = None  # set by start(); every front door generates through it
@@ -185,6 +192,8 @@ class Server:
         for adapter_id, path in [*self.config.adapters.preload, *adapters_under(self.config.adapters.adapter_dir)]:
             record = await asyncio.to_thread(self.registry.load, adapter_id, path)
             log.info("registered adapter %r (%s) from %s", adapter_id, record.state.value, path)
+        loop = asyncio.get_running_loop()
+        self.engine.on_death = lambda err: loop.call_soon_threadsafe(asyncio.ensure_future, self._engine_died())
         self.engine.start()
         token = BearerToken(self.config.security.admin_token)
         interceptors = [AdminTokenInterceptor(token)] if token.required else []
@@ -228,7 +237,8 @@ class Server:
             self.metrics.serve(self.config.doors.metrics_port, self.config.doors.host)
         if self.config.doors.http_port is not None:
             await self._start_http(core, adapters, token)
-        for service in ("", *names[:3]):
+        self._health_services = ("", *names[:3])
+        for service in self._health_services:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("deltaserve serving %s on %s:%d", self.loaded.name, self.config.doors.host, self.port)
         return self.port
@@ -251,25 +261,43 @@ class Server:
         log.info("OpenAI-compatible HTTP on %s://%s:%d/v1", scheme, self.config.doors.host, self.http_port)
 
     async def stop(self) -> None:
-        """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace), exit."""
+        """Graceful stop. Health turns NOT_SERVING and new work is refused (UNAVAILABLE) while the listeners stay
+        open, so the drain is observable; in-flight requests finish (aborted once the grace is over); then the
+        listeners close. A load still running (a hung file system) is not waited for."""
         await self.health.enter_graceful_shutdown()
-        grace = self.config.ops.shutdown_grace_seconds
-        engine_stop = asyncio.create_task(asyncio.to_thread(self.engine.stop, grace))
-        http_stop = asyncio.create_task(self.http.stop()) if self.http is not None else None
+        await asyncio.to_thread(self.engine.stop, self.config.ops.shutdown_grace_seconds)
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace + 1.0)
-        if http_stop is not None:
-            await http_stop
-        await engine_stop
+            await self.grpc_server.stop(LISTENER_CLOSE_SECONDS)  # the last outputs are on their way
+        if self.http is not None:
+            await self.http.stop()
         self.registry.close()
 
-    async def serve_until_signalled(self) -> None:
-        await self.start()
+    async def _engine_died(self) -> None:
+        """The engine thread is gone (its requests already failed with UNAVAILABLE): report NOT_SERVING on every
+        service at once, and let `serve_until_signalled` end the process with a failure status."""
+        self.engine_dead.set()
+        for service in self._health_services:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def serve_until_signalled(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit status 0) or until the engine dies (status 1, for a restart)."""
         stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_event.set)
-        await stop_event.wait()
+        return await self.serve_until(stop_event)
+
+    async def serve_until(self, stop_event: asyncio.Event) -> int:
+        """Start, serve until `stop_event` is set (status 0) or the engine dies (status 1), then stop."""
+        await self.start()
+        signalled = asyncio.create_task(stop_event.wait())
+        died = asyncio.create_task(self.engine_dead.wait())
+        await asyncio.wait({signalled, died}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        died.cancel()
+        if self.engine_dead.is_set():
+            log.critical("the engine died: stopping with status 1 so that the process is restarted")
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", self.config.ops.shutdown_grace_seconds)
         await self.stop()
         log.info("stopped")
+        return 1 if self.engine_dead.is_set() else 0

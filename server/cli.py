@@ -92,13 +92,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         server = Server.create(config)
-        asyncio.run(server.serve_until_signalled())
+        return asyncio.run(server.serve_until_signalled())
     except ConfigError:
         raise  # exit 2, like the flags' own errors
     except DeltaserveServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _run_server_command(args: argparse.Namespace) -> int:

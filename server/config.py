@@ -209,6 +209,9 @@ class BatchingConfig(ConfigGroup):
     max_prefill_tokens: int = setting(
         4096, "padded prompt tokens prefilled in one forward (at least one full context)", minimum=1
     )
+    max_waiting_requests: int = setting(
+        1024, "requests queued beyond the running batch; more are refused with RESOURCE_EXHAUSTED", minimum=1
+    )
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,27 @@ class CapacityError(DeltaserveServerError):
     """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED)."""
 
 
+class AdapterUnreadableError(DeltaserveServerError):
+    """A loaded adapter whose files could not be read back onto the device (they changed or vanished since
+    it was validated); requests for it fail until it reads again (FAILED_PRECONDITION)."""
+
+
+class NonFiniteOutputError(DeltaserveServerError):
+    """A request's logits or sampling distribution were not finite, e.g. an overflowing adapter; only that
+    request fails (FAILED_PRECONDITION)."""
+
+
 class EngineStoppedError(DeltaserveServerError):
     """The engine is shutting down and admits no new work (UNAVAILABLE)."""
+
+
+class EngineFailedError(DeltaserveServerError):
+    """The engine thread died; the server reports NOT_SERVING and exits so that it is restarted (UNAVAILABLE)."""
+
+
+class EngineStepError(DeltaserveServerError):
+    """An engine step failed on a bug or a device error; the requests in it fail, the engine keeps serving
+    (INTERNAL: the detail is in the server log under the request id)."""
 
 
 class ModelLoadError(DeltaserveServerError):

@@ -36,6 +36,20 @@ def load_reference_model(model_dir: str, adapter_dir: str | None = None, **load_
     return model.eval()
 
 
+def peft_mix_model(model_dir: str, parts: dict[str, str], names, weights, method: str):
+    """PEFT's own weighted mix (`add_weighted_adapter`) of the named LoRA directories, as the active adapter."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), parts[names[0]], adapter_name=names[0]
+    )
+    for name in names[1:]:
+        model.load_adapter(parts[name], adapter_name=name)
+    model.add_weighted_adapter(list(names), list(weights), "mix", combination_type=method)
+    model.set_adapter("mix")
+    return model.eval()
+
+
 def cache_keyword(model) -> str:
     """The keyword the installed transformers takes a KV cache under: `cache` from 5.24, `past_key_values`
     before (5.24 still accepts the old name alone, but drops it when generation also passes the new one)."""

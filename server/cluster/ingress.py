@@ -3,11 +3,13 @@
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from deltaserve.server.cluster.ray_grpc import GrpcIngressMethods
+from deltaserve.server.errors import InvalidRequestError
 from deltaserve.server.frontends.auth import HTTP_ADMIN_NEEDS, BearerToken
 from deltaserve.server.frontends.core import adapter_for_model
-from deltaserve.server.frontends.openai.errors import error_json
+from deltaserve.server.frontends.openai.errors import OpenAIHttpError, error_json
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +29,11 @@ async def _after_head(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield chunk
     except RayActorError as err:
         log.warning("replica lost in the middle of a response: %s", type(err).__name__)
+
+
+class BodyTooLargeError(OpenAIHttpError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the server's {limit} bytes (--max-request-bytes)")
 
 
 ingress_app = FastAPI(title="deltaserve on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -49,12 +56,14 @@ class Ingress(GrpcIngressMethods):
         model_name: str,
         admin_token: str | None,
         adapter_affinity: bool = True,
+        max_request_bytes: int = 4 << 20,
     ) -> None:
         self.replicas = replicas
         self.catalog = catalog
         self.model_name = model_name
         self.token = BearerToken(admin_token)
         self.adapter_affinity = adapter_affinity
+        self.max_request_bytes = max_request_bytes
 
     def _replica_for(self, adapter_id: str, stream: bool = False) -> DeploymentHandle:
         """The replicas' handle, routing to a replica that holds `adapter_id` where one does (Ray Serve
@@ -67,8 +76,27 @@ class Ingress(GrpcIngressMethods):
         """Registering and unregistering adapters need the admin token, as on a single server."""
         self.token.check(request.headers.get("authorization"), HTTP_ADMIN_NEEDS)
 
+    async def _body(self, request: HttpRequest) -> bytes:
+        """The request body, read in chunks and refused (413) past --max-request-bytes, as a single server does."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise BodyTooLargeError(self.max_request_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _json(self, request: HttpRequest) -> Any:
+        try:
+            return json.loads(await self._body(request))
+        except (ValueError, RecursionError):
+            raise InvalidRequestError("the request body is not valid JSON") from None
+
     async def _forward(self, request: HttpRequest) -> Response:
-        body = await request.body()
+        try:
+            body = await self._body(request)
+        except BodyTooLargeError as err:
+            return error_json(err)
         try:
             model = json.loads(body).get("model") or ""
         except (ValueError, AttributeError):
@@ -119,7 +147,7 @@ class Ingress(GrpcIngressMethods):
     async def load_adapter(self, request: HttpRequest) -> JSONResponse:
         try:
             self._check_admin(request)
-            body = await request.json()
+            body = await self._json(request)
             adapter_id, path = body["lora_name"], body["lora_path"]
             _, version = await self.catalog.register.remote(adapter_id, path, bool(body.get("load_inplace")))
         except Exception as err:
@@ -130,7 +158,7 @@ class Ingress(GrpcIngressMethods):
     async def unload_adapter(self, request: HttpRequest) -> JSONResponse:
         try:
             self._check_admin(request)
-            adapter_id = (await request.json())["lora_name"]
+            adapter_id = (await self._json(request))["lora_name"]
             await self.catalog.unregister.remote(adapter_id)
         except Exception as err:
             return error_json(err)

@@ -25,7 +25,7 @@ from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.server.errors import UnauthenticatedError
 from deltaserve.server.frontends.auth import GRPC_ADMIN_NEEDS, grpc_authorization
 from deltaserve.server.frontends.core import AdapterRef
-from deltaserve.server.frontends.status import status_for
+from deltaserve.server.frontends.status import public_message, status_for
 from google.protobuf import empty_pb2, message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
@@ -87,7 +87,7 @@ def _fail_with(context: RayServegRPCContext, err: BaseException) -> NoReturn:
             grpc.StatusCode.UNAVAILABLE,
             f"the replica serving this call is unavailable ({type(err).__name__}); retry",
         )
-    _fail(context, status_for(err), str(err) or type(err).__name__)
+    _fail(context, status_for(err), public_message(err))
 
 
 def generation_method(request: Message, name: str) -> tuple[str, type[Message]]:

@@ -55,6 +55,7 @@ def build_app(config: ClusterConfig) -> serve.Application:
         served_name(config.server.base.model),
         config.server.security.admin_token,
         config.adapter_affinity,
+        config.server.security.max_request_bytes,
     )
 
 

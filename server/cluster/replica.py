@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from deltaserve.server.cluster.config import ClusterConfig
 from deltaserve.server.errors import AdapterNotFoundError
 from deltaserve.server.frontends.openai.errors import error_body
 from deltaserve.server.frontends.openai.server import OpenAIFrontDoor
-from deltaserve.server.frontends.status import status_for
+from deltaserve.server.frontends.status import public_message, status_for
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -50,7 +51,8 @@ class DeltaserveReplica:
 
             torch.set_num_threads(config.torch_threads)
         # The replica's own gRPC server listens on loopback only: the ingress reaches it through this replica, and
-        # adapter administration goes through the catalog (the ingress checks the admin token).
+        # adapter administration goes through the catalog (the ingress checks the admin token). Its Adapters
+        # service takes a random token nobody is given, so no other process on the node can load adapters there.
         # Its adapters come from the catalog on demand, so none are preloaded or read from --adapter-dir here.
         server_config = config.server.replace(
             host="127.0.0.1",
@@ -61,7 +63,7 @@ class DeltaserveReplica:
             adapter_dir=[],
             tls_cert=None,
             tls_key=None,
-            admin_token=None,
+            admin_token=secrets.token_urlsafe(32),
         )
         self.server = await asyncio.to_thread(Server.create, server_config)
         await self.server.start()  # the engine, and this replica's own gRPC server on a loopback port
@@ -286,6 +288,7 @@ class DeltaserveReplica:
         return {
             "replica": self.replica_id,
             "metrics_port": self.metrics_port,
+            "loopback_port": self.server.port,  # this replica's own gRPC server on 127.0.0.1
             "loads": dict(self.loads),
             "served": dict(self.served),
             "resident": [record.adapter_id for record in self.server.registry.list()],
@@ -300,4 +303,4 @@ class DeltaserveReplica:
 
 def _status_of(err: BaseException) -> tuple[str, str]:
     """(gRPC status name, details) for an error raised on the replica outside its gRPC server."""
-    return status_for(err).name, str(err) or type(err).__name__
+    return status_for(err).name, public_message(err)

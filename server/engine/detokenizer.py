@@ -62,10 +62,20 @@ class IncrementalDetokenizer:
         return piece
 
     def _held_back(self) -> int:
-        longest = 0
+        """The longest tail of the text that is a proper prefix of a stop string. Only sizes at which the stop
+        string holds the text's last character are compared, so a typical step costs a few comparisons, and
+        the count and length caps on stop strings (frontends/core.py) bound the worst case."""
+        if not self._stop or not self.text:
+            return 0
+        last, longest = self.text[-1], 0
         for stop in self._stop:
-            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+            end = min(len(stop) - 1, len(self.text))
+            while end > longest:
+                size = stop.rfind(last, 0, end) + 1  # a candidate prefix stop[:size] ends with `last`
+                if size <= longest:
+                    break
                 if self.text.endswith(stop[:size]):
                     longest = size
                     break
+                end = size - 1
         return longest

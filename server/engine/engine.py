@@ -9,6 +9,7 @@ Other threads talk to the engine only through `submit`, `Request.cancel` and eac
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -18,9 +19,15 @@ from dataclasses import dataclass
 
 import torch
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
-from deltaserve.server.engine.request import FINISHED_ROW, FinishReason, Request, RequestOutput
-from deltaserve.server.engine.sampling import RowState, make_generator, sample
-from deltaserve.server.errors import EngineStoppedError
+from deltaserve.server.engine.request import FINISHED_ROW, NO_ROW, FinishReason, Request, RequestOutput
+from deltaserve.server.engine.sampling import RowState, Sampled, make_generator, sample
+from deltaserve.server.errors import (
+    CapacityError,
+    EngineFailedError,
+    EngineStepError,
+    EngineStoppedError,
+    NonFiniteOutputError,
+)
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
 from deltaserve.server.model.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
@@ -36,6 +43,7 @@ class EngineConfig:
     max_seq_len: int
     eos_token_ids: tuple[int, ...]
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill forward (bounds its activation memory)
+    max_waiting: int = 1024  # requests queued beyond the running batch; more are refused (RESOURCE_EXHAUSTED)
 
 
 class Engine:
@@ -63,6 +71,8 @@ class Engine:
         self.admission_observer: Callable[[str], None] | None = None  # sees each admitted request's adapter
         self._decode_key: tuple | None = None  # what the cached decode-step adapter batch was built for
         self._decode_adapters = NO_ADAPTERS
+        self.failure: BaseException | None = None  # why the engine thread died, if it did
+        self.on_death: Callable[[BaseException], None] = lambda err: None  # the server's health and exit hook
         self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------
@@ -73,6 +83,8 @@ class Engine:
         with self._cv:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and accepts no new requests")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise CapacityError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
             self._waiting.append(request)
             self.metrics.requests_waiting.set(len(self._waiting))
             self._cv.notify()
@@ -121,6 +133,32 @@ class Engine:
 
     # ---- the loop (engine thread) ------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # the loop itself broke (its own error handling raised): nothing runs now
+            self._die(err)
+
+    def _die(self, err: BaseException) -> None:
+        """Fail everything queued, running or commanded with UNAVAILABLE and tell `on_death`, so that health
+        turns NOT_SERVING and the process exits for its supervisor to restart it."""
+        log.critical("the engine thread died", exc_info=err)
+        self.failure = err
+        with self._cv:
+            self._accepting = False
+            commands, self._commands = self._commands, []
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        self._cancel_commands(commands)
+        dead = EngineFailedError("the engine failed and is restarting; retry the request")
+        for request in [*waiting, *self._running]:
+            if request.row != FINISHED_ROW:
+                with contextlib.suppress(Exception):  # the state that broke the loop may break this too
+                    request.row = NO_ROW  # its cache row is not touched again
+                    self._finish(request, None, error=dead)
+        self._running = []
+        self.on_death(err)
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._waiting and not self._running and not self._commands and self._accepting:
@@ -142,11 +180,13 @@ class Engine:
                 continue
             try:
                 self._step(admitted)
-            except Exception as err:  # a bug or device failure: fail what was in flight, keep serving
-                log.exception("engine step failed")
+            except Exception:  # a bug or device failure: fail what was in flight, keep serving
+                log.exception("engine step failed for requests %s", [r.request_id for r in [*admitted, *self._running]])
                 for request in [*admitted, *self._running]:
                     if request.row != FINISHED_ROW:
-                        self._finish(request, None, error=err)
+                        # The detail stays in the log: a client sees no library text or server path.
+                        failure = EngineStepError(f"internal error in the engine step (request {request.request_id})")
+                        self._finish(request, None, error=failure)
                 self._running.clear()
         self._abort_all()
 
@@ -237,9 +277,7 @@ class Engine:
             request.prefilled_at = now
             self.metrics.observe_queue(request.adapter_id, now - request.arrival)
             self._running.append(request)
-        tokens, logprobs = sample(logits, [r.sampler for r in group], self._eos)
-        for i, request in enumerate(group):
-            self._accept(request, tokens[i], logprobs[i] if logprobs else None)
+        self._take(group, sample(logits, [r.sampler for r in group], self._eos))
         self._compact()
 
     def _decode(self) -> None:
@@ -250,10 +288,9 @@ class Engine:
         batch = self._decode_batch([r.slot for r in running])
         logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), batch)
         self.metrics.batch_size.observe(len(running))
-        tokens, logprobs = sample(logits, [r.sampler for r in running], self._eos)
-        for i, request in enumerate(running):
+        for request in running:
             request.cache_len += 1
-            self._accept(request, tokens[i], logprobs[i] if logprobs else None)
+        self._take(running, sample(logits, [r.sampler for r in running], self._eos))
         self._compact()
 
     def _adapter_batch(self, token_slots: list[int], head_slots: list[int] | None) -> AdapterBatch:
@@ -290,6 +327,14 @@ class Engine:
         return self._decode_adapters
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------
+    def _take(self, rows: list[Request], sampled: Sampled) -> None:
+        """Hand each row its sampled token; a row whose output was not finite fails alone."""
+        for i, request in enumerate(rows):
+            if i in sampled.failed:
+                self._finish(request, None, error=NonFiniteOutputError(_non_finite_message(request)))
+            else:
+                self._accept(request, sampled.tokens[i], sampled.logprobs[i] if sampled.logprobs else None)
+
     def _accept(self, request: Request, token: int, logprob: float | None) -> None:
         """Record a sampled token, emit its output, and finish the request if it is done."""
         now = time.monotonic()
@@ -375,3 +420,8 @@ class Engine:
             if request.row != FINISHED_ROW:
                 self._finish(request, FinishReason.ABORTED)
         self._running = []
+
+
+def _non_finite_message(request: Request) -> str:
+    source = f"adapter {request.adapter_id!r}" if request.adapter_id else "the base model with these parameters"
+    return f"the output is not finite (nan or inf): {source} overflows for this request"

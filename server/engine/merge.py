@@ -138,10 +138,15 @@ class AutoMergePolicy:
             return
         try:
             self.controller.merge_on_engine(record)
-        except MergeError as err:
+        except Exception as err:  # MergeError, or out of memory: either way the base stays unmerged
             registry.set_merged(adapter_id, False)
             self._refused.add(adapter_id)
-            log.info("auto merge: %r cannot be merged (%s)", adapter_id, err)
+            log.log(
+                logging.INFO if isinstance(err, MergeError) else logging.WARNING,
+                "auto merge: %r cannot be merged (%s)",
+                adapter_id,
+                err,
+            )
             return
         self._switched(f"{adapter_id!r} was named by {share:.0%} of the requests")
 

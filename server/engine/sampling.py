@@ -71,9 +71,19 @@ def _process_row(logits: torch.Tensor, row: RowState) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor) -> tuple[list[int], list[float] | None]:
-    """Choose one token per row from logits [B, V] (fp32). Returns token ids and, if any row asked, the
-    raw log-probability of each chosen token (None otherwise)."""
+@dataclass(frozen=True)
+class Sampled:
+    """One step's choice for every row of a batch."""
+
+    tokens: list[int]
+    logprobs: list[float] | None  # raw log-probability of each chosen token, when any row asked for them
+    failed: frozenset[int]  # rows whose logits (or processed probabilities) were not finite: no token for them
+
+
+def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor) -> Sampled:
+    """Choose one token per row from logits [B, V] (fp32). A row whose logits hold nan or inf (an overflowing
+    adapter) or whose warped distribution is degenerate fails alone; the other rows are sampled as usual."""
+    failed = {i for i in (~torch.isfinite(logits).all(dim=-1)).nonzero()[:, 0].tolist()}
     too_early = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens]
     warped = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 or not row.params.greedy]
     processed = logits
@@ -82,13 +92,17 @@ def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor) ->
         if too_early and eos_ids.numel():  # every such row at once: no per-row work for min_new_tokens
             processed[torch.tensor(too_early, device=logits.device)[:, None], eos_ids[None, :]] = float("-inf")
         for i in warped:  # EOS already masked: the penalty keeps -inf at -inf, so the order does not matter
-            processed[i] = _process_row(processed[i], rows[i])
+            if i not in failed:
+                processed[i] = _process_row(processed[i], rows[i])
     chosen = processed.argmax(dim=-1)
     for i, row in enumerate(rows):
-        if not row.params.greedy:
+        if not row.params.greedy and i not in failed:
             probs = processed[i].softmax(-1)
+            if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+                failed.add(i)
+                continue
             chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
     logprobs = None
     if any(row.params.logprobs for row in rows):
         logprobs = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0].tolist()
-    return chosen.tolist(), logprobs
+    return Sampled(chosen.tolist(), logprobs, frozenset(failed))

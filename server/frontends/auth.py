@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import grpc
+from deltaserve.adapters.directory import within
 from deltaserve.server.errors import PermissionDeniedError, UnauthenticatedError
 
 ADMIN_METHOD_PREFIX = "/deltaserve.v1.Adapters/"
@@ -15,20 +16,21 @@ HTTP_CHALLENGE = {"www-authenticate": "Bearer"}  # sent with every HTTP 401 (RFC
 
 
 class AdapterPathPolicy:
-    """Confines adapter paths to the configured roots. Paths are resolved first (symlinks and `..`), so a
-    link inside a root pointing outside it is refused too. No roots: any path (a local, trusted setup)."""
+    """Confines adapter paths to the configured roots, lexically here (`..` folded, nothing on disk touched, so
+    no path outside a root is ever opened, not even to resolve it); the loader then reaches the directory from
+    the root's descriptor without following any link (deltaserve.adapters.directory). No roots: any path (a
+    local, trusted setup). Messages name the caller's path and the flag, never the roots."""
 
     def __init__(self, roots: Sequence[str]) -> None:
-        self.roots = [os.path.realpath(root) for root in roots]
+        self.roots = tuple(os.path.realpath(root) for root in roots)
 
     def resolve(self, path: str) -> str:
-        resolved = os.path.realpath(path)
-        if self.roots and not any(os.path.commonpath([resolved, root]) == root for root in self.roots):
-            raise PermissionDeniedError(
-                f"adapter path {path!r} resolves to {resolved!r}, outside the allowed --adapter-root "
-                f"directories ({', '.join(self.roots)})"
-            )
-        return resolved
+        """The absolute, normalised path, or PermissionDeniedError when it lies outside every root."""
+        if not self.roots:
+            return path
+        if within(path, self.roots) is None:
+            raise PermissionDeniedError(f"adapter path {path!r} is outside the allowed --adapter-root directories")
+        return os.path.normpath(os.path.abspath(path))
 
 
 class BearerToken:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltaserve.adapters import compose
+from deltaserve.adapters import ParsedAdapter, compose
 from deltaserve.server.engine.engine import Engine
 from deltaserve.server.engine.request import Request, RequestOutput
 from deltaserve.server.engine.sampling import SamplingParams
@@ -31,6 +31,11 @@ from jinja2 import TemplateError
 # Smaller positive temperatures (or an infinite one) can turn logits / temperature into inf or NaN, which would
 # fail the sampling step of every request in the batch, not only this one.
 MIN_TEMPERATURE = 1e-4
+# Bounds on what one request may ask of the shared engine (docs/security.md). Stop strings are checked against
+# the text's tail at every token on the engine thread; penalties outside the range overflow the logits.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 512
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 BASE_ALIASES = ("", "base")  # names of the base model besides its own, where a door takes a model name
 
 
@@ -242,12 +247,13 @@ class FrontDoorCore:
         )
         _check(top_k >= 0, name(Field.TOP_K), f"{name(Field.TOP_K)} must be >= 0, got {top_k}")
         _check(0.0 < top_p <= 1.0, name(Field.TOP_P), f"{name(Field.TOP_P)} must be in (0, 1], got {top_p}")
+        low, high = REPETITION_PENALTY_RANGE
         _check(
-            0 < penalty < math.inf,
+            low <= penalty <= high,
             name(Field.REPETITION_PENALTY),
-            f"{name(Field.REPETITION_PENALTY)} must be a finite number > 0, got {penalty}",
+            f"{name(Field.REPETITION_PENALTY)} must be a finite number in [{low}, {high}], got {penalty}",
         )
-        _check(all(request.stop), name(Field.STOP), f"{name(Field.STOP)} strings must not be empty")
+        self._check_stops(request.stop, name(Field.STOP))
         return SamplingParams(
             max_new_tokens=max_new,
             min_new_tokens=min_new,
@@ -258,6 +264,17 @@ class FrontDoorCore:
             stop=request.stop,
             repetition_penalty=penalty,
             logprobs=request.logprobs,
+        )
+
+    @staticmethod
+    def _check_stops(stops: tuple[str, ...], name: str) -> None:
+        _check(all(stops), name, f"{name} strings must not be empty")
+        _check(
+            len(stops) <= MAX_STOP_SEQUENCES, name, f"{name}: at most {MAX_STOP_SEQUENCES} strings, got {len(stops)}"
+        )
+        longest = max(map(len, stops), default=0)
+        _check(
+            longest <= MAX_STOP_CHARS, name, f"{name} strings hold at most {MAX_STOP_CHARS} characters, got {longest}"
         )
 
     # ---- adapters ------------------------------------------------------------------------------------------
@@ -300,18 +317,19 @@ class FrontDoorCore:
             return registry.acquire(derived_id)
         except AdapterNotFoundError:
             pass
-        adapters = [registry.host_copy(adapter_id) for adapter_id in members]
-        if mix is None:
-            derived = compose(derived_id, list(members), adapters)
-        else:
+
+        def build(adapters: list[ParsedAdapter]) -> ParsedAdapter:
+            if mix is None:
+                return compose(derived_id, list(members), adapters)
             for adapter_id, adapter in zip(members, adapters, strict=True):
                 if not adapter.is_plain_lora:
                     raise MergeError(
                         f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only plain LoRA can "
                         "(use adapter_stack to apply adapters of other kinds together)"
                     )
-            derived = combine(mix, adapters)
-        registry.register_derived(derived_id, derived, members)
+            return combine(mix, adapters)
+
+        registry.derive(derived_id, members, build)
         return registry.acquire(derived_id)
 
     def require_servable(self, adapter_id: str) -> None:
@@ -327,7 +345,9 @@ class FrontDoorCore:
         async with asyncio.timeout_at(request.deadline):  # bringing an adapter in counts against the deadline
             adapter = await self.acquire(request.adapter)
         try:
-            prompt_ids, params = self.prepare(request, names, adapter.extra_positions if adapter else 0)
+            # Tokenizing (a prompt may be megabytes) runs on a worker thread, never on the event loop.
+            extra = adapter.extra_positions if adapter else 0
+            prompt_ids, params = await asyncio.to_thread(self.prepare, request, names, extra)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 

@@ -8,20 +8,21 @@ one table in `status.py`; the Adapters service's bearer token is checked by `aut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
-from deltaserve.adapters.peft_files import read_config
-from deltaserve.adapters.registry import declared_kind
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.engine.engine import Engine
 from deltaserve.server.engine.merge import MergeController
 from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
+from deltaserve.server.errors import CapacityError
 from deltaserve.server.frontends.core import (
     AdapterRef,
     ChatTurn,
@@ -31,7 +32,7 @@ from deltaserve.server.frontends.core import (
     GenerationRequest,
     clean_request_id,
 )
-from deltaserve.server.frontends.status import status_for
+from deltaserve.server.frontends.status import public_message, status_for
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.residency.registry import AdapterRecord, AdapterState
 
@@ -55,10 +56,7 @@ _STATE_TO_PROTO = {
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
-    code = status_for(err)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("internal error", exc_info=err)
-    await context.abort(code, str(err) or type(err).__name__)
+    await context.abort(status_for(err), public_message(err, request_id(context)))
 
 
 def _unary_errors(method: Callable) -> Callable:
@@ -172,7 +170,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_unary_errors
     async def Tokenize(self, request, context):
-        ids = self.core.prompt_ids(request.text, _turns(request.messages), TOKENIZE_NAMES)
+        ids = await asyncio.to_thread(self.core.prompt_ids, request.text, _turns(request.messages), TOKENIZE_NAMES)
         return pb.TokenizeResponse(token_ids=ids, tokens=self.core.tokenizer.convert_ids_to_tokens(ids))
 
     @_unary_errors
@@ -189,12 +187,10 @@ _LOAD_RESULT = {
 }
 
 
-def _declared_kind(path: str) -> str:
-    """The kind a failed load's config declares, for the metrics label ("unknown" if unreadable)."""
-    try:
-        return declared_kind(read_config(path)).value
-    except Exception:
-        return "unknown"
+def _declared_kind(err: BaseException) -> str:
+    """The kind a failed load's config declared, for the metrics label ("unknown" if it was not read)."""
+    kind = getattr(err, "declared_kind", None)
+    return "unknown" if kind is None else kind.value
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
@@ -220,11 +216,41 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
     )
 
 
+MAX_CONCURRENT_LOADS = 8  # adapter loads running at once; more are refused (RESOURCE_EXHAUSTED)
+
+
+async def _in_daemon_thread(gate: threading.BoundedSemaphore, work: Callable[[], Any]) -> Any:
+    """Run `work` on a daemon thread of its own, holding `gate` until the thread ends. A load that hangs (a
+    stalled network file system) then holds no thread of the event loop's executor, which the other calls
+    need, and never keeps the process from exiting; an abandoned await leaves the gate taken until it ends."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = work()
+        except BaseException as err:
+            error = err
+        finally:
+            gate.release()
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="deltaserve-load", daemon=True).start()
+    return await future
+
+
 class AdaptersService(pb_grpc.AdaptersServicer):
     def __init__(self, engine: Engine, metrics: Metrics, merges: MergeController) -> None:
         self.registry = engine.registry
         self.metrics = metrics
         self.merges = merges
+        self._loads = threading.BoundedSemaphore(MAX_CONCURRENT_LOADS)
 
     @_unary_errors
     async def LoadAdapter(self, request, context):
@@ -233,13 +259,16 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     async def load(self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False) -> AdapterRecord:
         """Validate and register an adapter, with its metrics and log line (gRPC LoadAdapter and the HTTP
         load endpoint both come here)."""
-        # Parsing and copying weights blocks: it runs on a worker thread, never on the event loop.
+        # Parsing and copying weights blocks: it runs on a thread of its own, never on the event loop.
         started = time.monotonic()
         try:
-            record = await asyncio.to_thread(self.registry.load, adapter_id, path, replace=replace, pin=pin)
+            if not self._loads.acquire(blocking=False):
+                raise CapacityError(f"{MAX_CONCURRENT_LOADS} adapter loads are in progress; retry later")
+            load = functools.partial(self.registry.load, adapter_id, path, replace=replace, pin=pin)
+            record = await _in_daemon_thread(self._loads, load)
         except Exception as err:
             self.metrics.observe_load(
-                _declared_kind(path), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
+                _declared_kind(err), _LOAD_RESULT.get(status_for(err), "error"), time.monotonic() - started
             )
             raise
         self.metrics.observe_load(record.kind, "ok", time.monotonic() - started)

@@ -19,7 +19,15 @@ from deltaserve.client.fmaas import generation_pb2 as tgis
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.server.engine.request import FinishReason, RequestOutput
 from deltaserve.server.errors import InvalidRequestError
-from deltaserve.server.frontends.core import AdapterRef, Field, FieldNames, FrontDoorCore, Generation, GenerationRequest
+from deltaserve.server.frontends.core import (
+    AdapterRef,
+    Field,
+    FieldError,
+    FieldNames,
+    FrontDoorCore,
+    Generation,
+    GenerationRequest,
+)
 from deltaserve.server.frontends.grpc_api import _stream_errors, _unary_errors, request_id
 
 # TGIS's names for the canonical fields its parameters carry; the others are named alike.
@@ -28,6 +36,7 @@ TGIS_NAMES: FieldNames = {Field.PROMPT: "text", Field.STOP: "stop_sequences"}
 # TGIS keeps the matched stop sequence at the end of the text unless the request says otherwise
 # (vllm-tgis-adapter's --default-include-stop-seqs defaults to true as well).
 DEFAULT_INCLUDE_STOP_SEQUENCE = True
+MAX_BATCH = 128  # prompts in one Generate or Tokenize call: a bigger batch would crowd out other tenants
 
 _STOP_REASON = {
     FinishReason.EOS: tgis.EOS_TOKEN,
@@ -232,6 +241,7 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
     async def Generate(self, request, context):
         adapter = adapter_id(request)
         prompt_plan = plan(request.params, self.core.default_max_new_tokens)
+        _check_batch(len(request.requests))
         rid = request_id(context)
         rids = [rid] if len(request.requests) == 1 else [f"{rid}-{i}" for i in range(len(request.requests))]
         prompts = [
@@ -308,7 +318,9 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
     @_unary_errors
     async def Tokenize(self, request, context):
         self.core.require_servable(adapter_id(request))
-        return tgis.BatchedTokenizeResponse(responses=[self._tokenize(item.text, request) for item in request.requests])
+        _check_batch(len(request.requests))
+        responses = await asyncio.to_thread(lambda: [self._tokenize(item.text, request) for item in request.requests])
+        return tgis.BatchedTokenizeResponse(responses=responses)
 
     def _tokenize(self, text: str, request: tgis.BatchedTokenizeRequest) -> tgis.TokenizeResponse:
         # Tokenized exactly as a Generate prompt is (tokenizer(text), special tokens included).
@@ -336,3 +348,8 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
             max_sequence_length=self.core.max_seq_len,
             max_new_tokens=self.core.max_seq_len - 1,  # at least one prompt token
         )
+
+
+def _check_batch(size: int) -> None:
+    if size > MAX_BATCH:
+        raise FieldError("requests", f"requests: at most {MAX_BATCH} prompts in one call, got {size}")

@@ -51,14 +51,15 @@ class SlotBatch:
     vectors           some token's slot has scales or bias deltas (the linear layers apply their stacks)
     columns   [U]     the U distinct slots with bottleneck modules in this forward (None: none), which the
                       banks gather; `column_list` is the same on the host
-    one_hot   [N, U]  1 where a token's slot is column u
+    owned     [N, U]  True where a token's slot is column u (selected with torch.where, never multiplied:
+                      another column's inf times 0 would be NaN in this token's row)
     """
 
     index: torch.Tensor
     vectors: bool
     columns: torch.Tensor | None = None
     column_list: tuple[int, ...] = ()
-    one_hot: torch.Tensor | None = None
+    owned: torch.Tensor | None = None
 
 
 class ForwardContext:
@@ -193,7 +194,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 # A bottleneck's input x = a h + b r by its input mode (see deltaserve.adapters.weights.BOTTLENECK_INPUTS).
-_INPUT_COEFFICIENTS = {"block_output": (1.0, 0.0), "with_residual": (1.0, 1.0), "residual": (0.0, 1.0)}
+_INPUT_READS = {"block_output": (True, False), "with_residual": (True, True), "residual": (False, True)}  # (h, r)
 
 
 class BottleneckBank:
@@ -203,7 +204,7 @@ class BottleneckBank:
       down [S, M, hidden], down_bias [S, M], up [S, M, hidden] (up transposed, scaling folded in),
       up_bias [S + 1, hidden] (last row zero, for tokens without an adapter)
     A forward gathers the blocks of the bottleneck slots it uses, projects every token through their down
-    matrices at once, keeps each token's own block with a one-hot, and projects back through the stacked up
+    matrices at once, keeps each token's own block (torch.where on `owned`), and projects back through the stacked up
     matrices: no loop over adapters. Each slot reads x = a_s h + b_s r (h: the block's output, r: its
     input): Houlsby (1, 0), Pfeiffer (1, 1), parallel (0, 1).
     """
@@ -214,7 +215,7 @@ class BottleneckBank:
         self.down_bias: torch.Tensor | None = None
         self.up: torch.Tensor | None = None
         self.up_bias: torch.Tensor | None = None
-        self.reads: torch.Tensor | None = None  # [2, S, 1]: each slot's coefficients of h and r
+        self.reads: torch.Tensor | None = None  # [2, S, 1] bool: whether each slot reads h, and r
         self.activations: list[str | None] = []  # per slot, host side
         self.input_modes: list[str] = []  # per slot, host side
 
@@ -224,8 +225,8 @@ class BottleneckBank:
         hidden = self.hidden_size
         self.activations = [None] * num_slots
         self.input_modes = ["block_output"] * num_slots
-        self.reads = torch.zeros(2, num_slots, 1, dtype=dtype, device=device)
-        self.reads[0] = 1.0
+        self.reads = torch.zeros(2, num_slots, 1, dtype=torch.bool, device=device)
+        self.reads[0] = True
         self.up_bias = torch.zeros(num_slots + 1, hidden, dtype=dtype, device=device)
         self.up = torch.zeros(num_slots, max_size, hidden, dtype=dtype, device=device)
         self.down_bias = torch.zeros(num_slots, max_size, dtype=dtype, device=device)
@@ -238,7 +239,7 @@ class BottleneckBank:
             stack.zero_()
         self.activations[slot] = None if module is None else module.activation
         self.input_modes[slot] = "block_output" if module is None else module.input_mode
-        self.reads[:, slot, 0] = torch.tensor(_INPUT_COEFFICIENTS[self.input_modes[slot]])
+        self.reads[:, slot, 0] = torch.tensor(_INPUT_READS[self.input_modes[slot]])
         if module is None:
             return
         size = module.down.shape[0]
@@ -262,8 +263,10 @@ class BottleneckBank:
         z = (h.reshape(-1, hidden) @ down_t).view(-1, len(columns), size)
         if any(self.input_modes[c] != "block_output" for c in columns):
             reads = self.reads.index_select(1, slots.columns) if gather else self.reads  # [2, U, 1]
-            z = z * reads[0] + (r.reshape(-1, hidden) @ down_t).view_as(z) * reads[1]
-        z = self._activate(z + down_bias, [self.activations[c] for c in columns]) * slots.one_hot[:, :, None]
+            from_residual = (r.reshape(-1, hidden) @ down_t).view_as(z)
+            z = torch.where(reads[0], z, 0.0) + torch.where(reads[1], from_residual, 0.0)
+        z = self._activate(z + down_bias, [self.activations[c] for c in columns])
+        z = torch.where(slots.owned[:, :, None], z, 0.0)
         bias = self.up_bias.index_select(0, slots.index)
         return torch.addmm(bias, z.view(-1, len(columns) * size), up.view(-1, hidden)).view_as(h)
 
@@ -298,13 +301,13 @@ def build_slot_batch(
         return SlotBatch(index=index, vectors=vectors)
     position = {slot: c for c, slot in enumerate(columns)}
     owner = torch.tensor([position.get(slot, -1) for slot in token_slots])
-    one_hot = (owner[:, None] == torch.arange(len(columns))[None, :]).to(device=device, dtype=dtype)
+    owned = (owner[:, None] == torch.arange(len(columns))[None, :]).to(device=device)
     return SlotBatch(
         index=index,
         vectors=vectors,
         columns=torch.tensor(columns, device=device),
         column_list=tuple(columns),
-        one_hot=one_hot,
+        owned=owned,
     )
 
 

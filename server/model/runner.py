@@ -183,11 +183,15 @@ class ModelRunner:
                 )
             if base.weight.data_ptr() == self.embed_tokens.weight.data_ptr():
                 raise MergeError(f"{name} shares its weight with the input embeddings; merging would change both")
-        for name, (lora_a, lora_b_scaled) in deltas.items():
-            weight = self.adapter_layers[name].base.weight
-            self._saved_weights[name] = weight.detach().clone()
-            delta = lora_b_scaled.to(self.device, torch.float32) @ lora_a.to(self.device, torch.float32)
-            weight.data.copy_((weight.float() + delta).to(weight.dtype))
+        try:
+            for name, (lora_a, lora_b_scaled) in deltas.items():
+                weight = self.adapter_layers[name].base.weight
+                self._saved_weights[name] = weight.detach().clone()
+                delta = lora_b_scaled.to(self.device, torch.float32) @ lora_a.to(self.device, torch.float32)
+                weight.data.copy_((weight.float() + delta).to(weight.dtype))
+        except BaseException:  # e.g. out of memory halfway: never leave a partly merged base behind
+            self.restore_weights()
+            raise
 
     def restore_weights(self) -> None:
         """Put back the weights saved by `merge_weights` (an exact copy, not a subtraction)."""

@@ -37,6 +37,7 @@ from deltaserve.adapters import (
 from deltaserve.server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    AdapterUnreadableError,
     CapacityError,
     InvalidRequestError,
     MergeError,
@@ -227,7 +228,13 @@ class AdapterRegistry:
             record.state = AdapterState.HOST
             slot = self._reserve_slot(record)
         if slot >= 0:
-            self._fill_slot(record, slot)
+            try:
+                self._fill_slot(record, slot)
+            except BaseException:  # nothing half-registered: the id is free again (or keeps its old adapter)
+                with self._cv:
+                    if self._by_id.get(adapter_id) is record:
+                        del self._by_id[adapter_id]
+                raise
         with self._cv:
             if slot < 0 and pin:
                 if self._by_id.get(adapter_id) is record:
@@ -311,9 +318,13 @@ class AdapterRegistry:
             return record
 
     def _refuse_if_merged(self, adapter_id: str) -> None:
+        """An adapter merged into the base, or a member of a merged mix, stays until it is unmerged."""
         record = self._by_id.get(adapter_id)
         if record is not None and record.merged:
             raise MergeError(f"adapter {adapter_id!r} is merged into the base; unmerge it first")
+        merged_mix = next((r for r in self._by_id.values() if r.merged and adapter_id in r.components), None)
+        if merged_mix is not None:
+            raise MergeError(f"adapter {adapter_id!r} is part of {merged_mix.adapter_id!r}, merged into the base")
 
     def _check_pin_room(self, adapter_id: str) -> None:
         """At least one slot must stay unpinned, or requests for any other adapter could never run."""
@@ -332,31 +343,36 @@ class AdapterRegistry:
 
     def _retire_mixes_of(self, adapter_id: str) -> None:
         """Cached weighted mixes built from `adapter_id` are stale once it is unloaded or replaced (lock held)."""
-        for mix in [r for r in self._by_id.values() if adapter_id in r.components and not r.merged]:
+        for mix in [r for r in self._by_id.values() if adapter_id in r.components]:
             del self._by_id[mix.adapter_id]
             self._retire(mix)
 
-    # ---- weighted mixes ----------------------------------------------------------------------------
-    def host_copy(self, adapter_id: str) -> ParsedAdapter:
-        """The parsed weights of a loaded adapter (read from disk again if the host copy was dropped)."""
+    # ---- weighted mixes and stacks ------------------------------------------------------------------
+    def derive(
+        self, derived_id: str, members: tuple[str, ...], build: Callable[[list[ParsedAdapter]], ParsedAdapter]
+    ) -> None:
+        """Register the adapter `build` makes from the members' parsed weights (a weighted mix or a stack),
+        unless it exists already. It dies with its members: if one is unloaded or replaced while it is being
+        built, nothing is registered (NOT_FOUND), so a mix never outlives the weights it was made from."""
         with self._cv:
-            record = self._visible(adapter_id)
-        self._ensure_host_copy(record)
-        adapter = record.adapter
-        if adapter is None:  # unloaded meanwhile
-            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
-        return adapter
-
-    def register_derived(self, adapter_id: str, adapter: ParsedAdapter, components: tuple[str, ...]) -> None:
-        """Register an adapter built in memory (a weighted mix or a stack); it is dropped, not written to disk, when the
-        host cache trims it, and retired when one of its components is unloaded or replaced."""
-        self._check_fits(adapter, f"{adapter.kind.value} {adapter_id!r}:")
-        record = AdapterRecord(adapter_id, adapter_id, adapter, AdapterState.HOST, components=components)
-        record.describe(adapter)
+            sources = [self._visible(adapter_id) for adapter_id in members]
+        adapters = []
+        for record in sources:
+            self._ensure_host_copy(record)
+            if record.adapter is None:  # unloaded meanwhile
+                raise AdapterNotFoundError(f"adapter {record.adapter_id!r} is not loaded")
+            adapters.append(record.adapter)
+        derived = build(adapters)
+        self._check_fits(derived, f"{derived.kind.value} {derived_id!r}:")
+        record = AdapterRecord(derived_id, derived_id, derived, AdapterState.HOST, components=members)
+        record.describe(derived)
         with self._cv:
-            if adapter_id in self._by_id:
+            if derived_id in self._by_id:
                 return  # built concurrently by another request
-            self._by_id[adapter_id] = record
+            for adapter_id, source in zip(members, sources, strict=True):
+                if self._by_id.get(adapter_id) is not source:
+                    raise AdapterNotFoundError(f"adapter {adapter_id!r} was unloaded or replaced meanwhile")
+            self._by_id[derived_id] = record
             slot = self._reserve_slot(record)
         if slot >= 0:
             self._fill_slot(record, slot)
@@ -381,6 +397,7 @@ class AdapterRegistry:
             record = self._visible(adapter_id)
             record.active_requests += 1
             record.last_used = time.time()
+            record.load_error = None  # a failed read-back is retried by the next request: the files may be fixed
             if record.slot < 0 and record not in self._want:
                 self._want.append(record)
                 self._cv.notify_all()
@@ -419,8 +436,15 @@ class AdapterRegistry:
         return slot
 
     def _fill_slot(self, record: AdapterRecord, slot: int) -> None:
-        """Copy the weights into a reserved slot (lock not held; a free slot is never read by a forward)."""
-        self._slots.write(slot, record.adapter)
+        """Copy the weights into a reserved slot (lock not held; a free slot is never read by a forward). A copy
+        that fails (out of memory allocating a stack) gives the reservation back before it raises."""
+        try:
+            self._slots.write(slot, record.adapter)
+        except BaseException:
+            with self._cv:
+                self._owners[slot] = None
+                self._cv.notify_all()
+            raise
         with self._cv:
             if record.state is AdapterState.UNLOADING and record.active_requests == 0:
                 self._owners[slot] = None  # unloaded while copying: nobody will use it
@@ -460,11 +484,14 @@ class AdapterRegistry:
                 record = self._want[0]
             try:
                 self._bring_in(record)
-            except Exception as err:  # the files changed or vanished since they were validated
+            except Exception:  # the files changed or vanished since they were validated
                 log.exception("cannot bring adapter %r back from %s", record.adapter_id, record.path)
                 with self._cv:
                     self._want.remove(record)
-                    record.load_error = err
+                    # The detail (paths, library text) stays in the log; requests get the adapter's id.
+                    record.load_error = AdapterUnreadableError(
+                        f"adapter {record.adapter_id!r} could not be read back from its files; fix or reload it"
+                    )
                 self.on_resident()
 
     def _bring_in(self, record: AdapterRecord) -> None:
@@ -505,6 +532,11 @@ class AdapterRegistry:
     def list(self) -> list[AdapterRecord]:
         with self._cv:
             return sorted([*self._by_id.values(), *self._draining], key=lambda r: r.adapter_id)
+
+    def occupied_slots(self) -> int:
+        """Device slots owned or reserved; equal to resident("device") whenever no copy is in progress."""
+        with self._cv:
+            return sum(owner is not None for owner in self._owners)
 
     def resident(self, tier: str) -> int:
         """Adapters per tier: "device" (holding a slot, incl. draining), "host" (host cache only)."""

@@ -216,6 +216,22 @@ def _admin(base_url: str, path: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def test_the_ingress_bounds_bodies_and_a_replica_s_loopback_takes_no_adapters(cluster, adapter_dirs):
+    """A body over --max-request-bytes is refused (413) before it is parsed; the replica's own loopback gRPC
+    server, which any process on the node could reach, refuses adapter administration."""
+    from ray import serve
+
+    oversized = {"model": "base", "prompt": "x" * (5 << 20), "max_tokens": 1}
+    status, answer = _admin(cluster, "/v1/completions", oversized)
+    assert status == 413 and "--max-request-bytes" in answer["error"]["message"]
+    stats = serve.get_deployment_handle("DeltaserveReplica", app_name="deltaserve").stats.remote().result()
+    with Client(f"127.0.0.1:{stats['loopback_port']}", timeout=30) as client:
+        with pytest.raises(DeltaserveError) as info:
+            client.load_adapter("sneaked", adapter_dirs["lora0"])
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert client.generate(PROMPTS[0], max_new_tokens=2).generated_tokens == 2  # generation stays open
+
+
 def test_registering_replacing_and_unregistering_reach_every_replica(cluster, reference, adapter_dirs):
     prompt = PROMPTS[0]
     assert (

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import torch
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.config import ServerConfig
 from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
 
-from tests.references import assert_logprobs_close, greedy_reference, tokenizer_for
+from tests.references import assert_logprobs_close, greedy_reference, peft_mix_model, tokenizer_for
 
 MAX_NEW = 10
 
@@ -24,20 +23,6 @@ def parts(tiny_dir, tmp_path_factory) -> dict[str, str]:
         "m2": make_lora(tiny_dir, str(root / "m2"), seed=32, r=8, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
         "m3": make_lora(tiny_dir, str(root / "m3"), seed=33, r=4, lora_alpha=8, target_modules=["v_proj", "o_proj"]),
     }
-
-
-def _peft_mix(tiny_dir, parts, names, weights, method):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), parts[names[0]], adapter_name=names[0]
-    )
-    for name in names[1:]:
-        model.load_adapter(parts[name], adapter_name=name)
-    model.add_weighted_adapter(list(names), list(weights), "mix", combination_type=method)
-    model.set_adapter("mix")
-    return model.eval()
 
 
 CASES = [
@@ -60,7 +45,7 @@ def server(tiny_dir, parts):
 @pytest.mark.parametrize(("method", "names", "weights"), CASES)
 def test_mix_equals_peft_add_weighted_adapter(server, tiny_dir, parts, method, names, weights):
     tokenizer = tokenizer_for(tiny_dir)
-    reference = _peft_mix(tiny_dir, parts, names, weights, method)
+    reference = peft_mix_model(tiny_dir, parts, names, weights, method)
     mix = dict(zip(names, weights, strict=True))
     with Client(server.target, timeout=120) as client:
         for i in range(2):

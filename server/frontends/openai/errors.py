@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from deltaserve.server.frontends.auth import HTTP_CHALLENGE
 from deltaserve.server.frontends.core import FieldError
-from deltaserve.server.frontends.status import status_for
+from deltaserve.server.frontends.status import public_message, status_for
 from fastapi.responses import JSONResponse
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,11 @@ def error_body(err: BaseException) -> tuple[int, dict[str, Any]]:
     else:
         grpc_code = status_for(err)
         status = _HTTP_STATUS.get(grpc_code, 500)
-        message = str(err) or type(err).__name__
+        message = public_message(err)
         param = err.param if isinstance(err, FieldError) else None
         code = _OPENAI_CODE.get(grpc_code, grpc_code.name.lower())
         if isinstance(err, TimeoutError):
             message = f"the request did not finish within its {TIMEOUT_HEADER}; it was cancelled"
-        if status == 500:
-            log.exception("internal error", exc_info=err)
     body = {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": param, "code": code}
     return status, body
 
