@@ -371,71 +371,25 @@ class OpenAIServing:
         }
 
     def _completion_answer(self, plan: _Plan, request_id: str, generation: Generation) -> dict[str, Any]:
-        finish_reason, stop_reason = _finish(generation.last)
-        choice = {
-            "index": 0,
-            "text": generation.text,
-            "logprobs": self._logprobs(plan, generation.token_ids, generation.logprobs, 0),
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-        }
-        return {
-            "id": f"cmpl-{request_id}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": plan.model,
-            "choices": [choice],
-            "usage": _usage(generation),
-        }
+        return self._answer(plan, generation, f"cmpl-{request_id}", "text_completion", text=generation.text)
 
     def _chat_answer(self, plan: _Plan, request_id: str, generation: Generation) -> dict[str, Any]:
-        finish_reason, stop_reason = _finish(generation.last)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": generation.text, "refusal": None},
-            "logprobs": self._logprobs(plan, generation.token_ids, generation.logprobs, 0),
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-        }
-        return {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": plan.model,
-            "choices": [choice],
-            "usage": _usage(generation),
-        }
+        message = {"role": "assistant", "content": generation.text, "refusal": None}
+        return self._answer(plan, generation, f"chatcmpl-{request_id}", "chat.completion", message=message)
 
-    def _completion_answer(self, plan: _Plan, request_id: str, generation: Generation) -> dict[str, Any]:
+    def _answer(self, plan: _Plan, generation: Generation, answer_id: str, kind: str, **content: Any) -> dict[str, Any]:
+        """The one-choice answer object both endpoints return; `content` is the choice's text or message."""
         finish_reason, stop_reason = _finish(generation.last)
         choice = {
             "index": 0,
-            "text": generation.text,
+            **content,
             "logprobs": self._logprobs(plan, generation.token_ids, generation.logprobs, 0),
             "finish_reason": finish_reason,
             "stop_reason": stop_reason,
         }
         return {
-            "id": f"cmpl-{request_id}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": plan.model,
-            "choices": [choice],
-            "usage": _usage(generation),
-        }
-
-    def _chat_answer(self, plan: _Plan, request_id: str, generation: Generation) -> dict[str, Any]:
-        finish_reason, stop_reason = _finish(generation.last)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": generation.text, "refusal": None},
-            "logprobs": self._logprobs(plan, generation.token_ids, generation.logprobs, 0),
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-        }
-        return {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion",
+            "id": answer_id,
+            "object": kind,
             "created": int(time.time()),
             "model": plan.model,
             "choices": [choice],
