@@ -54,9 +54,6 @@ class ModuleDelta:
             if (tensor := getattr(self, name)) is not None:
                 yield name, tensor
 
-    def tensors(self) -> Iterator[torch.Tensor]:
-        return (tensor for _, tensor in self.named_tensors())
-
 
 # What a bottleneck reads, for a block mapping the residual stream r to h (the layer then outputs r + h + A(x)).
 BOTTLENECK_INPUTS = ("block_output", "with_residual", "residual")  # x = h (Houlsby), h + r (Pfeiffer), r (parallel)
@@ -80,9 +77,6 @@ class Bottleneck:
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter((("down", self.down), ("down_bias", self.down_bias), ("up", self.up), ("up_bias", self.up_bias)))
-
-    def tensors(self) -> Iterator[torch.Tensor]:
-        return (tensor for _, tensor in self.named_tensors())
 
 
 @dataclass(frozen=True)

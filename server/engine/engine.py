@@ -297,12 +297,12 @@ class Engine:
         """Describe a forward's adapters: token_slots for every token, head_slots for the positions the LM
         head sees (None: the same tokens, as in a decode step)."""
         slots = self.registry.slots
-        device, dtype, merged = self.runner.device, self.runner.dtype, self.merged_slot
+        device, merged = self.runner.device, self.merged_slot
 
         def describe(token_slots: list[int]) -> tuple[LoraBatch | None, SlotBatch | None]:
             lora = build_lora_batch(token_slots, slots.ranks, device, slots.num_slots, merged)
             slot_batch = build_slot_batch(
-                token_slots, slots.num_slots, slots.vector_slots, slots.bottleneck_slots, device, dtype
+                token_slots, slots.num_slots, slots.vector_slots, slots.bottleneck_slots, device
             )
             return lora, slot_batch
 

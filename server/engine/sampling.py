@@ -83,7 +83,7 @@ class Sampled:
 def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor) -> Sampled:
     """Choose one token per row from logits [B, V] (fp32). A row whose logits hold nan or inf (an overflowing
     adapter) or whose warped distribution is degenerate fails alone; the other rows are sampled as usual."""
-    failed = {i for i in (~torch.isfinite(logits).all(dim=-1)).nonzero()[:, 0].tolist()}
+    failed = set((~torch.isfinite(logits).all(dim=-1)).nonzero()[:, 0].tolist())
     too_early = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens]
     warped = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 or not row.params.greedy]
     processed = logits

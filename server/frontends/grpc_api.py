@@ -227,8 +227,12 @@ async def _in_daemon_thread(gate: threading.BoundedSemaphore, work: Callable[[],
     future: asyncio.Future = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
-        if not future.done():
-            future.set_result(result) if error is None else future.set_exception(error)
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
     def run() -> None:
         result, error = None, None

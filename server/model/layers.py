@@ -287,7 +287,6 @@ def build_slot_batch(
     vector_slots: set[int],
     bottleneck_slots: set[int],
     device: torch.device,
-    dtype: torch.dtype,
 ) -> SlotBatch | None:
     """Describe a forward's per-slot vectors and bottlenecks (padding and adapter-less tokens -> the identity
     row S); None when no token's slot has either."""
