@@ -51,6 +51,7 @@ from deltaserve.server.engine.engine import Engine, EngineConfig
 from deltaserve.server.engine.request import Request, RequestOutput
 from deltaserve.server.engine.sampling import SamplingParams
 from deltaserve.server.metrics import Metrics
+from deltaserve.server.model.kv_cache import blocks_for
 from deltaserve.server.model.loader import embedded_model_dir
 from deltaserve.server.model.runner import ModelRunner
 from deltaserve.server.residency.registry import AdapterRegistry, DeviceSlots
@@ -215,10 +216,20 @@ def build_deltaserve(
 ) -> Deltaserve:
     """The parts server/app.py's Server assembles, without gRPC; EOS disabled (every row runs T tokens)."""
     max_seq_len = settings.prompt_tokens + settings.new_tokens + 8
-    runner = ModelRunner(model, max_batch_size=settings.requests, max_seq_len=max_seq_len, dtype=dtype, device=device)
+    runner = ModelRunner(model, dtype=dtype, device=device)
     slots = DeviceSlots(runner.adapter_layers, runner.bottleneck_banks, settings.many, settings.rank, dtype, device)
     registry = AdapterRegistry(runner.base_spec(), slots, max_host=settings.many)
-    config = EngineConfig(settings.requests, max_seq_len, eos_token_ids=(), max_prefill_tokens=max(4096, max_seq_len))
+    block_size = 16
+    num_blocks = 1 + settings.requests * blocks_for(max_seq_len, block_size)  # every row at full length
+    runner.allocate_cache(num_blocks, block_size)
+    config = EngineConfig(
+        settings.requests,
+        max_seq_len,
+        eos_token_ids=(),
+        max_prefill_tokens=max(4096, max_seq_len),
+        block_size=block_size,
+        num_blocks=num_blocks,
+    )
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())  # only detokenizes; unknown ids decode to ""
     engine = Engine(runner, tokenizer, registry, config, Metrics())
     registry.on_resident = engine.wake

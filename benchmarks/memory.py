@@ -1,7 +1,7 @@
 """Memory of a serving process as adapters are loaded: base weights, KV cache, adapter slots, host cache, RSS.
 
 The real deltaserve gRPC server runs in-process on 127.0.0.1 (the embedded SmolLM2-135M-Instruct, fp32, CPU) with
-`--max-adapters` device slots of rank `--rank` and the server's default batch size and context (16 x 2048); the
+`--max-adapters` device slots of rank `--rank` and the server's default KV cache (1 GiB of blocks on the CPU); the
 benchmark loads rank-16 all-linear LoRA adapters (adapter_files.py: real PEFT-format files) with LoadAdapter until
 0, 1, 8, 32 and 64 are loaded, then unloads them all. At each step it records
   - the server's memory gauges, read from its Prometheus registry as a scrape would: base model bytes
@@ -178,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     with ServerThread(config) as thread:
         rows = measure(thread, paths, s.counts, baseline)
         expected = expected_slot_bytes(thread.server, slots, s.rank)
-        served_limits = {**served(config, "max_batch_size"), "max_seq_len": thread.server.engine.config.max_seq_len}
+        engine = thread.server.engine.config
+        served_limits = {
+            **served(config, "max_batch_size", "kv_cache_memory", "block_size"),
+            "max_seq_len": engine.max_seq_len,
+            "kv_blocks": engine.num_blocks,
+        }
     data = {
         "model": model_name,
         "device": "cpu",
@@ -190,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": rows,
     }
     title = (
-        f"{model_name} fp32 CPU: {slots} slots x rank {s.rank}, batch {served_limits['max_batch_size']} x "
-        f"{served_limits['max_seq_len']} context"
+        f"{model_name} fp32 CPU: {slots} slots x rank {s.rank}, KV cache {served_limits['kv_blocks']} blocks of "
+        f"{served_limits['block_size']} tokens"
     )
     note = (
         f"baseline RSS before the server {baseline / 1e6:.0f} MB; expected slot stacks {expected / 1e6:.0f} MB "

@@ -18,13 +18,15 @@ from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.config import ServerConfig
 from deltaserve.server.engine.engine import Engine, EngineConfig
 from deltaserve.server.engine.merge import AutoMergePolicy, MergeController
+from deltaserve.server.errors import ConfigError
 from deltaserve.server.frontends.auth import AdapterPathPolicy, AdminTokenInterceptor, BearerToken
 from deltaserve.server.frontends.core import FrontDoorCore
 from deltaserve.server.frontends.grpc_api import AdaptersService, GenerationService
 from deltaserve.server.frontends.tgis import TgisGenerationService
 from deltaserve.server.metrics import Metrics
+from deltaserve.server.model.kv_cache import blocks_for
 from deltaserve.server.model.loader import LoadedModel, load_model
-from deltaserve.server.model.runner import NO_ADAPTERS, ModelRunner
+from deltaserve.server.model.runner import NO_ADAPTERS, ModelRunner, PrefillChunk
 from deltaserve.server.residency.registry import AdapterRegistry, DeviceSlots
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -43,6 +45,57 @@ def _context_length(loaded: LoadedModel, requested: int) -> int:
         log.warning("capping the context at the model's sliding window (%d tokens)", window)
         length = window
     return length
+
+
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _kv_cache_blocks(config: ServerConfig, runner: ModelRunner, max_seq_len: int) -> int:
+    """Blocks in the KV-cache pool (the null block included): --kv-cache-memory over one block's bytes.
+    Refuses a pool that cannot hold one request of --max-seq-len."""
+    kv, block_size = config.kv, config.kv.block_size
+    budget = kv.kv_cache_bytes
+    if budget is None:
+        budget = _auto_kv_cache_bytes(config, runner, max_seq_len)
+    num_blocks = budget // runner.block_bytes(block_size)
+    needed = blocks_for(max_seq_len, block_size)
+    if num_blocks - 1 < needed:
+        raise ConfigError(
+            f"the KV cache ({kv.kv_cache_memory}: {budget} bytes, {max(num_blocks - 1, 0)} usable blocks of "
+            f"{block_size} tokens) cannot hold one request of --max-seq-len {max_seq_len} ({needed} blocks); "
+            "raise --kv-cache-memory or lower --max-seq-len",
+            "kv_cache_memory",
+        )
+    return num_blocks
+
+
+def _auto_kv_cache_bytes(config: ServerConfig, runner: ModelRunner, max_seq_len: int) -> int:
+    """CPU: 1 GiB. CUDA: the device's memory times --gpu-memory-utilization, less what is in use now (weights,
+    adapter slots, other processes) and an estimate of the largest step's activations."""
+    import torch
+
+    device = runner.device
+    if device.type != "cuda":
+        return CPU_KV_CACHE_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    budget = (
+        int(total * config.kv.gpu_memory_utilization) - (total - free) - _activation_bytes(config, runner, max_seq_len)
+    )
+    log.info("KV cache: %.2f GiB of %.2f GiB (auto)", budget / (1 << 30), total / (1 << 30))
+    return max(budget, 0)
+
+
+def _activation_bytes(config: ServerConfig, runner: ModelRunner, max_seq_len: int) -> int:
+    """A generous estimate of a step's transient memory: a prefill chunk's hidden states, MLP and attention
+    scores, a full decode batch's gathered K/V, and fp32 logits."""
+    model_config = runner.model.config
+    element = runner.dtype.itemsize
+    tokens, rows = config.batching.max_prefill_tokens, config.batching.max_batch_size
+    hidden = tokens * (3 * model_config.intermediate_size + 8 * model_config.hidden_size) * element
+    scores = runner.num_heads * tokens * max_seq_len * 4
+    gathered = 2 * rows * max_seq_len * runner.num_kv_heads * runner.head_dim * element
+    logits = 3 * rows * model_config.vocab_size * 4
+    return 2 * (hidden + scores + gathered + logits)
 
 
 def _eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
@@ -78,13 +131,7 @@ class Server:
         self.loaded = loaded
         self.metrics = Metrics(config.ops.metrics_max_adapters)
         max_seq_len = _context_length(loaded, config.batching.max_seq_len)
-        self.runner = ModelRunner(
-            loaded.model,
-            max_batch_size=config.batching.max_batch_size,
-            max_seq_len=max_seq_len,
-            dtype=loaded.dtype,
-            device=loaded.device,
-        )
+        self.runner = ModelRunner(loaded.model, dtype=loaded.dtype, device=loaded.device)
         slots = DeviceSlots(
             self.runner.adapter_layers,
             self.runner.bottleneck_banks,
@@ -94,6 +141,9 @@ class Server:
             loaded.device,
             max_bottleneck_size=config.adapters.max_bottleneck_size,
         )
+        # The pool goes last, so that on CUDA its automatic size is what the weights and slots left.
+        num_blocks = _kv_cache_blocks(config, self.runner, max_seq_len)
+        self.runner.allocate_cache(num_blocks, config.kv.block_size)
         self.path_policy = AdapterPathPolicy(config.adapters.adapter_root)
         read_options = ReadOptions(
             allow_pickle=config.adapters.allow_pickle,
@@ -112,8 +162,11 @@ class Server:
             config.batching.max_batch_size,
             max_seq_len,
             _eos_token_ids(loaded),
-            max(config.batching.max_prefill_tokens, max_seq_len),
+            config.batching.max_prefill_tokens,
             max_waiting=config.batching.max_waiting_requests,
+            block_size=config.kv.block_size,
+            num_blocks=num_blocks,
+            prefix_caching=config.kv.prefix_caching,
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.merges = MergeController(self.engine, self.registry, self.runner, self.metrics)
@@ -142,6 +195,7 @@ class Server:
             kv_cache_bytes=self.runner.kv_cache_bytes,
             adapter_bytes=lambda: slots.bytes_allocated,
             kv_usage=self.engine.kv_cache_usage,
+            kv_blocks=self.engine.kv_blocks,
             resident=self.registry.resident,
             info={
                 "model": self.loaded.name,
@@ -183,8 +237,11 @@ class Server:
         """One prefill and one decode step before reporting SERVING, so the first request is not slow."""
         import torch
 
-        self.runner.prefill([0], [[0, 1, 2, 3]], NO_ADAPTERS)
-        self.runner.decode(torch.tensor([1]), torch.tensor([4]), 4, NO_ADAPTERS)
+        usable = self.runner.cache.num_blocks - 1
+        table = [1 + i % usable for i in range(blocks_for(5, self.config.kv.block_size))]  # blocks nobody holds
+        self.runner.prefill([PrefillChunk(table, 0, [0, 1, 2, 3])], NO_ADAPTERS)
+        tables = self.runner.decode_tables([table], 4)
+        self.runner.decode(torch.tensor([1]), torch.tensor([4]), tables, NO_ADAPTERS)
 
     async def start(self) -> int:
         """Start the engine and the gRPC server; returns the bound port. Health turns SERVING at the end."""

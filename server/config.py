@@ -201,17 +201,80 @@ class BaseModelConfig(ConfigGroup):
 
 @dataclass(frozen=True)
 class BatchingConfig(ConfigGroup):
-    """How many requests run together and how long they may be."""
+    """How many requests run together, how long they may be, and how much prompt one step takes."""
 
-    max_batch_size: int = setting(16, "requests decoded together (KV-cache rows)", minimum=1)
+    max_batch_size: int = setting(
+        256, "sequences decoded together (admission is also bounded by free KV-cache blocks)", minimum=1
+    )
     max_seq_len: int = setting(2048, "context per request, prompt plus output (capped by the model)", minimum=1)
     default_max_new_tokens: int = setting(256, "max_new_tokens for requests that do not set it", minimum=1)
     max_prefill_tokens: int = setting(
-        4096, "padded prompt tokens prefilled in one forward (at least one full context)", minimum=1
+        512,
+        "prompt tokens prefilled per engine step; longer prompts are prefilled in chunks between decode steps",
+        minimum=1,
     )
     max_waiting_requests: int = setting(
         1024, "requests queued beyond the running batch; more are refused with RESOURCE_EXHAUSTED", minimum=1
     )
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_memory(text: str) -> int | None:
+    """Bytes from '1073741824', '512MiB', '1 GiB' (binary units); None for 'auto'. ValueError otherwise."""
+    cleaned = text.strip().lower().replace(" ", "")
+    if cleaned == "auto":
+        return None
+    digits = cleaned.rstrip("kmgtib")
+    unit = cleaned[len(digits) :]
+    if unit not in MEMORY_UNITS or not digits:
+        raise ValueError(text)
+    value = float(digits) * MEMORY_UNITS[unit]
+    if not 1 <= value < float("inf"):  # also refuses nan
+        raise ValueError(text)
+    return int(value)
+
+
+@dataclass(frozen=True)
+class KVCacheConfig(ConfigGroup):
+    """The paged KV cache: block size, pool size and the automatic prefix cache."""
+
+    block_size: int = setting(16, "tokens per KV-cache block", minimum=1, maximum=4096)
+    kv_cache_memory: str = setting(
+        "auto",
+        "bytes of the KV-cache block pool (a number, or with KiB/MiB/GiB); auto: on CUDA what is left under "
+        "--gpu-memory-utilization after the weights, adapter slots and activations, on CPU 1 GiB",
+        metavar="BYTES",
+    )
+    gpu_memory_utilization: float = setting(
+        0.9,
+        "share of the GPU's memory the server may use, KV cache included (CUDA, auto only)",
+        minimum=0.01,
+        maximum=1.0,
+    )
+    prefix_caching: bool = setting(
+        True,
+        "turn off the prefix cache, which reuses the KV blocks of a prompt prefix computed before for the same adapter",
+        flags=("--no-prefix-caching",),
+        shown="caching on",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            parse_memory(self.kv_cache_memory)
+        except ValueError:
+            raise ConfigError(
+                f"--kv-cache-memory must be auto or a size such as 1073741824, 512MiB or 2GiB; "
+                f"got {self.kv_cache_memory!r}",
+                "kv_cache_memory",
+            ) from None
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """The pool's size in bytes, or None for auto."""
+        return parse_memory(self.kv_cache_memory)
 
 
 @dataclass(frozen=True)
@@ -314,6 +377,7 @@ class ServerConfig:
     doors: FrontDoorConfig = field(default_factory=FrontDoorConfig)  # where it listens
     base: BaseModelConfig = field(default_factory=BaseModelConfig)  # the base model and how it is loaded
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # batch and sequence limits
+    kv: KVCacheConfig = field(default_factory=KVCacheConfig)  # the paged KV cache and prefix caching
     adapters: AdapterConfig = field(default_factory=AdapterConfig)  # adapter capacity and start-up adapters
     security: SecurityConfig = field(default_factory=SecurityConfig)  # admin token, TLS, request size
     merge: MergeConfig = field(default_factory=MergeConfig)  # the auto merge policy
@@ -397,8 +461,8 @@ def _argparse_options(item: dataclasses.Field, kind: Any) -> dict[str, Any]:
     element, _, repeated = _shape(kind)
     rules = spec(item)
     options: dict[str, Any] = {"dest": item.name, "help": _help(item, kind).replace("%", "%%")}
-    if element is bool and not repeated:
-        return {**options, "action": "store_true"}
+    if element is bool and not repeated:  # a flag that is on by default is spelled to turn it off
+        return {**options, "action": "store_false" if item.default else "store_true"}
     default = item.default_factory() if item.default is dataclasses.MISSING else item.default
     if rules.env and os.environ.get(rules.env):
         default = os.environ[rules.env]

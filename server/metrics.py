@@ -60,6 +60,7 @@ class FinishedRequest(Protocol):
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
 TIERS = ("device", "host")
+KV_BLOCK_STATES = ("free", "used", "cached")
 
 
 class Metrics:
@@ -104,9 +105,24 @@ class Metrics:
         # memory
         self.model_memory = Gauge("deltaserve_model_memory_bytes", "Bytes of the base model's weights", registry=r)
         self.adapter_memory = Gauge("deltaserve_adapter_memory_bytes", "Bytes of device adapter slots", registry=r)
-        self.kv_cache_bytes = Gauge("deltaserve_kv_cache_bytes", "Bytes of the preallocated KV cache", registry=r)
+        self.kv_cache_bytes = Gauge("deltaserve_kv_cache_bytes", "Bytes of the KV-cache block pool", registry=r)
         self.kv_cache_usage = Gauge(
-            "deltaserve_kv_cache_usage_ratio", "Occupied KV cache positions / capacity", registry=r
+            "deltaserve_kv_cache_usage_ratio", "KV-cache blocks held by requests / usable blocks", registry=r
+        )
+        self.kv_cache_blocks = Gauge(
+            "deltaserve_kv_cache_blocks",
+            "KV-cache blocks by state: free, used (held by requests), cached (prefix cache, evictable)",
+            ["state"],
+            registry=r,
+        )
+        self.prefix_cache_queries = Counter(
+            "deltaserve_prefix_cache_queries", "Prompt positions looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "deltaserve_prefix_cache_hits", "Prompt positions whose K/V came from the prefix cache", registry=r
+        )
+        self.preemptions = Counter(
+            "deltaserve_preemptions", "Requests preempted (blocks released, recomputed later)", registry=r
         )
         self.info = Gauge(
             "deltaserve_info",
@@ -125,6 +141,7 @@ class Metrics:
         kv_cache_bytes: int,
         adapter_bytes: Callable[[], float],
         kv_usage: Callable[[], float],
+        kv_blocks: Callable[[str], float],
         resident: Callable[[str], float],
         info: dict[str, str],
     ) -> None:
@@ -133,6 +150,8 @@ class Metrics:
         self.kv_cache_bytes.set(kv_cache_bytes)
         self.adapter_memory.set_function(adapter_bytes)
         self.kv_cache_usage.set_function(kv_usage)
+        for state in KV_BLOCK_STATES:
+            self.kv_cache_blocks.labels(state).set_function(lambda state=state: kv_blocks(state))
         for tier in TIERS:
             self.adapters_resident.labels(tier).set_function(lambda tier=tier: resident(tier))
         self.info.labels(**info).set(1)

@@ -1,8 +1,14 @@
 """The engine: one thread owns the model and runs the continuous-batching step loop.
 
-Each step admits waiting requests (prefill, first token) while cache rows are free, then decodes one
-token for every running request in a single batched forward. Finished or cancelled requests leave between
-steps and free their row at once; rows stay compact (0..B-1) by moving the last row into a hole.
+Each step
+1. admits waiting requests, in arrival order, while batch places and KV-cache blocks are free: a request takes
+   the longest run of its prompt's blocks that the prefix cache holds and fresh blocks for the rest;
+2. prefills up to `max_prefill_tokens` prompt tokens, taken from the admitted requests in order, so a long prompt
+   is prefilled in chunks over several steps; a request whose prompt is complete samples its first token;
+3. decodes one token for every request past its prefill, in one batched forward. A row that needs a new block
+   when none is left preempts the newest request: its blocks are released (its full ones stay cached) and it
+   waits at the front of the queue to be recomputed from prompt plus generated tokens.
+Finished or cancelled requests leave between steps and release their blocks at once.
 Other threads talk to the engine only through `submit`, `Request.cancel` and each request's sink.
 """
 
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -19,18 +26,28 @@ from dataclasses import dataclass
 
 import torch
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
-from deltaserve.server.engine.request import FINISHED_ROW, NO_ROW, FinishReason, Request, RequestOutput
+from deltaserve.server.engine.kv_blocks import BlockManager, chain_hash, root_hash
+from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
 from deltaserve.server.engine.sampling import RowState, Sampled, make_generator, sample
 from deltaserve.server.errors import (
     CapacityError,
     EngineFailedError,
     EngineStepError,
     EngineStoppedError,
+    InvalidRequestError,
     NonFiniteOutputError,
 )
 from deltaserve.server.metrics import Metrics
+from deltaserve.server.model.kv_cache import blocks_for
 from deltaserve.server.model.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
-from deltaserve.server.model.runner import NO_ADAPTERS, NO_SOFT_PROMPT, AdapterBatch, ModelRunner
+from deltaserve.server.model.runner import (
+    NO_ADAPTERS,
+    NO_SOFT_PROMPT,
+    AdapterBatch,
+    ModelRunner,
+    PrefillChunk,
+    SoftPrompt,
+)
 from deltaserve.server.residency.registry import AdapterRecord, AdapterRegistry
 from transformers import PreTrainedTokenizerBase
 
@@ -42,8 +59,11 @@ class EngineConfig:
     max_batch_size: int
     max_seq_len: int
     eos_token_ids: tuple[int, ...]
-    max_prefill_tokens: int = 4096  # padded prompt tokens per prefill forward (bounds its activation memory)
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (bounds a step's time and activations)
     max_waiting: int = 1024  # requests queued beyond the running batch; more are refused (RESOURCE_EXHAUSTED)
+    block_size: int = 16  # tokens per KV-cache block
+    num_blocks: int = 1024  # blocks in the pool, the null block included
+    prefix_caching: bool = True
 
 
 class Engine:
@@ -63,7 +83,11 @@ class Engine:
         self._eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=runner.device)
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self._prefilling: list[Request] = []  # admitted, prompt not yet complete (FIFO: chunks go in order)
+        self._running: list[Request] = []  # decoding
+        self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching=config.prefix_caching)
+        self._block_reserve = max(1, self.blocks.usable // 100)
+        self._arrivals = itertools.count()  # submit order: preemption takes the newest first
         self._accepting = True
         self._abort_at: float | None = None  # monotonic time after which unfinished work is aborted
         self._commands: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
@@ -80,6 +104,13 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
+        positions = request.sequence_len + request.params.max_new_tokens
+        if blocks_for(positions, self.config.block_size) > self.blocks.usable:
+            raise InvalidRequestError(
+                f"the request needs {positions} KV-cache positions, more than the whole cache holds "
+                f"({self.blocks.usable * self.config.block_size}); shorten the prompt or max_new_tokens"
+            )
+        request.order = next(self._arrivals)
         with self._cv:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and accepts no new requests")
@@ -124,12 +155,16 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._prefilling)
+
+    def kv_blocks(self, state: str) -> int:
+        """Blocks that are free, used or cached (read at scrape time, without locking)."""
+        counts = {"free": self.blocks.free_count, "used": self.blocks.used_count, "cached": self.blocks.cached_count}
+        return counts[state]
 
     def kv_cache_usage(self) -> float:
-        """Occupied cache positions over capacity (a scrape-time estimate, read without locking)."""
-        used = sum(request.cache_len for request in list(self._running))
-        return used / (self.config.max_batch_size * self.config.max_seq_len)
+        """Blocks held by requests over the usable blocks (read at scrape time, without locking)."""
+        return self.blocks.used_count / self.blocks.usable
 
     # ---- the loop (engine thread) ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -150,28 +185,28 @@ class Engine:
             self._waiting.clear()
         self._cancel_commands(commands)
         dead = EngineFailedError("the engine failed and is restarting; retry the request")
-        for request in [*waiting, *self._running]:
-            if request.row != FINISHED_ROW:
+        for request in [*waiting, *self._prefilling, *self._running]:
+            if not request.finished:
                 with contextlib.suppress(Exception):  # the state that broke the loop may break this too
-                    request.row = NO_ROW  # its cache row is not touched again
+                    request.blocks = []  # the cache is not touched again
                     self._finish(request, None, error=dead)
-        self._running = []
+        self._prefilling, self._running = [], []
         self.on_death(err)
 
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._running and not self._commands and self._accepting:
+                while not (self._waiting or self._running or self._prefilling or self._commands) and self._accepting:
                     self._cv.wait()
                 commands, self._commands = self._commands, []
                 if self._abort_at is not None and (
-                    time.monotonic() >= self._abort_at or not (self._waiting or self._running)
+                    time.monotonic() >= self._abort_at or not (self._waiting or self._running or self._prefilling)
                 ):
                     self._cancel_commands(commands)
                     break
                 admitted = self._take_admissible()
             self._run_commands(commands)
-            if not admitted and not self._running:
+            if not admitted and not self._running and not self._prefilling:
                 with self._cv:
                     if not self._commands:
                         # Everything queued waits for its adapter to reach the device: sleep until the
@@ -181,12 +216,14 @@ class Engine:
             try:
                 self._step(admitted)
             except Exception:  # a bug or device failure: fail what was in flight, keep serving
-                log.exception("engine step failed for requests %s", [r.request_id for r in [*admitted, *self._running]])
-                for request in [*admitted, *self._running]:
-                    if request.row != FINISHED_ROW:
+                in_flight = [*admitted, *self._prefilling, *self._running]
+                log.exception("engine step failed for requests %s", [r.request_id for r in in_flight])
+                for request in in_flight:
+                    if not request.finished:
                         # The detail stays in the log: a client sees no library text or server path.
                         failure = EngineStepError(f"internal error in the engine step (request {request.request_id})")
                         self._finish(request, None, error=failure)
+                self._prefilling.clear()
                 self._running.clear()
         self._abort_all()
 
@@ -204,10 +241,10 @@ class Engine:
             future.set_exception(EngineStoppedError("the server is shutting down"))
 
     def _take_admissible(self) -> list[Request]:
-        """Queued requests that can run now, in arrival order: their adapter holds a device slot (others keep
-        waiting while the residency thread brings theirs in). Cancelled or failed ones are taken too (to be
-        finished) but do not use up a free row."""
-        free = self.config.max_batch_size - len(self._running)
+        """Queued requests that may run now, in queue order: their adapter holds a device slot (others keep
+        waiting while the residency thread brings theirs in), up to the free batch places. Cancelled or failed
+        ones are taken too (to be finished) but take no place. Whether their blocks fit is `_admit`'s call."""
+        free = self.config.max_batch_size - self.num_running
         admitted, kept, rows = [], deque(), 0
         while self._waiting:
             request = self._waiting.popleft()
@@ -231,67 +268,204 @@ class Engine:
                 self._finish(request, None, error=request.adapter.load_error)
             else:
                 runnable.append(request)
-        for group in self._prefill_groups(runnable):
-            self._prefill(group)
+        for index, request in enumerate(runnable):
+            if not self._admit(request):  # out of blocks: it and those after it wait, in order
+                with self._cv:
+                    self._waiting.extendleft(reversed(runnable[index:]))
+                break
             if self.admission_observer is not None:  # between forwards: it may merge or unmerge
-                for request in group:
-                    self.admission_observer(request.adapter_id)
+                self.admission_observer(request.adapter_id)
+        self._prefill_step()
         if self._running:
             self._decode()
-        self.metrics.requests_running.set(len(self._running))
+        self.metrics.requests_running.set(self.num_running)
 
-    def _prefill_groups(self, requests: list[Request]) -> list[list[Request]]:
-        """Split admitted requests into prefill forwards of at most `max_prefill_tokens` padded tokens,
-        grouping similar prompt lengths so that little is spent on padding."""
-        groups: list[list[Request]] = []
-        for request in sorted(requests, key=lambda r: r.sequence_len):
+    # ---- admission: blocks and the prefix cache ----------------------------------------------------
+    def _soft_prompt(self, request: Request) -> SoftPrompt:
+        return self.registry.slots.prompts[request.slot] if request.slot >= 0 else NO_SOFT_PROMPT
+
+    def _cache_root(self, request: Request) -> bytes:
+        """What besides the tokens shaped this request's K/V: its adapter (this load of it) and the merged one."""
+        adapter = request.adapter.generation if request.adapter is not None else 0
+        return root_hash(f"adapter={adapter};merged={request.merged_generation}")
+
+    @property
+    def _merged_generation(self) -> int:
+        return self.merged.generation if self.merged is not None else 0
+
+    def _block_tokens(self, request: Request, index: int) -> list[int]:
+        """The tokens of full block `index`: -1 for prefix-entry and virtual-token positions (the adapter,
+        part of the root, decides those)."""
+        size, soft = self.config.block_size, request.soft_length
+        items = request.prompt_ids + request.generated
+        return [items[p - soft] if p >= soft else -1 for p in range(index * size, (index + 1) * size)]
+
+    def _hashes(self, request: Request, count: int) -> list[bytes]:
+        """The hash chain of the request's first `count` full blocks (extending the ones already known)."""
+        chain = request.block_hashes
+        while len(chain) < count:
+            parent = chain[-1] if chain else self._cache_root(request)
+            chain.append(chain_hash(parent, self._block_tokens(request, len(chain))))
+        return chain[:count]
+
+    def _admit(self, request: Request) -> bool:
+        """Give a request its blocks (cached ones for the prefix the cache holds, fresh ones for the rest of its
+        prompt) and write its prefix-tuning entries; False, with nothing taken, when the blocks are not free."""
+        size = self.config.block_size
+        soft = self._soft_prompt(request)
+        request.soft_length = soft.prefix_length + soft.virtual_length
+        request.block_hashes, request.merged_generation = [], self._merged_generation
+        target = request.soft_length + len(request.prompt_ids) + len(request.generated)
+        # At least the last position is computed: its logits give the next token.
+        cached = (
+            self.blocks.take_cached(self._hashes(request, (target - 1) // size)) if self.config.prefix_caching else []
+        )
+        needed = blocks_for(target, size) - len(cached)
+        # While others run, keep a few blocks back for their next decode steps, so that a new admission does
+        # not force a preemption at once (vLLM's watermark); an idle engine admits anything that fits.
+        reserve = self._block_reserve if self._running or self._prefilling else 0
+        fresh = self.blocks.allocate(needed) if needed <= self.blocks.available - reserve else None
+        if fresh is None:
+            self.blocks.release(cached)
+            return False
+        request.blocks = cached + fresh
+        request.cache_len, request.target_len = len(cached) * size, target
+        if self.config.prefix_caching:
+            self.metrics.prefix_cache_queries.inc(target)
+            self.metrics.prefix_cache_hits.inc(len(cached) * size)
+        if request.cache_len < soft.prefix_length:
+            self.runner.write_prefix(request.blocks, soft, request.cache_len)
+            request.cache_len = soft.prefix_length
+            self._register_full_blocks(request)
+        self._prefilling.append(request)
+        return True
+
+    def _register_full_blocks(self, request: Request) -> None:
+        """Index the request's newly completed blocks in the prefix cache (not after a merge or unmerge since its
+        admission: its later blocks were computed with other weights than its name says)."""
+        if not self.config.prefix_caching or request.merged_generation != self._merged_generation:
+            return
+        full = request.cache_len // self.config.block_size
+        for index, digest in enumerate(self._hashes(request, full)):
+            self.blocks.register(request.blocks[index], digest)
+
+    # ---- prefill: up to max_prefill_tokens prompt tokens per step ------------------------------------
+    def _prefill_step(self) -> None:
+        budget, work = self.config.max_prefill_tokens, []
+        for request in self._prefilling:
+            if budget <= 0:
+                break
+            take = min(request.target_len - request.cache_len, budget)
+            work.append((request, take))
+            budget -= take
+        for group in self._prefill_groups(work):
+            self._prefill(group)
+
+    def _prefill_groups(self, work: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+        """Split a step's chunks into forwards of at most `max_prefill_tokens` padded tokens, grouping similar
+        chunk lengths so that little is spent on padding."""
+        groups: list[list[tuple[Request, int]]] = []
+        for request, take in sorted(work, key=lambda item: item[1]):
             group = groups[-1] if groups else None
-            # Sorted by length, so this request is the longest of the group: it sets the padded size.
-            if group and (len(group) + 1) * request.sequence_len <= self.config.max_prefill_tokens:
-                group.append(request)
+            # Sorted by length, so this chunk is the longest of the group: it sets the padded size.
+            if group and (len(group) + 1) * take <= self.config.max_prefill_tokens:
+                group.append((request, take))
             else:
-                groups.append([request])
+                groups.append([(request, take)])
         return groups
 
-    def _prefill(self, group: list[Request]) -> None:
-        """Prefill a group of new requests in one forward, give each its own cache row and first token."""
-        slots = self.registry.slots
-        soft = [slots.prompts[r.slot] if r.slot >= 0 else NO_SOFT_PROMPT for r in group]
-        lengths = [s.virtual_length + len(r.prompt_ids) for s, r in zip(soft, group, strict=True)]
-        span = max(lengths)
-        token_slots = [
-            slot for r, n in zip(group, lengths, strict=True) for slot in [r.slot] * n + [PAD_SLOT] * (span - n)
-        ]
-        batch = self._adapter_batch(token_slots, [r.slot for r in group])
-        rows = list(range(len(self._running), len(self._running) + len(group)))
-        logits = self.runner.prefill(rows, [r.prompt_ids for r in group], batch, soft)
+    def _chunk(self, request: Request, take: int) -> PrefillChunk:
+        """The request's next `take` prompt items: virtual token embeddings first, then its tokens (prompt, and
+        after a preemption the tokens it had generated)."""
+        soft = self._soft_prompt(request)
+        item = request.cache_len - soft.prefix_length  # index into virtual tokens + tokens
+        virtual_count = max(0, min(soft.virtual_length - item, take))
+        virtual = soft.virtual_tokens[item : item + virtual_count] if virtual_count else None
+        tokens = request.prompt_ids + request.generated
+        first = max(item - soft.virtual_length, 0)
+        ids = [0] * virtual_count + tokens[first : item + take - soft.virtual_length]
+        return PrefillChunk(request.blocks, request.cache_len, ids, virtual)
+
+    def _prefill(self, group: list[tuple[Request, int]]) -> None:
+        """One prefill forward over a group of chunks; requests whose prompt is complete sample their next token
+        and join the decode batch."""
+        span = max(take for _, take in group)
+        token_slots = [slot for r, take in group for slot in [r.slot] * take + [PAD_SLOT] * (span - take)]
+        batch = self._adapter_batch(token_slots, [r.slot for r, _ in group])
+        logits = self.runner.prefill([self._chunk(r, take) for r, take in group], batch)
+        complete = []
+        for index, (request, take) in enumerate(group):
+            request.cache_len += take
+            self._register_full_blocks(request)
+            if request.cache_len == request.target_len:
+                complete.append(index)
+        if not complete:
+            return
+        done = [group[i][0] for i in complete]
         now = time.monotonic()
-        device = self.runner.device
-        for request, row, prompt, length in zip(group, rows, soft, lengths, strict=True):
-            request.row = row
-            request.cache_len = prompt.prefix_length + length
-            request.sampler = RowState(
-                request.params, make_generator(request.params, device), list(request.prompt_ids), 0
-            )
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
-            request.prefilled_at = now
-            self.metrics.observe_queue(request.adapter_id, now - request.arrival)
+        for request in done:
+            self._prefilling.remove(request)
             self._running.append(request)
-        self._take(group, sample(logits, [r.sampler for r in group], self._eos))
+            if request.sampler is None:  # first admission (a preempted request keeps its sampler state)
+                request.sampler = RowState(
+                    request.params, make_generator(request.params, self.runner.device), list(request.prompt_ids), 0
+                )
+                request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+                request.prefilled_at = now
+                self.metrics.observe_queue(request.adapter_id, now - request.arrival)
+        rows = logits if len(complete) == len(group) else logits[torch.tensor(complete, device=logits.device)]
+        self._take(done, sample(rows, [r.sampler for r in done], self._eos))
         self._compact()
 
+    # ---- decode: one token for every request past its prefill ----------------------------------------
     def _decode(self) -> None:
+        self._reserve_decode_blocks()
         running = self._running
+        if not running:
+            return
         device = self.runner.device
         input_ids = torch.tensor([r.last_token for r in running], device=device)
         positions = torch.tensor([r.cache_len for r in running], device=device)
+        tables = self.runner.decode_tables([r.blocks for r in running], max(r.cache_len for r in running))
         batch = self._decode_batch([r.slot for r in running])
-        logits = self.runner.decode(input_ids, positions, max(r.cache_len for r in running), batch)
+        logits = self.runner.decode(input_ids, positions, tables, batch)
         self.metrics.batch_size.observe(len(running))
         for request in running:
             request.cache_len += 1
+            if request.cache_len % self.config.block_size == 0:
+                self._register_full_blocks(request)
         self._take(running, sample(logits, [r.sampler for r in running], self._eos))
         self._compact()
+
+    def _reserve_decode_blocks(self) -> None:
+        """A block for every row whose next token starts one, oldest rows first; when none is left, preempt
+        the newest request until there is one (a row may preempt itself)."""
+        size = self.config.block_size
+        for request in sorted(self._running, key=lambda r: r.order):
+            while request.cache_len == len(request.blocks) * size and not request.preempted:
+                block = self.blocks.allocate(1)
+                if block is not None:
+                    request.blocks.extend(block)
+                    break
+                candidates = [r for r in [*self._running, *self._prefilling] if not r.preempted]
+                self._preempt(max(candidates, key=lambda r: r.order))
+        for request in [r for r in self._running if r.preempted]:
+            self._running.remove(request)
+            request.preempted = False
+
+    def _preempt(self, request: Request) -> None:
+        """Release a request's blocks (full ones stay in the prefix cache) and queue it, ahead of new arrivals,
+        to be recomputed from its prompt and generated tokens."""
+        self.blocks.release(request.blocks)
+        request.blocks, request.cache_len, request.block_hashes = [], 0, []
+        if request in self._prefilling:
+            self._prefilling.remove(request)
+        else:
+            request.preempted = True  # _reserve_decode_blocks drops it from the decode batch
+        self.metrics.preemptions.inc()
+        with self._cv:
+            self._waiting.appendleft(request)
+            self.metrics.requests_waiting.set(len(self._waiting))
 
     def _adapter_batch(self, token_slots: list[int], head_slots: list[int] | None) -> AdapterBatch:
         """Describe a forward's adapters: token_slots for every token, head_slots for the positions the LM
@@ -383,43 +557,35 @@ class Engine:
         """Emit the request's final output, release its adapter and mark its row for reuse."""
         if last_output is None:
             last_output = RequestOutput([], "", [], len(request.generated), finish_reason=reason, error=error)
-        if request.row >= 0:
-            self.runner.clear_row(request.row, request.cache_len)
-        request.row = FINISHED_ROW  # _compact drops it from the running list
+        if request.blocks:
+            # A failed request's K/V may hold NaN or inf: forget it and zero the blocks it alone held.
+            self.runner.zero_blocks(self.blocks.release(request.blocks, keep_cached=error is None))
+            request.blocks = []
+        request.finished = True  # _compact drops it from the running lists
         if request.adapter is not None:
             self.registry.release(request.adapter, served=error is None)
         self.metrics.observe_finished(request, "error" if error is not None else reason.value, time.monotonic())
         request.sink(last_output)
 
     def _drop_cancelled(self) -> None:
-        for request in self._running:
+        for request in [*self._prefilling, *self._running]:
             if request.cancelled:
                 self._finish(request, FinishReason.CANCELLED)
         self._compact()
 
     def _compact(self) -> None:
-        """Remove finished requests and fill the holes they leave with the highest rows."""
-        survivors = [r for r in self._running if r.row != FINISHED_ROW]
-        if len(survivors) == len(self._running):
-            return
-        count = len(survivors)
-        occupied = {r.row for r in survivors}
-        holes = [row for row in range(count) if row not in occupied]
-        movers = sorted((r for r in survivors if r.row >= count), key=lambda r: r.row)
-        for hole, request in zip(holes, movers, strict=True):
-            self.runner.move_row(request.row, hole, request.cache_len)
-            self.runner.clear_row(request.row, request.cache_len)
-            request.row = hole
-        self._running = sorted(survivors, key=lambda r: r.row)
+        """Remove finished requests from the running lists."""
+        self._prefilling = [r for r in self._prefilling if not r.finished]
+        self._running = [r for r in self._running if not r.finished]
 
     def _abort_all(self) -> None:
         with self._cv:
-            leftovers = [*self._waiting, *self._running]
+            leftovers = [*self._waiting, *self._prefilling, *self._running]
             self._waiting.clear()
         for request in leftovers:
-            if request.row != FINISHED_ROW:
+            if not request.finished:
                 self._finish(request, FinishReason.ABORTED)
-        self._running = []
+        self._prefilling, self._running = [], []
 
 
 def _non_finite_message(request: Request) -> str:

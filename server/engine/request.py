@@ -11,9 +11,6 @@ from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
 from deltaserve.server.engine.sampling import RowState, SamplingParams
 from deltaserve.server.residency.registry import AdapterRecord
 
-NO_ROW = -1  # a request not (yet) placed in a cache row
-FINISHED_ROW = -2  # a finished request: the engine drops it from the running list between steps
-
 
 class FinishReason(enum.Enum):
     LENGTH = "length"
@@ -54,8 +51,15 @@ class Request:
     sink: Sink
     arrival: float = field(default_factory=time.monotonic)
     # engine-side state
-    row: int = NO_ROW
-    cache_len: int = 0
+    order: int = -1  # submit order (preemption takes the newest first)
+    blocks: list[int] = field(default_factory=list)  # KV-cache block table
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks, in order
+    merged_generation: int = 0  # the adapter merged into the base when it was admitted (0: none)
+    soft_length: int = 0  # prefix entries + virtual tokens of its adapter, before the prompt
+    cache_len: int = 0  # positions whose K/V are in its blocks
+    target_len: int = 0  # positions its prefill must reach (soft prompt, prompt and tokens generated so far)
+    preempted: bool = False  # lost its blocks in this decode step; waits to be recomputed
+    finished: bool = False
     last_token: int = -1
     generated: list[int] = field(default_factory=list)
     sampler: RowState | None = None

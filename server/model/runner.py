@@ -4,8 +4,9 @@ The runner drives the Hugging Face module tree directly (embeddings, decoder lay
 MLPs, rotary embedding) instead of the model's own forward, so that every row has its own cache length
 and position while rows decode together. Supported: Llama-style decoders (Llama, Mistral, Qwen2, Qwen3).
 
-KV cache: per layer, K and V of shape [max_batch, kv_heads, max_seq_len, head_dim], preallocated. Running
-requests occupy rows 0..B-1 (the engine keeps them compact), so a decode step reads plain views.
+KV cache: paged (model/kv_cache.py). Each request owns a block table; a forward writes each token's K/V into
+its request's blocks and attends over the entries its table reaches. Which blocks a request owns, and which it
+shares through the prefix cache, is the engine's business (engine/kv_blocks.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from deltaserve.adapters import (
     BaseModelSpec,
     LinearShape,
     ModelGeometry,
-    tensor_bytes,
 )
 from deltaserve.server.errors import MergeError, ModelLoadError
+from deltaserve.server.kernels.paged_attention import DecodeAttention, select_decode_attention, torch_decode_attention
+from deltaserve.server.model.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for, bytes_per_block
 from deltaserve.server.model.layers import (
     AdapterLinear,
     BottleneckBank,
@@ -73,6 +75,18 @@ class SoftPrompt:
 NO_SOFT_PROMPT = SoftPrompt()
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Part (or all) of one request's prompt items for a prefill forward: `token_ids` go to cache positions
+    start.. through the block `table`; the first `len(virtual)` items are virtual token embeddings instead
+    (their ids are placeholders)."""
+
+    table: list[int]
+    start: int
+    token_ids: list[int]
+    virtual: torch.Tensor | None = None
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -90,8 +104,6 @@ class ModelRunner:
         self,
         model: nn.Module,
         *,
-        max_batch_size: int,
-        max_seq_len: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -103,8 +115,6 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
         self.context = ForwardContext()
         self.adapter_layers: dict[str, AdapterLinear] = wrap_linear_layers(model, self.context)
         self.hidden_size: int = config.hidden_size
@@ -117,9 +127,8 @@ class ModelRunner:
         self.scaling: float = attention.scaling
         self.num_heads: int = config.num_attention_heads
         self.num_kv_heads: int = config.num_key_value_heads
-        shape = (max_batch_size, self.num_kv_heads, max_seq_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.cache: PagedKVCache | None = None  # allocate_cache(), once the weights and adapter slots are placed
+        self.decode_attention: DecodeAttention = torch_decode_attention
         self._saved_weights: dict[str, torch.Tensor] = {}  # original weights of merged modules
         self.bottleneck_banks = {
             (index, site): BottleneckBank(self.hidden_size)
@@ -199,129 +208,119 @@ class ModelRunner:
             self.adapter_layers[name].base.weight.data.copy_(original)
         self._saved_weights.clear()
 
+    # ---- the KV cache ------------------------------------------------------------------------------
+    def allocate_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """Allocate the paged KV cache (after the weights and adapter slots, so its size can be what is left)."""
+        self.cache = PagedKVCache(
+            len(self.layers), num_blocks, block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
+        )
+        self.decode_attention = select_decode_attention(self.device, block_size, self.dtype)
+        return self.cache
+
+    def block_bytes(self, block_size: int) -> int:
+        return bytes_per_block(len(self.layers), block_size, self.num_kv_heads, self.head_dim, self.dtype)
+
     @property
     def kv_cache_bytes(self) -> int:
-        return tensor_bytes((*self.k_cache, *self.v_cache))
+        return self.cache.bytes
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        self.cache.zero(blocks)
+
+    @torch.inference_mode()
+    def write_prefix(self, table: list[int], prompt: SoftPrompt, start: int) -> None:
+        """Write a soft prompt's prefix entries from position `start` on (earlier ones came from the prefix
+        cache) into the blocks of `table`."""
+        count = prompt.prefix_length - start
+        if count <= 0:
+            return
+        slots = torch.tensor(self.cache.slots(table, start, count), device=self.device)
+        for layer_idx in range(len(self.layers)):
+            keys = prompt.prefix_keys[layer_idx, :, start:].transpose(0, 1)  # [count, kv_heads, D]
+            values = prompt.prefix_values[layer_idx, :, start:].transpose(0, 1)
+            self.cache.write(layer_idx, slots, keys, values)
 
     # ---- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(
-        self,
-        rows: list[int],
-        prompts: list[list[int]],
-        batch: AdapterBatch,
-        soft_prompts: list[SoftPrompt] | None = None,
-    ) -> torch.Tensor:
-        """Run prompts into cache rows in one forward; return each one's last logits [n, V].
+    def prefill(self, chunks: list[PrefillChunk], batch: AdapterBatch) -> torch.Tensor:
+        """Run prompt chunks into their requests' blocks in one forward; return each one's last logits [n, V].
 
-        A row's cache holds its soft prompt's prefix entries (positions 0..P-1), then its virtual tokens and
-        its prompt (positions P.., rotary positions equal cache positions). Sequences (virtual + prompt tokens)
-        are right-padded to the longest: causal attention never lets a real token see the padding after it.
-        `batch.lora`/`batch.slots` describe the n*T padded tokens, `batch.head_*` the n last positions.
+        A chunk's items go to cache positions start.. (rotary positions equal cache positions); it attends over
+        its request's earlier entries (prefix-tuning entries, cached or earlier chunks) and causally over
+        itself. Chunks are right-padded to the longest: causal attention never lets a real item see the padding
+        after it, and padding is never written to the cache. `batch.lora`/`batch.slots` describe the n*T padded
+        items, `batch.head_*` the n last ones.
         """
-        soft = soft_prompts or [NO_SOFT_PROMPT] * len(prompts)
-        offsets = [s.prefix_length for s in soft]
-        lengths = [s.virtual_length + len(p) for s, p in zip(soft, prompts, strict=True)]
+        lengths = [len(c.token_ids) for c in chunks]
         span = max(lengths)
-        ids = torch.tensor(
-            [[0] * s.virtual_length + p + [0] * (span - n) for s, p, n in zip(soft, prompts, lengths, strict=True)],
+        ids = torch.tensor([c.token_ids + [0] * (span - n) for c, n in zip(chunks, lengths, strict=True)])
+        hidden = self.embed_tokens(ids.to(self.device))  # [n, T, H]
+        for i, chunk in enumerate(chunks):
+            if chunk.virtual is not None:
+                hidden[i, : chunk.virtual.shape[0]] = chunk.virtual.to(hidden.dtype)
+        starts = torch.tensor([c.start for c in chunks], device=self.device)
+        positions = starts[:, None] + torch.arange(span, device=self.device)[None]  # [n, T]
+        cos, sin = self.rotary(hidden, positions)  # [n, T, D]
+        batch_idx = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=self.device)
+        token_idx = torch.tensor([t for n in lengths for t in range(n)], device=self.device)
+        slots = torch.tensor(
+            [s for c, n in zip(chunks, lengths, strict=True) for s in self.cache.slots(c.table, c.start, n)],
             device=self.device,
         )
-        hidden = self.embed_tokens(ids)  # [n, T, H]
-        for i, prompt in enumerate(soft):
-            if prompt.virtual_tokens is not None:
-                hidden[i, : prompt.virtual_length] = prompt.virtual_tokens.to(hidden.dtype)
-        offset = torch.tensor(offsets, device=self.device)
-        positions = offset[:, None] + torch.arange(span, device=self.device)[None]  # [n, T]
-        cos, sin = self.rotary(hidden, positions)  # [n, T, D]
-        row_index = torch.tensor(rows, device=self.device)
-        if any(offsets):
-            self._write_prefixes(rows, soft)
-            attend = self._prefix_attention(row_index, positions, offsets, lengths)
-        else:
+        cache = self.cache
+        if not any(c.start for c in chunks):  # nothing before the chunks: attend within them
 
             def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                self.k_cache[layer_idx][row_index, :, :span] = k
-                self.v_cache[layer_idx][row_index, :, :span] = v
+                cache.write(layer_idx, slots, k[batch_idx, :, token_idx], v[batch_idx, :, token_idx])
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+
+        else:
+            ends = [c.start + n for c, n in zip(chunks, lengths, strict=True)]  # host ints: no device sync
+            tables = self._table_tensor([c.table for c in chunks], blocks_for(max(ends), cache.block_size))
+            width = tables.shape[1] * cache.block_size
+            mask = (torch.arange(width, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+
+            def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                cache.write(layer_idx, slots, k[batch_idx, :, token_idx], v[batch_idx, :, token_idx])
+                keys, values = cache.gather(layer_idx, tables)
+                return F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
+                )
 
         last = torch.tensor(lengths, device=self.device) - 1
         return self._forward(hidden, cos, sin, attend, batch, last)
 
-    def _write_prefixes(self, rows: list[int], soft: list[SoftPrompt]) -> None:
-        for row, prompt in zip(rows, soft, strict=True):
-            if prompt.prefix_keys is None:
-                continue
-            length = prompt.prefix_length
-            for layer_idx, (k_cache, v_cache) in enumerate(zip(self.k_cache, self.v_cache, strict=True)):
-                k_cache[row, :, :length] = prompt.prefix_keys[layer_idx]
-                v_cache[row, :, :length] = prompt.prefix_values[layer_idx]
+    def _table_tensor(self, tables: list[list[int]], width: int) -> torch.Tensor:
+        """Block tables cut or padded (with the null block) to `width` blocks, as one [n, width] tensor."""
+        rows = [table[:width] + [NULL_BLOCK] * (width - len(table)) for table in tables]
+        return torch.tensor(rows, device=self.device)
 
-    def _prefix_attention(
-        self, row_index: torch.Tensor, positions: torch.Tensor, offsets: list[int], lengths: list[int]
-    ):
-        """Attention for a prefill where some rows start after prefix entries: each row's tokens go to cache
-        positions offset + t (`positions`, only real tokens are written), and attend over the row's cache up
-        to themselves."""
-        batch_idx = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=self.device)
-        token_idx = torch.tensor([t for n in lengths for t in range(n)], device=self.device)
-        cache_rows, cache_pos = row_index[batch_idx], positions[batch_idx, token_idx]
-        width = max(o + n for o, n in zip(offsets, lengths, strict=True))  # from the host lists: no device sync
-        mask = (torch.arange(width, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]  # [n,1,T,W]
-
-        def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
-            k_cache[cache_rows, :, cache_pos] = k[batch_idx, :, token_idx]
-            v_cache[cache_rows, :, cache_pos] = v[batch_idx, :, token_idx]
-            keys, values = k_cache[row_index, :, :width], v_cache[row_index, :, :width]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
-
-        return attend
+    def decode_tables(self, tables: list[list[int]], max_position: int) -> torch.Tensor:
+        """The decode step's block tables: enough blocks for every row's next position."""
+        return self._table_tensor(tables, blocks_for(max_position + 1, self.cache.block_size))
 
     @torch.inference_mode()
     def decode(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int, batch: AdapterBatch
+        self, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, batch: AdapterBatch
     ) -> torch.Tensor:
-        """One token for each of rows 0..B-1; return logits [B, V].
+        """One token for each of B rows; return logits [B, V].
 
-        input_ids [B], positions [B] (where each row's new token goes = its current cache length),
-        max_position = max(positions) as a host int (so no device sync is needed to size the views).
+        input_ids [B]; positions [B] (where each row's new token goes = its current cache length); tables
+        [B, nb] (`decode_tables`), covering every row's new position.
         """
-        rows_count = input_ids.shape[0]
-        span = max_position + 1
-        rows = torch.arange(rows_count, device=self.device)
+        cache = self.cache
+        block_size = cache.block_size
+        rows = torch.arange(input_ids.shape[0], device=self.device)
+        slots = tables[rows, positions // block_size] * block_size + positions % block_size
         hidden = self.embed_tokens(input_ids[:, None])  # [B, 1, H]
         cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, D]
-        # mask [B, 1, 1, span]: a row sees its own cache entries up to and including the new token.
-        mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        paged_attention = self.decode_attention(tables, positions, block_size, self.scaling)
 
         def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache, v_cache = self.k_cache[layer_idx], self.v_cache[layer_idx]
-            k_cache[rows, :, positions] = k[:, :, 0]
-            v_cache[rows, :, positions] = v[:, :, 0]
-            return F.scaled_dot_product_attention(
-                q,
-                k_cache[:rows_count, :, :span],
-                v_cache[:rows_count, :, :span],
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
+            cache.write(layer_idx, slots, k[:, :, 0], v[:, :, 0])
+            return paged_attention(q, cache.keys[layer_idx], cache.values[layer_idx])
 
         return self._forward(hidden, cos, sin, attend, batch, None)
-
-    def move_row(self, source: int, target: int, length: int) -> None:
-        """Copy a request's cache row (its first `length` entries) to another row (batch compaction)."""
-        for k_cache, v_cache in zip(self.k_cache, self.v_cache, strict=True):
-            k_cache[target, :, :length] = k_cache[source, :, :length]
-            v_cache[target, :, :length] = v_cache[source, :, :length]
-
-    def clear_row(self, row: int, length: int) -> None:
-        """Zero a vacated row's first `length` entries. A later occupant's attention masks them out, but a
-        masked NaN or inf (left by an adapter that overflowed) would still poison its softmax sum."""
-        for k_cache, v_cache in zip(self.k_cache, self.v_cache, strict=True):
-            k_cache[row, :, :length] = 0
-            v_cache[row, :, :length] = 0
 
     # ---- shared layer loop -----------------------------------------------------------------------
     def _forward(self, hidden, cos, sin, attend, batch: AdapterBatch, last: torch.Tensor | None) -> torch.Tensor:

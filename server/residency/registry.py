@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
 import threading
 import time
@@ -56,6 +57,9 @@ class AdapterState(enum.Enum):
     UNLOADING = "unloading"  # unloaded or replaced, still finishing its in-flight requests
 
 
+_GENERATIONS = itertools.count(1)
+
+
 @dataclass(eq=False)
 class AdapterRecord:
     adapter_id: str
@@ -77,6 +81,8 @@ class AdapterRecord:
     merged: bool = False  # folded into the base weights (pinned meanwhile; cannot be unloaded or replaced)
     pinned_for_merge: bool = False  # the pin was taken by the merge, so unmerging lifts it
     components: tuple[str, ...] = ()  # for a weighted mix: the adapters it was built from
+    # Unique per record, so per load, replace and mix: the prefix cache keys K/V by it, never by the id.
+    generation: int = field(default_factory=_GENERATIONS.__next__)
 
     def describe(self, adapter: ParsedAdapter) -> None:
         self.kind = adapter.kind.value

@@ -39,7 +39,7 @@ def test_a_dead_engine_fails_fast_reports_not_serving_and_exits_non_zero(tiny_di
     with Client(target, timeout=30) as client:
         assert client.generate("Healthy", max_new_tokens=2).generated_tokens == 2
         server.runner.decode = _broken
-        server.runner.clear_row = _broken
+        server.runner.zero_blocks = _broken
         started = time.monotonic()
         with pytest.raises(DeltaserveError) as info:
             client.generate("Dies", max_new_tokens=8)
@@ -68,7 +68,7 @@ def test_health_reports_not_serving_while_the_dead_server_drains(tiny_dir):
     try:
         target = f"127.0.0.1:{server.port}"
         server.runner.decode = _broken
-        server.runner.clear_row = _broken
+        server.runner.zero_blocks = _broken
         with Client(target, timeout=30) as client, pytest.raises(DeltaserveError):
             client.generate("Dies", max_new_tokens=4)
         with grpc.insecure_channel(target) as channel:

@@ -71,7 +71,7 @@ def test_of_maps_flat_names_onto_the_groups_and_keeps_the_defaults():
     assert config.security.admin_token == "t" and config.adapters.preload == [("a", "/x")]
     assert ServerConfig.of(**config.settings()) == config
     assert ServerConfig.of() == ServerConfig()
-    assert ServerConfig().batching.max_batch_size == 16 and ServerConfig().security.max_request_bytes == 4 << 20
+    assert ServerConfig().batching.max_batch_size == 256 and ServerConfig().security.max_request_bytes == 4 << 20
     with pytest.raises(dataclasses.FrozenInstanceError):  # a change goes through replace(), which validates
         config.batching.max_batch_size = 0  # type: ignore[misc]
     with pytest.raises(ConfigError, match="--max-batch-size"):

@@ -152,8 +152,10 @@ def test_chat_equals_grpc(oai, grpc_client, base_name, model):
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected.text
     content = choice.logprobs.content
-    assert [entry.logprob for entry in content] == expected.logprobs
-    assert [[top.logprob for top in entry.top_logprobs] for entry in content] == [[lp] for lp in expected.logprobs]
+    # The second request reads the first one's prompt blocks from the prefix cache and computes only the rest,
+    # with other matrix shapes: the same tokens, log-probabilities equal to fp32 rounding.
+    assert [entry.logprob for entry in content] == pytest.approx(expected.logprobs, rel=1e-5)
+    assert [[top.logprob for top in entry.top_logprobs] for entry in content] == [[e.logprob] for e in content]
     # exact bytes per token, even where a token holds part of a UTF-8 character
     assert b"".join(bytes(entry.bytes) for entry in content).decode() == expected.text
     assert reply.usage.prompt_tokens == expected.prompt_tokens
