@@ -1,8 +1,9 @@
 """Decode attention over the paged KV cache: the torch reference (every device) and flash-attn's paged kernel.
 
-A decode step prepares its attention once, from the rows' block tables [B, nb], their new positions [B] (the
-new token's K/V already written there), the pool's block size and the softmax scale; each layer then calls it
-with q [B, heads, 1, D] and its pools [num_blocks, block_size, kv_heads, D], and gets [B, heads, 1, D].
+A decode step prepares its attention once, from the paged cache (server/model/kv_cache.py: pools
+[num_blocks, block_size, kv_heads, D] per layer), the rows' block tables [B, nb], their new positions [B] (the
+new token's K/V already written there) and the softmax scale; each layer then calls it with q [B, heads, 1, D]
+and its layer index, and gets [B, heads, 1, D].
 
 - `torch_decode_attention` gathers each row's blocks into a contiguous tensor and runs SDPA with a per-row
   length mask. It is the reference, and the path on the CPU.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,43 +26,46 @@ log = logging.getLogger(__name__)
 
 FLASH_BLOCK_MULTIPLE = 256  # flash-attn 2's paged KV cache needs page sizes divisible by this
 
-LayerAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, key_pool, value_pool)
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, int, float], LayerAttention]
+LayerAttention = Callable[[torch.Tensor, int], torch.Tensor]  # (q, layer index) -> attention output
+DecodeAttention = Callable[
+    [Any, torch.Tensor, torch.Tensor, float], LayerAttention
+]  # (cache, tables, positions, scale)
 
 
-def gather_blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Each row's entries through its block table: [B, kv_heads, nb * block_size, D] (a copy)."""
+def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's entries through its block table: [B, kv_heads, nb * block_size, D], copied into `out` (a
+    [B * nb, block elements] buffer) when given. One row gather of whole blocks; reusing `out` across layers and
+    steps matters on the CPU, where a fresh buffer of this size costs more in page faults than the copy."""
     rows, width = tables.shape[0], tables.shape[1] * pool.shape[1]
-    return pool[tables].view(rows, width, pool.shape[2], pool.shape[3]).transpose(1, 2)
+    gathered = torch.index_select(pool.view(pool.shape[0], -1), 0, tables.reshape(-1), out=out)
+    return gathered.view(rows, width, pool.shape[2], pool.shape[3]).transpose(1, 2)
 
 
-def torch_decode_attention(
-    tables: torch.Tensor, positions: torch.Tensor, block_size: int, scale: float
-) -> LayerAttention:
-    width = tables.shape[1] * block_size
+def torch_decode_attention(cache: Any, tables: torch.Tensor, positions: torch.Tensor, scale: float) -> LayerAttention:
+    """`cache` is a PagedKVCache: its `gather(layer, tables)` gives each row's K and V [B, kv_heads, W, D]."""
+    width = tables.shape[1] * cache.block_size
     # [B, 1, 1, width]: a row sees its own entries up to and including the new token.
     mask = (torch.arange(width, device=tables.device)[None, :] <= positions[:, None])[:, None, None, :]
 
-    def attend(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor) -> torch.Tensor:
-        keys, values = gather_blocks(key_pool, tables), gather_blocks(value_pool, tables)
+    def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
+        keys, values = cache.gather(layer, tables)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
     return attend
 
 
-def flash_decode_attention(
-    tables: torch.Tensor, positions: torch.Tensor, block_size: int, scale: float
-) -> LayerAttention:
+def flash_decode_attention(cache: Any, tables: torch.Tensor, positions: torch.Tensor, scale: float) -> LayerAttention:
+    """`cache` is a PagedKVCache; flash-attn reads its pools `keys[layer]`/`values[layer]` in place."""
     from flash_attn import flash_attn_with_kvcache
 
     lengths = (positions + 1).to(torch.int32)  # entries each row attends over, its new token included
     block_table = tables.to(torch.int32)
 
-    def attend(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor) -> torch.Tensor:
+    def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
         out = flash_attn_with_kvcache(
             q.transpose(1, 2),  # [B, 1, heads, D]
-            key_pool,
-            value_pool,
+            cache.keys[layer],
+            cache.values[layer],
             cache_seqlens=lengths,
             block_table=block_table,
             softmax_scale=scale,

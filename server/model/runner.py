@@ -314,11 +314,11 @@ class ModelRunner:
         slots = tables[rows, positions // block_size] * block_size + positions % block_size
         hidden = self.embed_tokens(input_ids[:, None])  # [B, 1, H]
         cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, D]
-        paged_attention = self.decode_attention(tables, positions, block_size, self.scaling)
+        paged_attention = self.decode_attention(cache, tables, positions, self.scaling)
 
         def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.write(layer_idx, slots, k[:, :, 0], v[:, :, 0])
-            return paged_attention(q, cache.keys[layer_idx], cache.values[layer_idx])
+            return paged_attention(q, layer_idx)
 
         return self._forward(hidden, cos, sin, attend, batch, None)
 
