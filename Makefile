@@ -95,6 +95,7 @@ bench-smoke: install
 	cd benchmarks && ../$(PY) gpu_mixed.py --tiny --out $(SMOKE)/gpu-mixed-tiny.json
 	cd benchmarks && ../$(PY) revision_ab.py --revision HEAD --quick --requests 2 --new-tokens 4 --out $(SMOKE)/revision-ab.json
 	cd benchmarks && ../$(PY) ray_replicas.py --quick --requests 4 --out $(SMOKE)/ray-replicas.json
+	cd benchmarks && ../$(PY) paged.py --quick --revision HEAD --requests 4 --out $(SMOKE)/paged.json
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info
