@@ -268,22 +268,12 @@ def length_mix(s: PagedSettings) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
-class MixRun:
+class MixRun(Run):
     """One concurrency run: the wall time, every request's output, and the server's counters over the run."""
 
-    seconds: float
-    outputs: list[list[int]]
-    histogram: dict[float, float]
-    batch_rows: float  # the histogram's sum: rows over all decode steps
-    preemptions: float
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(row) for row in self.outputs)
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.seconds
+    histogram: dict[float, float] = field(default_factory=dict)
+    batch_rows: float = 0.0  # the histogram's sum: rows over all decode steps
+    preemptions: float = 0.0
 
     @property
     def steps(self) -> float:
