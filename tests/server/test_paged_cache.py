@@ -292,26 +292,33 @@ def _paged_case(device: str, dtype: torch.dtype, block_size: int, rows: int = 5,
     return q.to(**to), pools[0].to(**to), pools[1].to(**to), blocks.to(device), positions.to(device)
 
 
-def test_torch_paged_decode_attention_equals_attention_over_each_rows_own_entries():
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (3, None), (None, 2.0), (5, 1.5)])
+def test_torch_paged_decode_attention_equals_attention_over_each_rows_own_entries(window, softcap):
+    """Each row attends over its own entries up to its position, inside its sliding window, with softcapped
+    scores: the definition, computed row by row."""
     q, keys, values, tables, positions = _paged_case("cpu", torch.float32, block_size=4)
-    out = torch_decode_attention(tables, positions, 4, 0.125)(q, keys, values)
+    out = torch_decode_attention(tables, positions, 4)(q, keys, values, 0.125, window, softcap)
     for row in range(q.shape[0]):
         length = int(positions[row]) + 1
-        row_keys = keys[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[:length].transpose(0, 1)
-        row_values = values[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[:length].transpose(0, 1)
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            q[row : row + 1], row_keys[None], row_values[None], scale=0.125, enable_gqa=True
-        )
-        torch.testing.assert_close(out[row : row + 1], expected, rtol=1e-5, atol=1e-6)
+        first = 0 if window is None else max(0, length - window)
+        row_keys = keys[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[first:length].transpose(0, 1)
+        row_values = values[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[first:length].transpose(0, 1)
+        groups = q.shape[1] // keys.shape[2]
+        scores = q[row] @ row_keys.repeat_interleave(groups, 0).transpose(1, 2) * 0.125  # [heads, 1, n]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        expected = scores.softmax(-1) @ row_values.repeat_interleave(groups, 0)
+        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flash_attn_paged_decode_matches_the_torch_path():
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (300, None), (None, 30.0)])
+def test_flash_attn_paged_decode_matches_the_torch_path(window, softcap):
     reason = flash_unavailable(256, torch.bfloat16)
     if reason is not None:
         pytest.skip(reason)
     q, keys, values, tables, positions = _paged_case("cuda", torch.bfloat16, block_size=256)
-    expected = torch_decode_attention(tables, positions, 256, 0.125)(q, keys, values)
-    actual = flash_decode_attention(tables, positions, 256, 0.125)(q, keys, values)
+    expected = torch_decode_attention(tables, positions, 256)(q, keys, values, 0.125, window, softcap)
+    actual = flash_decode_attention(tables, positions, 256)(q, keys, values, 0.125, window, softcap)
     torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2)
