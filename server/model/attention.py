@@ -108,13 +108,16 @@ class ChunkAttention(ForwardAttention):
     def __init__(self, cache: PagedKVCache, entries: NewEntries, positions: torch.Tensor) -> None:
         self.cache, self.entries = cache, entries
         self.positions = positions  # [B, T], start 0: an item's position is its column (padding: the last real one)
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict[int | None, torch.Tensor] = {}  # by window: built once per forward
 
     def attend(self, module, query, key, value, mask, scaling, window, softcap, extra):
         self.entries.write(self.cache, module.layer_idx, key, value)
-        own_mask = None  # plain causal
-        if window is not None and window < key.shape[2]:
-            own_mask = self._masks.get(window)
-            if own_mask is None:
-                own_mask = self._masks[window] = attention_mask(self.positions, key.shape[2], window)
+        width = key.shape[2]
+        if window is not None and window >= width:
+            window = None  # a window as wide as the chunk hides nothing
+        if window is None and softcap is None:
+            return masked_attention(query, key, value, None, scaling, None)  # SDPA's own causal mask
+        own_mask = self._masks.get(window)
+        if own_mask is None:
+            own_mask = self._masks[window] = attention_mask(self.positions, width, window)
         return masked_attention(query, key, value, own_mask, scaling, softcap)

@@ -43,7 +43,7 @@ from deltaserve.server.model.layers import (
     SlotBatch,
     wrap_linear_layers,
 )
-from deltaserve.server.model.support import config_refusal, probe_attention
+from deltaserve.server.model.support import AttentionLayout, config_refusal, probe_attention
 from torch import nn
 
 
@@ -95,6 +95,33 @@ class PrefillChunk:
     virtual: torch.Tensor | None = None
 
 
+def _take_over_attention(model: nn.Module, device: torch.device) -> AttentionLayout:
+    """Switch the model's attention to deltaserve's function and return the layout its layers showed, or refuse
+    the model (ModelLoadError) with the reason it cannot be served (see model/support.py)."""
+    architecture = type(model).__name__
+    refusal = config_refusal(model.config)
+    if refusal is not None:
+        raise ModelLoadError(f"{architecture} is not served: {refusal}")
+    try:
+        model.set_attn_implementation(register_attention())
+    except (ValueError, ImportError) as err:
+        raise ModelLoadError(
+            f"{architecture} is not served: its attention does not go through transformers' AttentionInterface ({err})"
+        ) from err
+    try:
+        return probe_attention(model, device)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{architecture} is not served: {err}") from err
+
+
+def _lm_head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    name = next((name for name, module in model.named_modules() if module is head), None)
+    if head is None or name is None:
+        raise ModelLoadError(f"{type(model).__name__} is not served: it has no LM head")
+    return name
+
+
 class ModelRunner:
     """Owns the base model (wrapped for adapters, its attention switched to deltaserve's) and the KV cache.
     Used by the engine thread only."""
@@ -108,30 +135,15 @@ class ModelRunner:
     ) -> None:
         config = model.config
         architecture = type(model).__name__
-        refusal = config_refusal(config)
-        if refusal is not None:
-            raise ModelLoadError(f"{architecture} is not served: {refusal}")
-        try:
-            model.set_attn_implementation(register_attention())
-        except (ValueError, ImportError) as err:
-            raise ModelLoadError(
-                f"{architecture} is not served: its attention does not go through transformers' AttentionInterface "
-                f"({err})"
-            ) from err
+        layout = _take_over_attention(model, device)
         self.model = model
         self.device = device
         self.dtype = dtype
         self.context = ForwardContext()  # every token of a forward's body
         self.head_context = ForwardContext()  # the positions the LM head sees
-        head = model.get_output_embeddings()
-        head_name = next(name for name, module in model.named_modules() if module is head)
         self.adapter_layers: dict[str, AdapterLinear] = wrap_linear_layers(
-            model, self.context, {head_name: self.head_context}
+            model, self.context, {_lm_head_name(model): self.head_context}
         )
-        try:
-            layout = probe_attention(model, device)
-        except ModelLoadError as err:
-            raise ModelLoadError(f"{architecture} is not served: {err}") from err
         self.embed_tokens = model.get_input_embeddings()
         self.hidden_size: int = config.hidden_size
         self.num_layers: int = layout.num_layers
