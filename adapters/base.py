@@ -94,6 +94,8 @@ class BaseModelSpec:
     # A base layer's bias [out] or None, for bias deltas.
     base_bias: Callable[[str], torch.Tensor | None] | None = None
     geometry: ModelGeometry | None = None
+    # Why bottleneck adapters cannot be served on this base (None: they can), e.g. no known place to hook them in.
+    bottleneck_refusal: str | None = None
 
     def bias_of(self, module: str) -> torch.Tensor | None:
         return self.base_bias(module) if self.base_bias is not None else None

@@ -180,6 +180,8 @@ def _module(where: str, parts: dict[str, torch.Tensor], hidden: int, settings: t
 def read_bottleneck(
     directory: AdapterDirectory, config: Mapping[str, Any], spec: BaseModelSpec, options: ReadOptions
 ) -> ParsedAdapter:
+    if spec.bottleneck_refusal is not None:
+        raise UnsupportedAdapterError(spec.bottleneck_refusal)
     settings = _settings(config)
     geometry = spec.geometry
     if geometry is None:

@@ -112,7 +112,13 @@ def refuse_unsupported_features(config: Mapping[str, Any]) -> None:
         )
     if config.get("use_dora") and config.get("lora_bias"):
         raise UnsupportedAdapterError("DoRA with lora_bias=true is not served")
-    for key in ("layer_replication", "target_parameters", "trainable_token_indices", "use_qalora"):
+    if config.get("target_parameters"):
+        raise UnsupportedAdapterError(
+            f"LoRA on parameters (target_parameters={config['target_parameters']!r}) is not served: deltaserve "
+            "serves LoRA on linear layers, so on a mixture-of-experts model it serves adapters on the attention and "
+            "shared modules, not on the experts' 3-D weights"
+        )
+    for key in ("layer_replication", "trainable_token_indices", "use_qalora"):
         if config.get(key):
             raise UnsupportedAdapterError(f"LoRA option {key}={config[key]!r} is not served")
 

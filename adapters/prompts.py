@@ -35,12 +35,16 @@ def _embeddings(files: PeftFiles, spec: BaseModelSpec) -> tuple[torch.Tensor, in
         raise AdapterFormatError(f"{files.path!r} has no {_KEY!r} tensor")
     if spec.geometry is None:
         raise UnsupportedAdapterError(f"{files.peft_type} needs the model's geometry, which this server lacks")
-    if int(files.config.get("num_transformer_submodules") or 1) != 1:
+    try:
+        submodules = int(files.config.get("num_transformer_submodules") or 1)
+    except (TypeError, ValueError, OverflowError):
+        raise AdapterFormatError("adapter_config.json: num_transformer_submodules must be an integer") from None
+    if submodules != 1:
         raise UnsupportedAdapterError("soft prompts for encoder-decoder models are not served")
     embeddings = files.tensors[_KEY]
     try:
         count = int(files.config.get("num_virtual_tokens", 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise AdapterFormatError("adapter_config.json: num_virtual_tokens must be an integer") from None
     if count <= 0:
         raise AdapterFormatError("adapter_config.json: num_virtual_tokens must be positive")

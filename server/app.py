@@ -37,14 +37,10 @@ VERSION = importlib.metadata.version("deltaserve")  # pyproject.toml's version, 
 
 
 def _context_length(loaded: LoadedModel, requested: int) -> int:
-    """The served context: the requested length, capped by the model's positions and sliding window."""
+    """The served context: the requested length, capped by the model's positions (sliding windows need no cap:
+    the attention function applies each layer's window)."""
     config = loaded.model.config
-    length = min(requested, getattr(config, "max_position_embeddings", requested) or requested)
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < length:
-        log.warning("capping the context at the model's sliding window (%d tokens)", window)
-        length = window
-    return length
+    return min(requested, getattr(config, "max_position_embeddings", requested) or requested)
 
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -91,7 +87,8 @@ def _activation_bytes(config: ServerConfig, runner: ModelRunner, max_seq_len: in
     model_config = runner.model.config
     element = runner.dtype.itemsize
     tokens, rows = config.batching.max_prefill_tokens, config.batching.max_batch_size
-    hidden = tokens * (3 * model_config.intermediate_size + 8 * model_config.hidden_size) * element
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * model_config.hidden_size
+    hidden = tokens * (3 * intermediate + 8 * model_config.hidden_size) * element
     scores = runner.num_heads * tokens * max_seq_len * 4
     gathered = 2 * rows * max_seq_len * runner.num_kv_heads * runner.head_dim * element
     logits = 3 * rows * model_config.vocab_size * 4

@@ -184,7 +184,8 @@ class BaseModelConfig(ConfigGroup):
 
     model: str | None = setting(
         None,
-        "a local Hugging Face causal-LM directory (Llama, Mistral, Qwen2, Qwen3 families)",
+        "a local Hugging Face causal-LM directory (any decoder whose attention goes through transformers' "
+        "AttentionInterface; tested families and refusals: docs/models.md)",
         metavar="DIR",
         shown="embedded SmolLM2-135M-Instruct",
     )

@@ -18,12 +18,11 @@ PROMPTS = [
 ]
 
 
-def make_tiny_llama(out_dir: str, tokenizer_dir: str, seed: int = 0, family: str = "Llama", **overrides) -> str:
-    """A small random decoder (Llama unless `family` names another, e.g. "Qwen2") with the embedded model's
-    real tokenizer, saved as a HF directory."""
+def tiny_config(family: str = "Llama", **overrides):
+    """The config of a small random decoder of `family` (the prefix of its transformers config class: "Llama",
+    "Gemma2", "Gemma3Text", ...), sized for tests, with the embedded model's vocabulary."""
     import transformers
 
-    torch.manual_seed(seed)
     # A wide initializer gives peaked, varied next-token distributions: greedy runs do not collapse
     # into one repeated token and are not tie-prone, so token-equality checks mean something.
     params = dict(
@@ -41,8 +40,15 @@ def make_tiny_llama(out_dir: str, tokenizer_dir: str, seed: int = 0, family: str
         tie_word_embeddings=True,
     )
     params.update(overrides)
-    config = getattr(transformers, f"{family}Config")(**params)
-    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(out_dir)
+    return getattr(transformers, f"{family}Config")(**params)
+
+
+def make_tiny_llama(out_dir: str, tokenizer_dir: str, seed: int = 0, family: str = "Llama", **overrides) -> str:
+    """A small random decoder (Llama unless `family` names another, e.g. "Qwen2"; see `tiny_config`) with the
+    embedded model's real tokenizer, saved as a HF directory."""
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir
 

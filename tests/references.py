@@ -174,6 +174,27 @@ def assert_adapter_changes_logits(model, prompt_ids: list[int], atol: float = 1e
         )
 
 
+def reference_model(model_dir: str, name: str, dirs: dict[str, str]):
+    """The oracle for adapter `name` of `dirs` ('' for the base): PEFT on the base, or for a bottleneck adapter
+    the AdapterHub definition by hooks."""
+    from deltaserve.testing.kinds import BOTTLENECK_PRESETS, BottleneckReference
+
+    if name in BOTTLENECK_PRESETS:
+        return BottleneckReference(load_reference_model(model_dir), dirs[name]).model
+    return load_reference_model(model_dir, dirs[name] if name else None)
+
+
+def reference_table(model_dir: str, dirs: dict[str, str], prompts: list[str], max_new: int) -> dict:
+    """{(adapter or '', prompt index): Reference} for the base and every adapter, each run alone."""
+    tokenizer = tokenizer_for(model_dir)
+    table = {}
+    for name in ["", *dirs]:
+        model = reference_model(model_dir, name, dirs)
+        for i, prompt in enumerate(prompts):
+            table[name, i] = greedy_reference(model, tokenizer, tokenizer(prompt)["input_ids"], max_new)
+    return table
+
+
 def tokenizer_for(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 

@@ -10,7 +10,7 @@ Which block belongs to whom is decided by the engine (server/engine/kv_blocks.py
 from __future__ import annotations
 
 import torch
-from deltaserve.server.kernels.paged_attention import gather_blocks
+from deltaserve.server.kernels.paged_attention import GatherBuffers
 
 NULL_BLOCK = 0
 
@@ -43,9 +43,7 @@ class PagedKVCache:
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.device = device
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.dtype = dtype
-        self._block_elements = block_size * kv_heads * head_dim
-        self._gather_buffers = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
+        self.gather_buffers = GatherBuffers(dtype, device)  # the torch attention path copies blocks into these
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
@@ -62,22 +60,6 @@ class PagedKVCache:
         """Store K/V ([N, kv_heads, head_dim]) at flat slots [N]."""
         self.keys[layer].view(-1, self.kv_heads, self.head_dim)[slots] = keys
         self.values[layer].view(-1, self.kv_heads, self.head_dim)[slots] = values
-
-    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's K and V through its block table [B, nb]: [B, kv_heads, nb * block_size, head_dim], views of
-        two reused buffers (valid until the next gather)."""
-        count = tables.numel()
-        return (
-            gather_blocks(self.keys[layer], tables, self._workspace(0, count)),
-            gather_blocks(self.values[layer], tables, self._workspace(1, count)),
-        )
-
-    def _workspace(self, which: int, blocks: int) -> torch.Tensor:
-        """A [blocks, block elements] view of a buffer kept across gathers, grown by a quarter when too small."""
-        needed = blocks * self._block_elements
-        if self._gather_buffers[which].numel() < needed:
-            self._gather_buffers[which] = torch.empty(needed + needed // 4, dtype=self.dtype, device=self.device)
-        return self._gather_buffers[which][:needed].view(blocks, self._block_elements)
 
     def zero(self, blocks: list[int]) -> None:
         """Clear blocks (after a failed request): a later owner masks their stale entries out, but a masked NaN

@@ -310,14 +310,19 @@ def build_slot_batch(
     )
 
 
-def wrap_linear_layers(model: nn.Module, context: ForwardContext) -> dict[str, AdapterLinear]:
-    """Replace every nn.Linear (bitsandbytes' 4/8-bit layers subclass it) with an AdapterLinear, once."""
+def wrap_linear_layers(
+    model: nn.Module, context: ForwardContext, own_contexts: dict[str, ForwardContext] | None = None
+) -> dict[str, AdapterLinear]:
+    """Replace every nn.Linear (bitsandbytes' 4/8-bit layers subclass it) with an AdapterLinear, once. Each reads
+    `context`, or its own from `own_contexts` by module name (the LM head, which sees other positions than the
+    body)."""
+    own_contexts = own_contexts or {}
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     wrapped: dict[str, AdapterLinear] = {}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = AdapterLinear(module, context)
+        wrapper = AdapterLinear(module, own_contexts.get(name, context))
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper
     return wrapped

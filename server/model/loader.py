@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from deltaserve.server.errors import ModelLoadError
+from deltaserve.server.model.support import config_refusal
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -138,6 +139,14 @@ def _quantization_config(quantize: str, dtype: torch.dtype):
     raise ModelLoadError(f"unknown quantization {quantize!r}; use none, nf4 or int8")
 
 
+def _refuse_unservable(config, path: str) -> None:
+    """Refuse a model deltaserve cannot serve before reading its weights, with the reason (model/support.py)."""
+    refusal = config_refusal(config)
+    if refusal is not None:
+        architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise ModelLoadError(f"{path!r} ({architecture}) is not served: {refusal}")
+
+
 def load_model(
     model_dir: str | None, *, dtype: str = "auto", device: str = "auto", quantize: str = "none"
 ) -> LoadedModel:
@@ -151,6 +160,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
         config = AutoConfig.from_pretrained(path)
+        _refuse_unservable(config, path)
         quant = _quantization_config(quantize, torch_dtype)
         kwargs = {"dtype": torch_dtype}
         if quant is not None:

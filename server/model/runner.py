@@ -1,8 +1,12 @@
-"""The model runner: the base decoder's forward with a per-row KV cache, for prefill and batched decode.
+"""The model runner: the base model's own forward over deltaserve's paged KV cache, for prefill and batched decode.
 
-The runner drives the Hugging Face module tree directly (embeddings, decoder layers' projections, norms,
-MLPs, rotary embedding) instead of the model's own forward, so that every row has its own cache length
-and position while rows decode together. Supported: Llama-style decoders (Llama, Mistral, Qwen2, Qwen3).
+The runner calls the transformers model itself (its embeddings, decoder layers, norms, rotary embedding with
+whatever scaling the config asks for, multipliers and logit softcapping), with per-token `position_ids`, so that
+every row has its own cache length and position while rows run together. Only attention is deltaserve's: the
+model's attention implementation is switched to deltaserve's function (model/attention.py), which writes each
+token's K/V into the paged cache and attends over the row's own entries; the runner builds each forward's
+attention context (slots, block tables, masks) once and passes it down as `deltaserve=`. Which models can be
+driven this way is decided at start-up by model/support.py.
 
 KV cache: paged (model/kv_cache.py). Each request owns a block table; a forward writes each token's K/V into
 its request's blocks and attends over the entries its table reaches. Which blocks a request owns, and which it
@@ -14,17 +18,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from deltaserve.adapters import (
-    ATTENTION_SITE,
-    BOTTLENECK_SITES,
-    OUTPUT_SITE,
-    BaseModelSpec,
-    LinearShape,
-    ModelGeometry,
-)
+from deltaserve.adapters import BOTTLENECK_SITES, BaseModelSpec, LinearShape, ModelGeometry
 from deltaserve.server.errors import MergeError, ModelLoadError
-from deltaserve.server.kernels.paged_attention import DecodeAttention, select_decode_attention, torch_decode_attention
+from deltaserve.server.kernels.paged_attention import (
+    DecodeAttention,
+    select_decode_attention,
+    torch_decode_attention,
+    torch_paged_attention,
+)
+from deltaserve.server.model.attention import (
+    ChunkAttention,
+    ForwardAttention,
+    NewEntries,
+    PagedAttention,
+    register_attention,
+)
+from deltaserve.server.model.bottlenecks import BOTTLENECK_HOOK_SITES, BottleneckHooks, bottleneck_refusal
 from deltaserve.server.model.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for, bytes_per_block
 from deltaserve.server.model.layers import (
     AdapterLinear,
@@ -34,9 +43,8 @@ from deltaserve.server.model.layers import (
     SlotBatch,
     wrap_linear_layers,
 )
+from deltaserve.server.model.support import AttentionLayout, config_refusal, probe_attention
 from torch import nn
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -87,18 +95,36 @@ class PrefillChunk:
     virtual: torch.Tensor | None = None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _take_over_attention(model: nn.Module, device: torch.device) -> AttentionLayout:
+    """Switch the model's attention to deltaserve's function and return the layout its layers showed, or refuse
+    the model (ModelLoadError) with the reason it cannot be served (see model/support.py)."""
+    architecture = type(model).__name__
+    refusal = config_refusal(model.config)
+    if refusal is not None:
+        raise ModelLoadError(f"{architecture} is not served: {refusal}")
+    try:
+        model.set_attn_implementation(register_attention())
+    except (ValueError, ImportError) as err:
+        raise ModelLoadError(
+            f"{architecture} is not served: its attention does not go through transformers' AttentionInterface ({err})"
+        ) from err
+    try:
+        return probe_attention(model, device)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{architecture} is not served: {err}") from err
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, T, D]; cos/sin: [B, T, D]
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+def _lm_head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    name = next((name for name, module in model.named_modules() if module is head), None)
+    if head is None or name is None:
+        raise ModelLoadError(f"{type(model).__name__} is not served: it has no LM head")
+    return name
 
 
 class ModelRunner:
-    """Owns the base model (wrapped for adapters) and the KV cache. Used by the engine thread only."""
+    """Owns the base model (wrapped for adapters, its attention switched to deltaserve's) and the KV cache.
+    Used by the engine thread only."""
 
     def __init__(
         self,
@@ -108,33 +134,37 @@ class ModelRunner:
         device: torch.device,
     ) -> None:
         config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"model type {config.model_type!r} is not served; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        architecture = type(model).__name__
+        layout = _take_over_attention(model, device)
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.context = ForwardContext()
-        self.adapter_layers: dict[str, AdapterLinear] = wrap_linear_layers(model, self.context)
+        self.context = ForwardContext()  # every token of a forward's body
+        self.head_context = ForwardContext()  # the positions the LM head sees
+        self.adapter_layers: dict[str, AdapterLinear] = wrap_linear_layers(
+            model, self.context, {_lm_head_name(model): self.head_context}
+        )
+        self.embed_tokens = model.get_input_embeddings()
         self.hidden_size: int = config.hidden_size
-        inner = model.model
-        self.embed_tokens, self.layers, self.final_norm = inner.embed_tokens, inner.layers, inner.norm
-        self.rotary = inner.rotary_emb
-        self.lm_head = model.lm_head
-        attention = self.layers[0].self_attn
-        self.head_dim: int = attention.head_dim
-        self.scaling: float = attention.scaling
-        self.num_heads: int = config.num_attention_heads
-        self.num_kv_heads: int = config.num_key_value_heads
+        self.num_layers: int = layout.num_layers
+        self.num_heads: int = layout.num_heads
+        self.num_kv_heads: int = layout.num_kv_heads
+        self.head_dim: int = layout.head_dim
         self.cache: PagedKVCache | None = None  # allocate_cache(), once the weights and adapter slots are placed
         self.decode_attention: DecodeAttention = torch_decode_attention
         self._saved_weights: dict[str, torch.Tensor] = {}  # original weights of merged modules
         self.bottleneck_banks = {
             (index, site): BottleneckBank(self.hidden_size)
-            for index in range(len(self.layers))
+            for index in range(self.num_layers)
             for site in BOTTLENECK_SITES
         }
+        sites = BOTTLENECK_HOOK_SITES.get(config.model_type)
+        self._bottleneck_refusal = bottleneck_refusal(config.model_type, architecture)
+        self.bottleneck_hooks = (
+            None
+            if sites is None
+            else BottleneckHooks(model.get_decoder().layers, sites, self.bottleneck_banks, self.context)
+        )
 
     # ---- description -----------------------------------------------------------------------------
     def base_spec(self) -> BaseModelSpec:
@@ -145,7 +175,7 @@ class ModelRunner:
         other = frozenset(
             name for name, _ in self.model.named_modules() if name and name not in linear and not name.endswith(".base")
         )
-        geometry = ModelGeometry(len(self.layers), self.hidden_size, self.num_kv_heads, self.head_dim)
+        geometry = ModelGeometry(self.num_layers, self.hidden_size, self.num_kv_heads, self.head_dim)
         return BaseModelSpec(
             linear_layers=linear,
             other_modules=other,
@@ -153,6 +183,7 @@ class ModelRunner:
             dense_weight=self._dense_weight,
             base_bias=self._base_bias,
             geometry=geometry,
+            bottleneck_refusal=self._bottleneck_refusal,
         )
 
     def _base_weight(self, name: str) -> torch.Tensor | None:
@@ -212,13 +243,13 @@ class ModelRunner:
     def allocate_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         """Allocate the paged KV cache (after the weights and adapter slots, so its size can be what is left)."""
         self.cache = PagedKVCache(
-            len(self.layers), num_blocks, block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
+            self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
         self.decode_attention = select_decode_attention(self.device, block_size, self.dtype)
         return self.cache
 
     def block_bytes(self, block_size: int) -> int:
-        return bytes_per_block(len(self.layers), block_size, self.num_kv_heads, self.head_dim, self.dtype)
+        return bytes_per_block(self.num_layers, block_size, self.num_kv_heads, self.head_dim, self.dtype)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -235,7 +266,7 @@ class ModelRunner:
         if count <= 0:
             return
         slots = torch.tensor(self.cache.slots(table, start, count), device=self.device)
-        for layer_idx in range(len(self.layers)):
+        for layer_idx in range(self.num_layers):
             keys = prompt.prefix_keys[layer_idx, :, start:].transpose(0, 1)  # [count, kv_heads, D]
             values = prompt.prefix_values[layer_idx, :, start:].transpose(0, 1)
             self.cache.write(layer_idx, slots, keys, values)
@@ -251,44 +282,47 @@ class ModelRunner:
         after it, and padding is never written to the cache. `batch.lora`/`batch.slots` describe the n*T padded
         items, `batch.head_*` the n last ones.
         """
+        device, cache = self.device, self.cache
         lengths = [len(c.token_ids) for c in chunks]
         span = max(lengths)
-        ids = torch.tensor([c.token_ids + [0] * (span - n) for c, n in zip(chunks, lengths, strict=True)])
-        hidden = self.embed_tokens(ids.to(self.device))  # [n, T, H]
-        for i, chunk in enumerate(chunks):
-            if chunk.virtual is not None:
-                hidden[i, : chunk.virtual.shape[0]] = chunk.virtual.to(hidden.dtype)
-        starts = torch.tensor([c.start for c in chunks], device=self.device)
-        positions = starts[:, None] + torch.arange(span, device=self.device)[None]  # [n, T]
-        cos, sin = self.rotary(hidden, positions)  # [n, T, D]
-        batch_idx = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=self.device)
-        token_idx = torch.tensor([t for n in lengths for t in range(n)], device=self.device)
-        slots = torch.tensor(
-            [s for c, n in zip(chunks, lengths, strict=True) for s in self.cache.slots(c.table, c.start, n)],
-            device=self.device,
+        ids = torch.tensor(
+            [c.token_ids + [0] * (span - n) for c, n in zip(chunks, lengths, strict=True)], device=device
         )
-        cache = self.cache
+        last = torch.tensor(lengths, device=device)[:, None] - 1  # [n, 1]
+        starts = torch.tensor([c.start for c in chunks], device=device)[:, None]
+        # Padding items take their row's last position, so that every query has entries it may see (a sliding
+        # window past a row's end would leave a padding query with none, and its softmax with NaN).
+        positions = starts + torch.minimum(torch.arange(span, device=device)[None], last)  # [n, T]
+        entries = NewEntries(
+            slots=torch.tensor(
+                [s for c, n in zip(chunks, lengths, strict=True) for s in cache.slots(c.table, c.start, n)],
+                device=device,
+            ),
+            rows=torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=device),
+            columns=torch.tensor([t for n in lengths for t in range(n)], device=device),
+        )
+        attention: ForwardAttention
         if not any(c.start for c in chunks):  # nothing before the chunks: attend within them
-
-            def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                cache.write(layer_idx, slots, k[batch_idx, :, token_idx], v[batch_idx, :, token_idx])
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
-
+            attention = ChunkAttention(cache, entries, positions)
         else:
             ends = [c.start + n for c, n in zip(chunks, lengths, strict=True)]  # host ints: no device sync
             tables = self._table_tensor([c.table for c in chunks], blocks_for(max(ends), cache.block_size))
-            width = tables.shape[1] * cache.block_size
-            mask = (torch.arange(width, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+            layer_attention = torch_paged_attention(tables, positions, cache.block_size, cache.gather_buffers)
+            attention = PagedAttention(cache, entries, layer_attention)
+        if any(c.virtual is not None for c in chunks):
+            return self._forward(None, self._embeddings(ids, chunks), positions, attention, batch, last)
+        return self._forward(ids, None, positions, attention, batch, last)
 
-            def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                cache.write(layer_idx, slots, k[batch_idx, :, token_idx], v[batch_idx, :, token_idx])
-                keys, values = cache.gather(layer_idx, tables)
-                return F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
-                )
-
-        last = torch.tensor(lengths, device=self.device) - 1
-        return self._forward(hidden, cos, sin, attend, batch, last)
+    def _embeddings(self, ids: torch.Tensor, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """The chunks' input embeddings [n, T, H] with virtual tokens in place of their placeholder ids, as PEFT
+        builds them: the embedding module's output (Gemma's scaling lives inside it) for the real tokens, the
+        saved virtual embeddings as they are; what the model does to `inputs_embeds` (Granite's multiplier)
+        then applies to both."""
+        embeds = self.embed_tokens(ids)
+        for i, chunk in enumerate(chunks):
+            if chunk.virtual is not None:
+                embeds[i, : chunk.virtual.shape[0]] = chunk.virtual.to(embeds.dtype)
+        return embeds
 
     def _table_tensor(self, tables: list[list[int]], width: int) -> torch.Tensor:
         """Block tables cut or padded (with the null block) to `width` blocks, as one [n, width] tensor."""
@@ -308,59 +342,44 @@ class ModelRunner:
         input_ids [B]; positions [B] (where each row's new token goes = its current cache length); tables
         [B, nb] (`decode_tables`), covering every row's new position.
         """
-        cache = self.cache
-        block_size = cache.block_size
+        block_size = self.cache.block_size
         rows = torch.arange(input_ids.shape[0], device=self.device)
         slots = tables[rows, positions // block_size] * block_size + positions % block_size
-        hidden = self.embed_tokens(input_ids[:, None])  # [B, 1, H]
-        cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, D]
-        paged_attention = self.decode_attention(cache, tables, positions, self.scaling)
+        layer_attention = self.decode_attention(tables, positions, block_size, self.cache.gather_buffers)
+        attention = PagedAttention(self.cache, NewEntries(slots), layer_attention)
+        return self._forward(input_ids[:, None], None, positions[:, None], attention, batch, 1)
 
-        def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.write(layer_idx, slots, k[:, :, 0], v[:, :, 0])
-            return paged_attention(q, layer_idx)
-
-        return self._forward(hidden, cos, sin, attend, batch, None)
-
-    # ---- shared layer loop -----------------------------------------------------------------------
-    def _forward(self, hidden, cos, sin, attend, batch: AdapterBatch, last: torch.Tensor | None) -> torch.Tensor:
-        """Decoder layers, then final norm and LM head at each row's position `last` (None: the final one)
-        -> logits [B, V]. `batch.lora`/`batch.slots` cover every token of `hidden`, `batch.head_*` the B
-        positions the head sees."""
-        context = self.context
-        context.lora, context.slots = batch.lora, batch.slots
-        try:
-            for layer_idx, layer in enumerate(self.layers):
-                attended = self._attention(layer_idx, layer, layer.input_layernorm(hidden), cos, sin, attend)
-                hidden = hidden + self._bottleneck(layer_idx, ATTENTION_SITE, attended, hidden, batch.slots)
-                transformed = layer.mlp(layer.post_attention_layernorm(hidden))
-                hidden = hidden + self._bottleneck(layer_idx, OUTPUT_SITE, transformed, hidden, batch.slots)
-            hidden = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]
-            context.lora, context.slots = batch.head_lora, batch.head_slots
-            # Logits in fp32 so that sampling and log-probabilities do not depend on the model dtype.
-            return self.lm_head(self.final_norm(hidden)).float()
-        finally:
-            context.lora, context.slots = None, None
-
-    def _bottleneck(
-        self, layer_idx: int, site: str, out: torch.Tensor, residual: torch.Tensor, slots: SlotBatch | None
+    # ---- the model's forward -----------------------------------------------------------------------
+    def _forward(
+        self,
+        ids: torch.Tensor | None,
+        embeds: torch.Tensor | None,
+        positions: torch.Tensor,
+        attention: ForwardAttention,
+        batch: AdapterBatch,
+        keep: torch.Tensor | int,
     ) -> torch.Tensor:
-        """A block's output with each token's bottleneck adapter added: out + A(x), x read from the block's
-        output and/or its input (the residual stream) as the adapter's configuration says."""
-        if slots is None:
-            return out
-        delta = self.bottleneck_banks[(layer_idx, site)].delta(out, residual, slots)
-        return out if delta is None else out + delta
+        """The model's own forward over ids [B, T] (or input embeddings [B, T, H]) at positions [B, T], its LM
+        head only at `keep` (each row's position [B, 1], or 1: the final one) -> logits [B, V].
 
-    def _attention(self, layer_idx, layer, hidden, cos, sin, attend) -> torch.Tensor:
-        attn = layer.self_attn
-        batch, length, _ = hidden.shape
-        q = attn.q_proj(hidden).view(batch, length, -1, self.head_dim)
-        k = attn.k_proj(hidden).view(batch, length, -1, self.head_dim)
-        v = attn.v_proj(hidden).view(batch, length, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before the rotation
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = _apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = _apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-        out = attend(layer_idx, q, k, v.transpose(1, 2))  # [B, H, T, D]
-        return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        `batch.lora`/`batch.slots` cover every token, `batch.head_*` the B positions the head sees (the head's
+        wrapper reads its own context). The mask and cache are the attention context's business, so the model
+        is told to keep no cache of its own."""
+        body, head = self.context, self.head_context
+        body.lora, body.slots = batch.lora, batch.slots
+        head.lora, head.slots = batch.head_lora, batch.head_slots
+        if batch.slots is not None and batch.slots.columns is not None and self.bottleneck_hooks is not None:
+            self.bottleneck_hooks.install()
+        try:
+            out = self.model(
+                input_ids=ids,
+                inputs_embeds=embeds,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=keep,
+                deltaserve=attention,
+            )
+            # Logits in fp32 so that sampling and log-probabilities do not depend on the model dtype.
+            return out.logits[:, -1].float()
+        finally:
+            body.lora = body.slots = head.lora = head.slots = None

@@ -125,6 +125,16 @@ def test_bottleneck_settings_not_served_are_named(base, kind_files, tmp_path, se
         load_adapter(_edited(kind_files["houlsby"], tmp_path / "edited", **settings), spec_of(base))
 
 
+@pytest.mark.parametrize("value", [[None], "two", {"n": 1}])
+def test_a_malformed_soft_prompt_setting_is_a_format_error(base, kind_files, tmp_path, value):
+    """Found by the fuzz campaign: a non-integer num_transformer_submodules once escaped as a TypeError."""
+    path = shutil.copytree(kind_files["prefix"], tmp_path / "edited")
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "num_transformer_submodules": value}))
+    with pytest.raises(AdapterFormatError, match="num_transformer_submodules must be an integer"):
+        load_adapter(str(path), spec_of(base))
+
+
 def test_bottleneck_files_and_shapes(base, kind_files, tmp_path):
     spec = spec_of(base)
     parsed = load_adapter(kind_files["pfeiffer"], spec)

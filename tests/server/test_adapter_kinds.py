@@ -29,6 +29,7 @@ from tests.references import (
     assert_logprobs_close,
     greedy_reference,
     load_reference_model,
+    reference_table,
     soft_prompt_greedy,
     tokenizer_for,
 )
@@ -56,23 +57,6 @@ def kind_dirs(tmp_path_factory, tiny_dir) -> dict[str, str]:
     for i, preset in enumerate(BOTTLENECK_PRESETS):
         dirs[preset] = make_bottleneck(tiny_dir, str(root / preset), preset, seed=40 + i)
     return dirs
-
-
-def reference_model(model_dir: str, name: str, dirs: dict[str, str]):
-    if name in BOTTLENECK_PRESETS:
-        return BottleneckReference(load_reference_model(model_dir), dirs[name]).model
-    return load_reference_model(model_dir, dirs[name] if name else None)
-
-
-def reference_table(model_dir: str, dirs: dict[str, str], prompts: list[str], max_new: int) -> dict:
-    """{(adapter or '', prompt index): Reference} for the base and every adapter, each run alone."""
-    tokenizer = tokenizer_for(model_dir)
-    table = {}
-    for name in ["", *dirs]:
-        model = reference_model(model_dir, name, dirs)
-        for i, prompt in enumerate(prompts):
-            table[name, i] = greedy_reference(model, tokenizer, tokenizer(prompt)["input_ids"], max_new)
-    return table
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Numerical correctness through a real gRPC server: the base against transformers' generate, every LoRA
-variant against PEFT, alone and mixed in one continuously batched run, and batch invariance."""
+variant against PEFT, alone and mixed in one continuously batched run, and batch invariance. The other decoder
+families are in test_model_families.py."""
 
 from __future__ import annotations
 
@@ -99,30 +100,3 @@ def test_smollm2_base_concurrent_matches_transformers(smol_dir):
         assert result.token_ids == expected.token_ids
         assert_logprobs_close(result.logprobs, expected.logprobs)
         assert result.text == tokenizer.decode(expected.token_ids, skip_special_tokens=True)
-
-
-FAMILIES = {
-    "Mistral": {},
-    "Qwen2": {},  # q/k/v projections with biases
-    "Qwen3": {"head_dim": 16},  # per-head q/k RMSNorm
-}
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_other_decoder_families_match_transformers(family, tmp_path, smol_dir):
-    """The runner drives each supported family's own modules; greedy output equals its generate, with a LoRA."""
-    from deltaserve.testing.helpers import make_lora, make_tiny_llama
-
-    model_dir = make_tiny_llama(str(tmp_path / family), smol_dir, family=family, **FAMILIES[family])
-    adapter_dir = make_lora(model_dir, str(tmp_path / "lora"), seed=5, r=8, target_modules="all-linear")
-    tokenizer = tokenizer_for(model_dir)
-    with ServerThread(ServerConfig.of(model=model_dir, max_batch_size=4, max_seq_len=128)) as running:
-        client = Client(running.target, timeout=120)
-        client.load_adapter("a", adapter_dir)
-        for adapter in ("", "a"):
-            reference_model = load_reference_model(model_dir, adapter_dir if adapter else None)
-            for prompt in PROMPTS[:2]:
-                expected = greedy_reference(reference_model, tokenizer, tokenizer(prompt)["input_ids"], 8)
-                result = client.generate(prompt, adapter_id=adapter, max_new_tokens=8, logprobs=True)
-                assert result.token_ids == expected.token_ids, (family, adapter)
-                assert_logprobs_close(result.logprobs, expected.logprobs)

@@ -16,11 +16,11 @@ from deltaserve.server.config import ServerConfig
 from deltaserve.server.engine.kv_blocks import BlockManager, chain_hash, root_hash
 from deltaserve.server.errors import ConfigError
 from deltaserve.server.kernels.paged_attention import (
+    GatherBuffers,
     flash_decode_attention,
     flash_unavailable,
     torch_decode_attention,
 )
-from deltaserve.server.model.kv_cache import PagedKVCache
 from deltaserve.testing.helpers import ServerThread, make_lora, make_tiny_llama
 from deltaserve.testing.kinds import make_peft_adapter
 from transformers import AutoTokenizer
@@ -281,44 +281,57 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_streams_keep_decoding(long_d
 
 # ---- decode attention kernels ---------------------------------------------------------------------------
 def _paged_case(device: str, dtype: torch.dtype, block_size: int, rows: int = 5, heads: int = 8, kv_heads: int = 2):
-    """A one-layer cache with random entries, block tables of distinct shuffled blocks (block 0 left as
-    padding: tables are cut to their rows' own blocks plus null-block padding) and row lengths."""
+    """Random pools, block tables of distinct shuffled blocks (block 0 left as padding) and row lengths."""
     generator = torch.Generator().manual_seed(7)
     head_dim, per_row = 64, 3
-    cache = PagedKVCache(1, 1 + rows * per_row, block_size, kv_heads, head_dim, dtype, torch.device(device))
-    for pool in (cache.keys[0], cache.values[0]):
-        pool.copy_(torch.randn(pool.shape, generator=generator).to(pool))
-    blocks = (torch.randperm(rows * per_row, generator=generator) + 1).view(rows, per_row)
+    num_blocks = 1 + rows * per_row
+    pools = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator) for _ in range(2)]
+    blocks = (torch.randperm(num_blocks - 1, generator=generator) + 1).view(rows, per_row)
     positions = torch.randint(0, per_row * block_size, (rows,), generator=generator)
-    q = torch.randn(rows, heads, 1, head_dim, generator=generator).to(device=device, dtype=dtype)
-    return q, cache, blocks.to(device), positions.to(device)
+    q = torch.randn(rows, heads, 1, head_dim, generator=generator)
+    to = {"device": device, "dtype": dtype}
+    return q.to(**to), pools[0].to(**to), pools[1].to(**to), blocks.to(device), positions.to(device)
 
 
-def test_torch_paged_decode_attention_equals_attention_over_each_rows_own_entries():
-    q, cache, tables, positions = _paged_case("cpu", torch.float32, block_size=4)
-    keys, values = cache.keys[0], cache.values[0]
-    out = torch_decode_attention(cache, tables, positions, 0.125)(q, 0)
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (3, None), (None, 2.0), (5, 1.5)])
+def test_torch_paged_decode_attention_equals_attention_over_each_rows_own_entries(window, softcap):
+    """Each row attends over its own entries up to its position, inside its sliding window, with softcapped
+    scores: the definition, computed row by row."""
+    q, keys, values, tables, positions = _paged_case("cpu", torch.float32, block_size=4)
+    out = torch_decode_attention(tables, positions, 4)(q, keys, values, 0.125, window, softcap)
     for row in range(q.shape[0]):
         length = int(positions[row]) + 1
-        row_keys = keys[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[:length].transpose(0, 1)
-        row_values = values[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[:length].transpose(0, 1)
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            q[row : row + 1], row_keys[None], row_values[None], scale=0.125, enable_gqa=True
+        first = 0 if window is None else max(0, length - window)
+        row_keys = keys[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[first:length].transpose(0, 1)
+        row_values = values[tables[row]].reshape(-1, keys.shape[2], keys.shape[3])[first:length].transpose(0, 1)
+        groups = q.shape[1] // keys.shape[2]
+        scores = q[row] @ row_keys.repeat_interleave(groups, 0).transpose(1, 2) * 0.125  # [heads, 1, n]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        expected = scores.softmax(-1) @ row_values.repeat_interleave(groups, 0)
+        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gather_buffers_kept_across_forwards_give_what_fresh_copies_give():
+    q, keys, values, tables, positions = _paged_case("cpu", torch.float32, block_size=4)
+    buffers = GatherBuffers(torch.float32, torch.device("cpu"))
+    for rows, width in ((5, 3), (2, 2), (5, 3)):  # larger, then smaller (a view of the same buffer), then larger
+        part_tables, part_positions = tables[:rows, :width], positions[:rows].clamp(max=width * 4 - 1)
+        fresh = torch_decode_attention(part_tables, part_positions, 4)(q[:rows], keys, values, 0.125, None, None)
+        kept = torch_decode_attention(part_tables, part_positions, 4, buffers)(
+            q[:rows], keys, values, 0.125, None, None
         )
-        torch.testing.assert_close(out[row : row + 1], expected, rtol=1e-5, atol=1e-6)
-    # The gather buffers are reused: a second, smaller step still reads the right entries.
-    again = torch_decode_attention(cache, tables[:2, :2], positions[:2].clamp(max=7), 0.125)(q[:2], 0)
-    first = torch_decode_attention(cache, tables[:2], positions[:2].clamp(max=7), 0.125)(q[:2], 0)
-    torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kept, fresh, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flash_attn_paged_decode_matches_the_torch_path():
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (300, None), (None, 30.0)])
+def test_flash_attn_paged_decode_matches_the_torch_path(window, softcap):
     reason = flash_unavailable(256, torch.bfloat16)
     if reason is not None:
         pytest.skip(reason)
-    q, cache, tables, positions = _paged_case("cuda", torch.bfloat16, block_size=256)
-    expected = torch_decode_attention(cache, tables, positions, 0.125)(q, 0)
-    actual = flash_decode_attention(cache, tables, positions, 0.125)(q, 0)
+    q, keys, values, tables, positions = _paged_case("cuda", torch.bfloat16, block_size=256)
+    expected = torch_decode_attention(tables, positions, 256)(q, keys, values, 0.125, window, softcap)
+    actual = flash_decode_attention(tables, positions, 256)(q, keys, values, 0.125, window, softcap)
     torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2)
