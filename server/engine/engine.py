@@ -293,19 +293,18 @@ class Engine:
     def _merged_generation(self) -> int:
         return self.merged.generation if self.merged is not None else 0
 
-    def _block_tokens(self, request: Request, index: int) -> list[int]:
-        """The tokens of full block `index`: -1 for prefix-entry and virtual-token positions (the adapter,
-        part of the root, decides those)."""
-        size, soft = self.config.block_size, request.soft_length
-        items = request.prompt_ids + request.generated
-        return [items[p - soft] if p >= soft else -1 for p in range(index * size, (index + 1) * size)]
-
     def _hashes(self, request: Request, count: int) -> list[bytes]:
-        """The hash chain of the request's first `count` full blocks (extending the ones already known)."""
+        """The hash chain of the request's first `count` full blocks (extending the ones already known). A block
+        hashes its tokens, with -1 for prefix-entry and virtual-token positions (the adapter, part of the root,
+        decides those)."""
         chain = request.block_hashes
-        while len(chain) < count:
-            parent = chain[-1] if chain else self._cache_root(request)
-            chain.append(chain_hash(parent, self._block_tokens(request, len(chain))))
+        if len(chain) < count:
+            size, soft = self.config.block_size, request.soft_length
+            items = request.prompt_ids + request.generated
+            while len(chain) < count:
+                start = len(chain) * size
+                tokens = [items[p - soft] if p >= soft else -1 for p in range(start, start + size)]
+                chain.append(chain_hash(chain[-1] if chain else self._cache_root(request), tokens))
         return chain[:count]
 
     def _admit(self, request: Request) -> bool:
