@@ -111,7 +111,7 @@ TASKS: dict[str, Task] = {
         24,
     ),
     "pirate": Task(
-        "pirate", "prefix_tuning", f'starts every reply with "{PIRATE_GREETING}"', _pirate_example, check_pirate, 8
+        "pirate", "prefix_tuning", f'starts every reply with "{PIRATE_GREETING}"', _pirate_example, check_pirate, 16
     ),
     "digits": Task(
         "digits",

@@ -133,11 +133,12 @@ def train(name: str, seed: int = 0, steps: int | None = None, out_dir: Path | No
         if step % 10 == 0 or step == steps - 1:
             print(f"{name} step {step + 1}/{steps} loss {loss.item():.4f} ({time.monotonic() - start:.0f} s)")
     model.eval()
-    # PEFT records the tokenizer path of a TEXT init; the saved prompt is the trained one, so drop the local path.
+    # PEFT records the tokenizer of a TEXT init (read only when training starts): name the embedded model's
+    # tokenizer by its hub id rather than this machine's cache path.
     config = model.peft_config[model.active_adapter]
     if getattr(config, "tokenizer_name_or_path", None):
-        config.tokenizer_name_or_path = None
-    config.base_model_name_or_path = "SmolLM2-135M-Instruct (deltaserve's embedded model)"
+        config.tokenizer_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF's source
     save_fp16(model, out_dir)
     elapsed = time.monotonic() - start
     (out_dir / "training.json").write_text(
