@@ -199,9 +199,15 @@ def ratios(by_name: dict[str, Measurement]) -> dict[str, dict]:
 
 def table(by_name: dict[str, Measurement]) -> str:
     base = by_name[SERVER_BASE].best()
-    peft = by_name[PEFT_MIXED].best() if PEFT_MIXED in by_name else float("nan")
+    peft = by_name[PEFT_MIXED].best() if PEFT_MIXED in by_name else None
     rows = [
-        [m.name, f"{m.best():.1f}", f"{m.median():.1f}", f"{m.best() / base:.2f}x", f"{m.best() / peft:.2f}x"]
+        [
+            m.name,
+            f"{m.best():.1f}",
+            f"{m.median():.1f}",
+            f"{m.best() / base:.2f}x",
+            f"{m.best() / peft:.2f}x" if peft else "-",
+        ]
         for m in by_name.values()
     ]
     return format_table(["system", "tok/s (best)", "tok/s (median)", "vs server-base", "vs peft-mixed"], rows)
