@@ -67,7 +67,7 @@ tokens and the end-of-turn token only.
 
 **Training.** `python examples/train.py --adapter {name}`: PEFT `{config_class}` {config}, AdamW lr
 {learning_rate}, {steps} steps of batch {batch_size}, fp32 on the CPU ({threads} torch threads; this run took
-{train_seconds} s on a shared 2-core machine). Saved by PEFT's `save_pretrained`, then stored as fp16
+{train_seconds} s on a 2-core machine). Saved by PEFT's `save_pretrained`, then stored as fp16
 safetensors ({size_kb} kB).
 
 **Score** (through deltaserve, greedy, on {held_out} held-out prompts drawn with seed {held_out_seed} and never in
