@@ -218,6 +218,20 @@ def make_adapter(model_dir: str, root: str, name: str, rank: int, seed: int) -> 
     )
 
 
+def trained_adapters(dirs: Iterable[str]) -> dict[str, str]:
+    """Adapter directories given on the command line (e.g. examples/adapters/json), by their directory names,
+    as absolute paths the in-process server can open."""
+    paths = {Path(d).name: str(Path(d).resolve()) for d in dirs}
+    for name, path in paths.items():
+        require((Path(path) / "adapter_config.json").exists(), f"{path} has no adapter_config.json ({name})")
+    return paths
+
+
+def is_lora(path: str) -> bool:
+    """Whether a PEFT directory is a plain LoRA (PEFT's mixed-adapter generate only takes LoRA-family adapters)."""
+    return json.loads((Path(path) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
+
+
 # ---- requests -------------------------------------------------------------------------------------
 async def load_adapters(client: Any, paths: dict[str, str]) -> dict[str, Any]:
     """LoadAdapter each one (the server validates it); adapter id -> the AdapterInfo the server answered."""

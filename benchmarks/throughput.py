@@ -20,6 +20,8 @@ row by row (server-base vs hf-generate, server-mixed vs peft-mixed) as a sanity 
 
 Run:  python benchmarks/throughput.py            (N=16, 64 tokens, K=8, 2 repeats; several minutes)
       python benchmarks/throughput.py --quick    (N=4, 16 tokens, K=2, 1 repeat; a smoke run)
+      python benchmarks/throughput.py --adapter-dirs examples/adapters/*   (the trained example adapters
+      instead of K generated ones; peft-mixed runs only when they are all LoRAs)
 Writes benchmarks/results/throughput-cpu.json (…-quick.json for --quick) and a PNG bar chart next to it
 (skipped with a warning when matplotlib is missing: pip install matplotlib).
 """
@@ -47,6 +49,7 @@ from harness import (
     embedded_model,
     format_table,
     generate_batch,
+    is_lora,
     load_adapters,
     log,
     make_adapter,
@@ -57,6 +60,7 @@ from harness import (
     render,
     report,
     timed_rounds,
+    trained_adapters,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -73,6 +77,9 @@ class ThroughputSettings(Settings):
     requests: int = option(16, "concurrent requests N", quick=4, minimum=1)
     new_tokens: int = option(64, "tokens per request", quick=16, minimum=1)
     adapters: int = option(8, "LoRA adapters K", quick=2, minimum=1)
+    adapter_dirs: tuple[str, ...] = option(
+        (), "serve these trained adapter directories (e.g. examples/adapters/*) instead of K generated LoRAs"
+    )
     rank: int = option(16, "LoRA rank", minimum=1)
     repeats: int = option(2, "timed rounds per system", quick=1, minimum=1)
 
@@ -88,10 +95,10 @@ class Workload:
 
 
 # ---- setup ----------------------------------------------------------------------------------------
-def build_workload(tokenizer: PreTrainedTokenizerBase, s: ThroughputSettings) -> Workload:
+def build_workload(tokenizer: PreTrainedTokenizerBase, s: ThroughputSettings, names: list[str]) -> Workload:
     """Cycle through the prompts; request i uses adapter i % K in the mixed runs."""
     messages = chat_messages(s.requests)
-    adapter_ids = [f"lora{i % s.adapters}" for i in range(s.requests)]
+    adapter_ids = [names[i % len(names)] for i in range(s.requests)]
     return Workload(messages, [render(tokenizer, m) for m in messages], adapter_ids, s.new_tokens)
 
 
@@ -187,13 +194,20 @@ def ratios(by_name: dict[str, Measurement]) -> dict[str, dict]:
         "server_mixed / peft_mixed": (SERVER_MIXED, PEFT_MIXED),
         "server_base / hf_generate": (SERVER_BASE, HF_GENERATE),
     }
-    return {label: ratio(best[a], best[b]) for label, (a, b) in pairs.items()}
+    return {label: ratio(best[a], best[b]) for label, (a, b) in pairs.items() if a in best and b in best}
 
 
 def table(by_name: dict[str, Measurement]) -> str:
-    base, peft = by_name[SERVER_BASE].best(), by_name[PEFT_MIXED].best()
+    base = by_name[SERVER_BASE].best()
+    peft = by_name[PEFT_MIXED].best() if PEFT_MIXED in by_name else None
     rows = [
-        [m.name, f"{m.best():.1f}", f"{m.median():.1f}", f"{m.best() / base:.2f}x", f"{m.best() / peft:.2f}x"]
+        [
+            m.name,
+            f"{m.best():.1f}",
+            f"{m.median():.1f}",
+            f"{m.best() / base:.2f}x",
+            f"{m.best() / peft:.2f}x" if peft else "-",
+        ]
         for m in by_name.values()
     ]
     return format_table(["system", "tok/s (best)", "tok/s (median)", "vs server-base", "vs peft-mixed"], rows)
@@ -208,12 +222,16 @@ def weight_bytes(server: object) -> dict[str, float]:
 
 
 def result(by_name: dict[str, Measurement], s: ThroughputSettings, max_seq_len: int, sizes: dict) -> dict:
+    matching = {"server-base vs hf-generate": matching_rows(by_name[SERVER_BASE], by_name[HF_GENERATE])}
+    if PEFT_MIXED in by_name:
+        matching["server-mixed vs peft-mixed"] = matching_rows(by_name[SERVER_MIXED], by_name[PEFT_MIXED])
     return {
         "model": by_name[SERVER_BASE].info["model"],
         "device": "cpu",
         "dtype": "float32",
         "tokens_per_run": s.requests * s.new_tokens,
-        "target_modules": "all-linear",
+        "target_modules": "all-linear" if not s.adapter_dirs else "as trained",
+        "adapter_dirs": list(s.adapter_dirs),
         "statistic": "best of repeats (highest tokens/s), after one warm-up run per system",
         "server_max_seq_len": max_seq_len,
         "systems": {
@@ -227,11 +245,7 @@ def result(by_name: dict[str, Measurement], s: ThroughputSettings, max_seq_len: 
         },
         "ratios": ratios(by_name),
         "weights": sizes,
-        "greedy_rows_matching": {
-            "server-base vs hf-generate": matching_rows(by_name[SERVER_BASE], by_name[HF_GENERATE]),
-            "server-mixed vs peft-mixed": matching_rows(by_name[SERVER_MIXED], by_name[PEFT_MIXED]),
-            "of": s.requests,
-        },
+        "greedy_rows_matching": {**matching, "of": s.requests},
     }
 
 
@@ -269,18 +283,25 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     model_dir, model_name = embedded_model()
     tokenizer = left_padded(AutoTokenizer.from_pretrained(model_dir))
-    work = build_workload(tokenizer, s)
+    trained = trained_adapters(s.adapter_dirs)
+    work = build_workload(tokenizer, s, list(trained) or [f"lora{i}" for i in range(s.adapters)])
     longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in work.rendered)
     max_seq_len = longest + s.new_tokens + 16
     expected = s.requests * s.new_tokens
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as root:
-        log(f"making {s.adapters} LoRA adapters (rank {s.rank}, all-linear)")
-        adapters = {f"lora{i}": make_adapter(model_dir, root, f"lora{i}", s.rank, seed=i) for i in range(s.adapters)}
+        if trained:
+            log(f"serving {len(trained)} trained adapters: {', '.join(trained)}")
+            adapters = trained
+        else:
+            log(f"making {s.adapters} LoRA adapters (rank {s.rank}, all-linear)")
+            adapters = {
+                f"lora{i}": make_adapter(model_dir, root, f"lora{i}", s.rank, seed=i) for i in range(s.adapters)
+            }
         config = cpu_config(
             model_dir,
             max_batch_size=s.requests,
-            max_seq_len=max_seq_len,
-            max_adapters=s.adapters,
+            max_seq_len=max_seq_len + 32,  # room for trained soft prompts' virtual tokens
+            max_adapters=len(adapters),
             max_lora_rank=s.rank,
         )
         log("starting the server and loading the base and PEFT models")
@@ -291,15 +312,17 @@ def main(argv: list[str] | None = None) -> int:
                 SERVER_BASE: server_runner(server.target, work, mixed=False),
                 SERVER_MIXED: server_runner(server.target, work, mixed=True),
                 HF_GENERATE: generate_runner(load_base(model_dir), tokenizer, work, mixed=False),
-                PEFT_MIXED: generate_runner(load_peft(model_dir, adapters), tokenizer, work, mixed=True),
             }
+            if all(is_lora(path) for path in adapters.values()):  # PEFT's mixed batches take LoRAs only
+                systems[PEFT_MIXED] = generate_runner(load_peft(model_dir, adapters), tokenizer, work, mixed=True)
             systems = {name: checked(name, run, expected) for name, run in systems.items()}
             by_name = timed_rounds(systems, s.repeats, rotate=False).measurements
     by_name[SERVER_BASE].info["model"] = model_name
     data = result(by_name, s, max_seq_len, sizes)
     title = (
         f"{model_name} fp32 CPU: N={s.requests} concurrent requests x {s.new_tokens} tokens, "
-        f"K={s.adapters} LoRA adapters rank {s.rank}, best of {s.repeats}"
+        + (f"trained adapters {', '.join(adapters)}" if trained else f"K={s.adapters} LoRA adapters rank {s.rank}")
+        + f", best of {s.repeats}"
     )
     text = [title, table(by_name), *summary_lines(data, sizes)]
     report("throughput", s, data, text, draw(by_name, title), size=(7, 4))
