@@ -50,6 +50,7 @@ from typing import Any
 
 from deltaserve.client import AsyncClient
 from deltaserve.server.config import parse_memory
+from deltaserve.testing.helpers import free_port
 from harness import (
     CALL_TIMEOUT_S,
     CHAT_PROMPTS,
@@ -74,7 +75,7 @@ from harness import (
     timed_rounds,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from revision_ab import SHIM, batch, checkout, free_port, start_server
+from revision_ab import SHIM, batch, checkout, start_server
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 PARTS = ("concurrency", "prefix", "seq-len", "chunked")

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from deltaserve.testing.helpers import free_port
 from harness import (
     CHAT_PROMPTS,
     Settings,
@@ -50,12 +50,6 @@ class RaySettings(Settings):
     concurrency: int = option(8, "requests in flight", quick=4, minimum=1)
     max_tokens: int = option(32, "tokens per completion", quick=4, minimum=1)
     port: int = option(0, "HTTP port of the Ray Serve proxy (0 = a free one)", minimum=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _zipf_choices(names: list[str], s: float, count: int, seed: int) -> list[str]:
@@ -123,7 +117,7 @@ def run_all(s: RaySettings, model_dir: str, adapters: dict[str, str], traffic: l
     import ray
     from ray import serve
 
-    port = s.port or _free_port()
+    port = s.port or free_port()
     ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, logging_level="warning")
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     runs = []

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 
 from deltaserve.client import AsyncClient, Client
+from deltaserve.testing.helpers import free_port
 from harness import (
     REPO,
     Measurement,
@@ -73,12 +73,6 @@ sys.modules["deltaserve"] = package
 from deltaserve.server.cli import main
 sys.exit(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def checkout(revision: str, parent: str) -> str:

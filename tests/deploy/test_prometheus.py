@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from deltaserve.client import Client
 from deltaserve.server.config import ServerConfig
-from deltaserve.testing.helpers import PROMPTS, ServerThread
+from deltaserve.testing.helpers import PROMPTS, ServerThread, free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -37,12 +36,6 @@ def _binary(name: str) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Prometheus:
     def __init__(self, binary: str, scrape_target: str, workdir: Path, config_text: str | None = None) -> None:
         """Scrapes `scrape_target` every second as job `deltaserve`, or runs `config_text` when given."""
@@ -52,7 +45,7 @@ class Prometheus:
             or "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             f"scrape_configs:\n  - job_name: deltaserve\n    static_configs:\n      - targets: ['{scrape_target}']\n"
         )
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -104,7 +97,7 @@ class Prometheus:
 def stack(tiny_dir, lora_dirs, tmp_path_factory):
     """deltaserve with /metrics, and a real Prometheus scraping it every second."""
     binary = _binary("prometheus")
-    metrics_port = _free_port()
+    metrics_port = free_port()
     config = ServerConfig.of(
         model=tiny_dir, max_batch_size=4, max_seq_len=128, max_adapters=2, max_lora_rank=16, metrics_port=metrics_port
     )

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ import grpc
 import pytest
 from deltaserve.client import Client, DeltaserveError
 from deltaserve.server.config import ServerConfig
-from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora
+from deltaserve.testing.helpers import PROMPTS, ServerThread, free_port, make_lora
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tests.server.test_tgis import TgisClient
@@ -46,12 +45,6 @@ TGIS_REQUEST = {
     "requests": [{"text": PROMPTS[0]}, {"text": PROMPTS[1]}],
     "params": {"method": "GREEDY", "stopping": {"max_new_tokens": 8}},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _post(
@@ -139,9 +132,9 @@ def ray_cluster(tiny_dir, adapter_dirs):
     from deltaserve.server.cluster.ray_grpc import SERVICER_FUNCTIONS
 
     started = time.monotonic()
-    RAY_METRICS_PORT[0] = _free_port()  # Ray's own metrics (Ray Serve's included), as `ray start --metrics-export-port`
+    RAY_METRICS_PORT[0] = free_port()  # Ray's own metrics (Ray Serve's included), as `ray start --metrics-export-port`
     ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", _metrics_export_port=RAY_METRICS_PORT[0])
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
@@ -157,7 +150,7 @@ def deployed(ray_cluster, tiny_dir, adapter_dirs) -> Cluster:
     """The `deltaserve` application: two replicas, each holding up to 8 adapters."""
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
-    METRICS_PORT[0] = _free_port()  # replica k serves its metrics on this port + k
+    METRICS_PORT[0] = free_port()  # replica k serves its metrics on this port + k
     server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=METRICS_PORT[0])
     config = ClusterConfig(server=server, replicas=2, max_adapters_per_replica=8, replica_cpus=1, torch_threads=1)
     serve.run(build_app(config), name="deltaserve", route_prefix="/")
@@ -492,7 +485,7 @@ def small(ray_cluster, tiny_dir, adapter_dirs) -> Client:
     request in flight per replica is the target). Reached over gRPC with Ray's `application` metadata."""
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
-    SMALL_METRICS_PORT[0] = _free_port()
+    SMALL_METRICS_PORT[0] = free_port()
     server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=SMALL_METRICS_PORT[0])
     autoscaling = {
         "min_replicas": 1,

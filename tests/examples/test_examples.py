@@ -4,13 +4,12 @@ and examples/demo.py runs against the live server."""
 
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from deltaserve.client import Client
 from deltaserve.server.config import ServerConfig
-from deltaserve.testing.helpers import ServerThread
+from deltaserve.testing.helpers import ServerThread, free_port
 from safetensors import safe_open
 
 from examples import demo
@@ -23,12 +22,6 @@ HELD_OUT = 20
 PEFT_CHECKED = 3  # held-out prompts per adapter also compared with PEFT (its generate is the slow part)
 DIRS = demo.adapter_dirs()
 EXPECTED_KIND = {"json": "lora", "pirate": "prefix_tuning", "digits": "prompt_tuning"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

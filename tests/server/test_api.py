@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -17,23 +16,17 @@ from deltaserve.client import Client, DeltaserveError
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.config import ServerConfig
-from deltaserve.testing.helpers import PROMPTS, ServerThread, make_lora, make_tiny_llama
+from deltaserve.testing.helpers import PROMPTS, ServerThread, free_port, make_lora, make_tiny_llama
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 MAX_SEQ_LEN = 128
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dirs):
     config = ServerConfig.of(
-        metrics_port=_free_port(),
+        metrics_port=free_port(),
         model=tiny_dir,
         max_batch_size=4,
         max_seq_len=MAX_SEQ_LEN,
