@@ -33,6 +33,9 @@ from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 LISTENER_CLOSE_SECONDS = 2.0  # after the drain, for the last responses to leave before the listeners close
+# After the engine dies, the listeners stay open this long, answering UNAVAILABLE and NOT_SERVING, so that a client
+# racing the exit is told to retry elsewhere instead of meeting a connection torn down under its call (CANCELLED).
+DEATH_LINGER_SECONDS = 2.0
 VERSION = importlib.metadata.version("deltaserve")  # pyproject.toml's version, the only place it is written
 
 
@@ -351,6 +354,7 @@ class Server:
         died.cancel()
         if self.engine_dead.is_set():
             log.critical("the engine died: stopping with status 1 so that the process is restarted")
+            await asyncio.sleep(DEATH_LINGER_SECONDS)
         log.info("shutting down: finishing in-flight requests (up to %.0f s)", self.config.ops.shutdown_grace_seconds)
         await self.stop()
         log.info("stopped")

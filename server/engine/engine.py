@@ -216,7 +216,8 @@ class Engine:
             try:
                 self._step(admitted)
             except Exception:  # a bug or device failure: fail what was in flight, keep serving
-                in_flight = [*admitted, *self._prefilling, *self._running]
+                # An admitted request is also in _prefilling or _running by now: list each once.
+                in_flight = list({id(r): r for r in [*admitted, *self._prefilling, *self._running]}.values())
                 log.exception("engine step failed for requests %s", [r.request_id for r in in_flight])
                 for request in in_flight:
                     if not request.finished:
