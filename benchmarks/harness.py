@@ -2,7 +2,8 @@
 
 settings   a frozen dataclass of `option(...)` fields; `parse_settings` derives the command line from it
            (one flag per field, its help, its default and its `--quick` value) and validates it
-setup      the embedded model on the CPU in fp32, an in-process server, chat prompts, PEFT LoRA adapters
+setup      the embedded model on the CPU in fp32, a `deltaserve serve` process (`ServerProcess`), chat
+           prompts, PEFT LoRA adapters
 rounds     `timed_rounds`: one warm-up per system, then N rounds in which the systems take turns
            (the order rotates, so machine noise hits all alike); `Measurement` keeps every run and gives
            the best or the median of any per-run metric
@@ -21,7 +22,9 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -183,6 +186,59 @@ def cpu_config(model_dir: str, **overrides: Any) -> ServerConfig:
     """The ServerConfig the CPU benchmarks serve with: fp32 on the CPU, then the benchmark's own limits (flat
     setting names)."""
     return ServerConfig.of(model=model_dir, dtype="float32", device="cpu", **overrides)
+
+
+# How ServerProcess starts a server: `deltaserve serve`'s own entry point, with the config as JSON.
+SERVE_CONFIG = (
+    "import json, sys; from deltaserve.server.cli import serve_process; "
+    "from deltaserve.server.config import ServerConfig; "
+    "sys.exit(serve_process(ServerConfig.of(**json.loads(sys.argv[1]))))"
+)
+
+
+class ServerProcess:
+    """A server for `config` in a process of its own on a free loopback port, started as `deltaserve serve`
+    starts one. Benchmarks measure it this way rather than in a thread of their own process: a deployment runs
+    it so, and two OpenMP teams in one process (the benchmark's reference models and the server's engine) slow
+    both on a small machine (server/kernels/threads.py). Its log goes to a file, printed if it fails to start."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        from deltaserve.testing.helpers import free_port
+
+        self.config = config.replace(host="127.0.0.1", port=free_port())
+        self.target = f"127.0.0.1:{self.config.doors.port}"
+        handle, self._log = tempfile.mkstemp(prefix="deltaserve-serve-", suffix=".log")
+        os.close(handle)
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        from deltaserve.client import Client
+
+        settings = json.dumps(self.config.settings())
+        command = [sys.executable, "-c", SERVE_CONFIG, settings]
+        with open(self._log, "wb") as out:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            with Client(self.target) as client:
+                client.wait_ready(timeout=300)
+        except BaseException:
+            self.stop()
+            log(Path(self._log).read_text()[-4000:])
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        os.unlink(self._log)
 
 
 def served(config: ServerConfig, *names: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from deltaserve.server.frontends.auth import AdapterPathPolicy, AdminTokenInterc
 from deltaserve.server.frontends.core import FrontDoorCore
 from deltaserve.server.frontends.grpc_api import AdaptersService, GenerationService
 from deltaserve.server.frontends.tgis import TgisGenerationService
+from deltaserve.server.kernels.threads import default_threads, single_threaded_executor
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.kv_cache import blocks_for
 from deltaserve.server.model.loader import LoadedModel, load_model
@@ -167,6 +168,7 @@ class Server:
             block_size=config.kv.block_size,
             num_blocks=num_blocks,
             prefix_caching=config.kv.prefix_caching,
+            torch_threads=config.base.torch_threads or default_threads(),
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.merges = MergeController(self.engine, self.registry, self.runner, self.metrics)
@@ -245,13 +247,16 @@ class Server:
 
     async def start(self) -> int:
         """Start the engine and the gRPC server; returns the bound port. Health turns SERVING at the end."""
-        await asyncio.to_thread(self.warm_up)
+        loop = asyncio.get_running_loop()
+        # Blocking calls off the loop (tokenizing, adapter files) run on threads that never compute with several
+        # torch threads: that is the engine thread's alone (kernels/threads.py).
+        loop.set_default_executor(single_threaded_executor("deltaserve-io"))
+        self.engine.on_death = lambda err: loop.call_soon_threadsafe(asyncio.ensure_future, self._engine_died())
+        self.engine.start()
+        await asyncio.to_thread(self.engine.call, self.warm_up)  # on the engine thread, which serves the steps
         for adapter_id, path in [*self.config.adapters.preload, *adapters_under(self.config.adapters.adapter_dir)]:
             record = await asyncio.to_thread(self.registry.load, adapter_id, path)
             log.info("registered adapter %r (%s) from %s", adapter_id, record.state.value, path)
-        loop = asyncio.get_running_loop()
-        self.engine.on_death = lambda err: loop.call_soon_threadsafe(asyncio.ensure_future, self._engine_died())
-        self.engine.start()
         token = BearerToken(self.config.security.admin_token)
         interceptors = [AdminTokenInterceptor(token)] if token.required else []
         server = grpc.aio.server(

@@ -88,8 +88,18 @@ def run_serve_cluster(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     config = _server_config(args, SERVE_GROUPS)
     _logging(args)
-    from deltaserve.server.app import Server  # torch is imported only when serving
+    return serve_process(config)
 
+
+def serve_process(config: ServerConfig) -> int:
+    """Serve `config` as this process's one server until a signal (0) or the engine's death (1). This thread
+    (model loading, then the event loop) computes with one torch thread and the engine thread with
+    --torch-threads, so that the process has a single OpenMP team (kernels/threads.py)."""
+    from deltaserve.server.app import Server  # torch is imported only when serving
+    from deltaserve.server.kernels.threads import default_threads, one_thread_here
+
+    config = config.replace(torch_threads=config.base.torch_threads or default_threads())
+    one_thread_here()
     try:
         server = Server.create(config)
         return asyncio.run(server.serve_until_signalled())

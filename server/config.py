@@ -198,6 +198,12 @@ class BaseModelConfig(ConfigGroup):
     quantize: str = setting(
         "none", "load the base through bitsandbytes (NF4 runs on CPU too)", choices=("none", "nf4", "int8")
     )
+    torch_threads: int | None = setting(
+        None,
+        "torch threads of the engine, the one thread that computes (the server's other threads use one each)",
+        minimum=1,
+        shown="torch's default: the machine's cores",
+    )
 
 
 @dataclass(frozen=True)

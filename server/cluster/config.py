@@ -22,7 +22,6 @@ class ClusterConfig(ConfigGroup):
     )
     replica_cpus: float = setting(1.0, "Ray CPUs reserved per replica", minimum=0)
     replica_gpus: float = setting(0.0, "Ray GPUs reserved per replica", minimum=0)
-    torch_threads: int | None = setting(None, "torch threads per replica", minimum=0, shown="torch's default")
     max_replicas: int | None = setting(
         None,
         "autoscale between --replicas and this many replicas on queue depth (Ray Serve autoscaling)",

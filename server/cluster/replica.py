@@ -46,10 +46,10 @@ class _ResidentAdapter:
 @serve.deployment
 class DeltaserveReplica:
     async def __init__(self, config: ClusterConfig, catalog: DeploymentHandle) -> None:
-        if config.torch_threads:
+        if config.server.base.torch_threads:
             import torch
 
-            torch.set_num_threads(config.torch_threads)
+            torch.set_num_threads(config.server.base.torch_threads)
         # The replica's own gRPC server listens on loopback only: the ingress reaches it through this replica, and
         # adapter administration goes through the catalog (the ingress checks the admin token). Its Adapters
         # service takes a random token nobody is given, so no other process on the node can load adapters there.

@@ -37,6 +37,7 @@ from deltaserve.server.errors import (
     InvalidRequestError,
     NonFiniteOutputError,
 )
+from deltaserve.server.kernels.threads import compute_here
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.model.kv_cache import blocks_for
 from deltaserve.server.model.layers import PAD_SLOT, LoraBatch, SlotBatch, build_lora_batch, build_slot_batch
@@ -64,6 +65,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     num_blocks: int = 1024  # blocks in the pool, the null block included
     prefix_caching: bool = True
+    # The engine thread's torch threads: the server's only thread that computes with several (kernels/threads.py).
+    torch_threads: int | None = None  # None: whatever the thread starts with
 
 
 class Engine:
@@ -169,6 +172,8 @@ class Engine:
     # ---- the loop (engine thread) ------------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            if self.config.torch_threads is not None:
+                compute_here(self.config.torch_threads)
             self._serve()
         except BaseException as err:  # the loop itself broke (its own error handling raised): nothing runs now
             self._die(err)

@@ -33,6 +33,7 @@ from deltaserve.server.frontends.core import (
     clean_request_id,
 )
 from deltaserve.server.frontends.status import public_message, status_for
+from deltaserve.server.kernels.threads import one_thread_here
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.residency.registry import AdapterRecord, AdapterState
 
@@ -237,6 +238,7 @@ async def _in_daemon_thread(gate: threading.BoundedSemaphore, work: Callable[[],
     def run() -> None:
         result, error = None, None
         try:
+            one_thread_here()  # only the engine thread computes with several (kernels/threads.py)
             result = work()
         except BaseException as err:
             error = err

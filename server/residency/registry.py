@@ -43,6 +43,7 @@ from deltaserve.server.errors import (
     InvalidRequestError,
     MergeError,
 )
+from deltaserve.server.kernels.threads import one_thread_here
 from deltaserve.server.model.layers import AdapterLinear, BottleneckBank
 from deltaserve.server.model.runner import NO_SOFT_PROMPT, SoftPrompt
 
@@ -481,6 +482,7 @@ class AdapterRegistry:
 
     # ---- residency thread --------------------------------------------------------------------------
     def _residency_loop(self) -> None:
+        one_thread_here()  # only the engine thread computes with several (kernels/threads.py)
         while True:
             with self._cv:
                 while not self._stopping and not self._want:

@@ -151,8 +151,8 @@ def deployed(ray_cluster, tiny_dir, adapter_dirs) -> Cluster:
     from deltaserve.server.cluster.ray_serve import ClusterConfig, build_app
 
     METRICS_PORT[0] = free_port()  # replica k serves its metrics on this port + k
-    server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=METRICS_PORT[0])
-    config = ClusterConfig(server=server, replicas=2, max_adapters_per_replica=8, replica_cpus=1, torch_threads=1)
+    server = _server_config(tiny_dir, adapter_dirs).replace(metrics_port=METRICS_PORT[0], torch_threads=1)
+    config = ClusterConfig(server=server, replicas=2, max_adapters_per_replica=8, replica_cpus=1)
     serve.run(build_app(config), name="deltaserve", route_prefix="/")
     return ray_cluster
 
@@ -495,7 +495,7 @@ def small(ray_cluster, tiny_dir, adapter_dirs) -> Client:
         "downscale_delay_s": 600,
     }
     config = ClusterConfig(
-        server=server, max_adapters_per_replica=1, replica_cpus=1, torch_threads=1, autoscaling=autoscaling
+        server=server.replace(torch_threads=1), max_adapters_per_replica=1, replica_cpus=1, autoscaling=autoscaling
     )
     serve.run(build_app(config), name="small", route_prefix="/small")
     with Client(ray_cluster.grpc_target, timeout=120, metadata=[("application", "small")]) as client:
