@@ -418,6 +418,9 @@ class Engine:
                 request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
                 request.prefilled_at = now
                 self.metrics.observe_queue(request.adapter_id, now - request.arrival)
+        # Decode rows stay ordered by slot (a stable sort): a balanced mix then needs no gather or scatter in the
+        # LoRA path (kernels/lora_ops.py), and the row order means nothing else.
+        self._running.sort(key=lambda r: r.slot)
         rows = logits if len(complete) == len(group) else logits[torch.tensor(complete, device=logits.device)]
         self._take(done, sample(rows, [r.sampler for r in done], self._eos))
         self._compact()

@@ -4,9 +4,11 @@ The slot stacks are slot-major and zero-padded (see `AdapterLinear`):
   lora_a [S, R, in]    lora_b [S, R, out] (B transposed, scaling folded in)
 so an empty slot or a padded rank adds exactly zero, and the first r ranks of a slot are one contiguous block.
 
-A forward with tokens of several slots runs one of two strategies, chosen by `plan_lora` from the batch shape:
+A forward with tokens of several slots runs one of two strategies, chosen by `build_lora_batch` from the batch:
 - grouped (SGMV-style, every device): the adapter tokens are grouped by slot into G chunks of k rows; two
-  batched GEMMs over the chunks, `[G, k, in] x [G, in, r] -> [G, k, r] x [G, r, out]`, then one scatter-add.
+  batched GEMMs over the chunks, `[G, k, in] x [G, in, r] -> [G, k, r] x [G, r, out]`, then each token takes
+  its row back (a gather and an add). When the tokens already are the chunks in order (a decode batch that the
+  engine ordered by slot, with as many rows on each adapter), the GEMMs read and write them in place.
   Each chunk reads its slot's weights once and the arithmetic is each token's own rank (plus padding).
   A skewed batch (one slot owns most tokens) is cut into chunks of about M / C rows so the padding stays
   small; a batch that uses at least half of the slots reads the stacks in place (no copy of the weights).
@@ -30,23 +32,33 @@ PER_TOKEN_MAX_TOKENS = 256  # forwards up to this many tokens use the per-token 
 class LoraGroups:
     """Adapter tokens grouped by slot for the batched GEMMs: G chunks of `size` rows each.
 
-    rows     [G * size]     the token (row of the flattened input) of each chunk entry; padding repeats a row
-    slots    [G] | None     each chunk's slot; None when chunk g is slot g for all S slots (stacks read in place)
-    padding  [G, size, 1] | None   True at padding entries (their products are zeroed); None when there are none
+    rows      [G * size]     the token (row of the flattened input) of each chunk entry; padding repeats a row
+    slots     [G] | None     each chunk's slot; None when chunk g is slot g for all S slots (stacks read in place)
+    padding   [G, size, 1] | None   True at padding entries (their products are zeroed); None when there are none
+    inverse   [N] | None     each token's entry, or a padding entry (zero) for tokens without one, so that the
+                             result reaches the tokens by one gather and an add; None: scatter with index_add_
+    identity  True when the entries are the tokens in order (rows = 0..N-1, no padding): the decode batch of a
+              balanced mix, which the engine orders by slot. Then no gather or scatter is needed at all.
     """
 
     rows: torch.Tensor
     slots: torch.Tensor | None
     padding: torch.Tensor | None
     size: int
+    inverse: torch.Tensor | None = None
+    identity: bool = False
 
 
 def plan_groups(
-    slot_rows: dict[int, list[int]], num_slots: int, device: torch.device, chunk_size: int | None = None
+    slot_rows: dict[int, list[int]],
+    num_slots: int,
+    device: torch.device,
+    num_tokens: int,
+    chunk_size: int | None = None,
 ) -> LoraGroups:
-    """Chunks for `slot_rows` (slot -> its token rows, every list non-empty). Chunk size: the largest group,
-    unless that pads the batch to more than twice its tokens (a skewed batch), then about M / C rows (or
-    `chunk_size` when given, for tests)."""
+    """Chunks for `slot_rows` (slot -> its token rows, every list non-empty) of a forward of `num_tokens`
+    tokens. Chunk size: the largest group, unless that pads the batch to more
+    than twice its tokens (a skewed batch), then about M / C rows (or `chunk_size` when given, for tests)."""
     total = sum(len(rows) for rows in slot_rows.values())
     largest = max(len(rows) for rows in slot_rows.values())
     size = chunk_size or largest
@@ -68,7 +80,19 @@ def plan_groups(
         slots=None if in_place else torch.tensor([slot for slot, _ in chunks], device=device),
         padding=torch.tensor(padding, device=device).view(len(chunks), size, 1) if any(padding) else None,
         size=size,
+        inverse=_inverse(rows, padding, num_tokens, device),
+        identity=not any(padding) and rows == list(range(num_tokens)),
     )
+
+
+def _inverse(rows: list[int], padding: list[bool], num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """Each token's entry among `rows` (padding entries excluded), or the first padding entry for a token that
+    has none; None when some token has neither."""
+    entry = {row: e for e, (row, pad) in reversed(list(enumerate(zip(rows, padding, strict=True)))) if not pad}
+    zero = next((e for e, pad in enumerate(padding) if pad), None)
+    if zero is None and len(entry) < num_tokens:
+        return None
+    return torch.tensor([entry.get(t, zero) for t in range(num_tokens)], device=device)
 
 
 def grouped_lora_(
@@ -79,12 +103,21 @@ def grouped_lora_(
     a, b = lora_a.narrow(1, 0, rank), lora_b.narrow(1, 0, rank)  # [S, r, in], [S, r, out]
     if groups.slots is not None:
         a, b = a.index_select(0, groups.slots), b.index_select(0, groups.slots)
-    xg = x2.index_select(0, groups.rows).view(-1, groups.size, x2.shape[1])  # [G, k, in]
+    count, out = b.shape[0], b.shape[-1]
+    if groups.identity:  # the tokens are the chunks, in order: no gather, no scatter
+        z = torch.bmm(x2.view(count, groups.size, x2.shape[1]), a.transpose(1, 2))  # [G, k, r]
+        y2.view(count, groups.size, out).baddbmm_(z, b if b.dtype == y2.dtype else b.to(y2.dtype))
+        return
+    xg = x2.index_select(0, groups.rows).view(count, groups.size, x2.shape[1])  # [G, k, in]
     z = torch.bmm(xg, a.transpose(1, 2))  # [G, k, r]
     if groups.padding is not None:
         z.masked_fill_(groups.padding, 0.0)  # not a multiply: an overflowed padding product must not leak NaN
-    delta = torch.bmm(z, b).view(-1, b.shape[-1])  # [G * k, out]
-    y2.index_add_(0, groups.rows, delta if delta.dtype == y2.dtype else delta.to(y2.dtype))
+    delta = torch.bmm(z, b).view(-1, out)  # [G * k, out]
+    delta = delta if delta.dtype == y2.dtype else delta.to(y2.dtype)
+    if groups.inverse is not None:  # a gather and an add: cheaper than index_add_'s scatter on the CPU
+        y2.add_(delta.index_select(0, groups.inverse))
+    else:
+        y2.index_add_(0, groups.rows, delta)
 
 
 def reference_lora(

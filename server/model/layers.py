@@ -358,7 +358,8 @@ def build_lora_batch(
     if per_token:
         served = [slot if slot in slot_rows else -1 for slot in token_slots]
         return LoraBatch(rank=rank, token_slots=torch.tensor(served, device=device, dtype=torch.int32), **correction)
-    return LoraBatch(rank=rank, groups=plan_groups(slot_rows, num_slots, device), **correction)
+    groups = plan_groups(slot_rows, num_slots, device, len(token_slots))
+    return LoraBatch(rank=rank, groups=groups, **correction)
 
 
 def _merge_correction(token_slots: list[int], slot_ranks: list[int], device: torch.device, merged_slot: int) -> dict:

@@ -60,7 +60,7 @@ def run(layer, context, x, token_slots, merged_slot=-1, **plan):
         for row, slot in enumerate(token_slots):
             if slot >= 0 and SLOT_RANKS[slot] > 0:
                 rows.setdefault(slot, []).append(row)
-        groups = plan_groups(rows, NUM_SLOTS, x.device, chunk_size=plan["chunk_size"])
+        groups = plan_groups(rows, NUM_SLOTS, x.device, len(token_slots), chunk_size=plan["chunk_size"])
         context.lora = type(context.lora)(rank=context.lora.rank, groups=groups)
     try:
         return layer(x), context.lora
@@ -166,16 +166,35 @@ def test_merged_adapter_is_taken_back_out_of_other_rows():
 
 def test_plan_reads_the_stacks_in_place_when_most_slots_are_used():
     rows = {slot: [slot] for slot in range(6)}
-    groups = plan_groups(rows, NUM_SLOTS, torch.device("cpu"))
+    groups = plan_groups(rows, NUM_SLOTS, torch.device("cpu"), 6)
     assert groups.slots is None and groups.size == 1  # slots 6 and 7 become all-padding chunks
     assert groups.padding is not None and groups.padding.view(-1).tolist() == [False] * 6 + [True] * 2
-    few = plan_groups({5: [0, 1], 6: [2]}, NUM_SLOTS, torch.device("cpu"))
+    few = plan_groups({5: [0, 1], 6: [2]}, NUM_SLOTS, torch.device("cpu"), 3)
     assert few.slots.tolist() == [5, 6] and few.size == 2
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "path"),
+    [
+        ([1, 1, 5, 5, 6, 6], "in place"),  # the tokens are the chunks, in order (as the engine orders a decode)
+        ([0, -1, 5, -1, 1, 1, -1, 6], "gather"),  # base tokens read a zeroed padding entry
+        ([6, 5, 6, 5], "gather"),  # every token has an entry, out of order
+        ([5, 5, -1, 6, 6], "index_add"),  # a base token and no padding entry to point it at
+    ],
+)
+def test_each_way_back_to_the_tokens_equals_the_definition(token_slots, path):
+    layer, context = make_layer(40, 24, seed=5)
+    x = torch.randn(len(token_slots), 40)
+    y, batch = run(layer, context, x, token_slots)
+    groups = batch.groups
+    taken = "in place" if groups.identity else ("gather" if groups.inverse is not None else "index_add")
+    assert taken == path
+    torch.testing.assert_close(y, expected(layer, x, token_slots), rtol=1e-5, atol=1e-5)
 
 
 def test_plan_cuts_a_skewed_batch_into_balanced_chunks():
     rows = {0: list(range(14)), 3: [14], 4: [15]}
-    groups = plan_groups(rows, NUM_SLOTS, torch.device("cpu"))
+    groups = plan_groups(rows, NUM_SLOTS, torch.device("cpu"), 16)
     assert groups.size == 6  # ceil(16 / 3): 3 chunks of slot 0, one each of slots 3 and 4
     assert groups.slots.tolist() == [0, 0, 0, 3, 4]
     assert (~groups.padding).sum().item() == 16
