@@ -1,9 +1,9 @@
 """Every adapter kind against the base: decode throughput, and the prefill cost of prefix vs prompt tuning.
 
-On the embedded SmolLM2-135M-Instruct in fp32 on the CPU, with the real deltaserve gRPC server in-process on
-127.0.0.1, started once for the whole run. The adapters are real files with random non-identity weights, made
-by the test factories (deltaserve.testing.kinds): PEFT kinds saved by PEFT itself, bottleneck adapters in AdapterHub's
-format (with weights scaled so that their outputs stay finite on this model; see BOTTLENECK_SCALE).
+On the embedded SmolLM2-135M-Instruct in fp32 on the CPU, with the real deltaserve gRPC server as a `deltaserve
+serve` process on 127.0.0.1, started once for the whole run. The adapters are real files with random non-identity
+weights, made by the test factories (deltaserve.testing.kinds): PEFT kinds saved by PEFT itself, bottleneck adapters in
+AdapterHub's format (with weights scaled so that their outputs stay finite on this model; see BOTTLENECK_SCALE).
 
   1. throughput  N concurrent greedy requests (`--requests`, chat prompts) of exactly `--new-tokens` tokens
                  each (min_new_tokens = max_new_tokens, so EOS never ends a row early), end to end, text in and
@@ -51,10 +51,10 @@ from dataclasses import dataclass
 
 from deltaserve.client import AsyncClient, Client
 from deltaserve.testing import kinds
-from deltaserve.testing.helpers import ServerThread
 from harness import (
     CALL_TIMEOUT_S,
     Measurement,
+    ServerProcess,
     Settings,
     chat_messages,
     cpu_config,
@@ -351,7 +351,7 @@ def result(
         "dtype": "float32",
         "server": {
             **served(config, "max_batch_size", "max_seq_len", "max_adapters", "max_lora_rank", "max_bottleneck_size"),
-            "in_process": "the server runs in a thread of the benchmark process (deltaserve.testing ServerThread)",
+            "server_process": "the server is a `deltaserve serve` process (harness.ServerProcess)",
         },
         "adapters": {
             adapter_id: {"made_by": made_by(adapter_id, settings), **info} for adapter_id, info in infos.items()
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             max_bottleneck_size=AutoConfig.from_pretrained(model_dir).hidden_size // REDUCTION_FACTOR,
         )
         log("starting the server")
-        with ServerThread(config) as server:
+        with ServerProcess(config) as server:
             infos = asyncio.run(load_adapters(server.target, adapters))
             with Client(server.target, timeout=CALL_TIMEOUT_S) as client:
                 prompt_tokens = {c: len(client.tokenize(text).token_ids) for c, text in ttft_texts.items()}

@@ -241,6 +241,18 @@ class ServerProcess:
         os.unlink(self._log)
 
 
+def served_bytes(directory: str, element_size: int = 4) -> int:
+    """Bytes of every tensor in a safetensors directory (a model or a PEFT adapter) when served with
+    `element_size`-byte elements (4: fp32): what a decode step reads of it."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+    return total * element_size
+
+
 def served(config: ServerConfig, *names: str) -> dict[str, Any]:
     """Some settings of a ServerConfig by their flat names, for the result file."""
     flat = config.settings()
@@ -250,6 +262,18 @@ def served(config: ServerConfig, *names: str) -> dict[str, Any]:
 def chat_messages(n: int) -> list[str]:
     """n user messages, cycling through CHAT_PROMPTS."""
     return [CHAT_PROMPTS[i % len(CHAT_PROMPTS)] for i in range(n)]
+
+
+def zipf_counts(requests: int, adapters: int) -> list[int]:
+    """Requests per adapter in proportion to 1 / (k + 1), rounded so that they sum to `requests` (16 over 8:
+    6 3 2 1 1 1 1 1): the skewed mixes real traffic brings, where one adapter is popular."""
+    weights = [1 / (k + 1) for k in range(adapters)]
+    counts = [max(1, round(requests * w / sum(weights))) for w in weights]
+    while sum(counts) > requests:
+        counts[counts.index(max(counts))] -= 1
+    while sum(counts) < requests:
+        counts[0] += 1
+    return counts
 
 
 def render(tokenizer: Any, message: str) -> str:
@@ -294,14 +318,17 @@ async def load_adapters(client: Any, paths: dict[str, str]) -> dict[str, Any]:
     return {adapter_id: await client.load_adapter(adapter_id, path) for adapter_id, path in paths.items()}
 
 
-async def generate_batch(client: Any, messages: list[str], adapter_ids: list[str], new_tokens: int) -> Run:
+async def generate_batch(
+    client: Any, messages: list[str], adapter_ids: list[str], new_tokens: int, raw: bool = False
+) -> Run:
     """One greedy chat request per (message, adapter id), all in flight at once, each of exactly `new_tokens`
-    tokens (min_new_tokens = max_new_tokens, so EOS never ends a row early); timed from the first submit."""
+    tokens (min_new_tokens = max_new_tokens, so EOS never ends a row early); timed from the first submit.
+    `raw`: each message is sent as a plain-text prompt, without the chat template."""
     start = time.perf_counter()
     results = await asyncio.gather(
         *(
             client.generate(
-                messages=[{"role": "user", "content": message}],
+                **({"prompt": message} if raw else {"messages": [{"role": "user", "content": message}]}),
                 adapter_id=adapter_id,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,

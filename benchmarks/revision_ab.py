@@ -4,13 +4,16 @@ Speed-ups claimed between commits cannot be read off runs from different hours o
 starts both builds as `deltaserve serve` subprocesses (the revision from a `git worktree` of it, imported ahead
 of the installed package), loads the same adapters into each and gives them the workload of throughput.py in
 turns: N concurrent greedy chat requests of exactly T tokens, on the base and spread over K rank-16 all-linear
-LoRA adapters (request i on adapter i % K). Only one server works at a time; the idle one waits on its engine's
-condition variable. Reported: tokens/s per (build, workload), medians over rounds, each build's mixed / base, and
-the new build's speed relative to the old one. The greedy outputs of the two builds are compared row by row.
+LoRA adapters (request i on adapter i % K, or with --spread zipf a skewed mix). Only one server works at a time;
+the idle one waits on its engine's condition variable. Reported: tokens/s per (build, workload), medians over
+rounds, each build's mixed / base, and the new build's speed relative to the old one. The greedy outputs of the
+two builds are compared row by row.
 
 Run:  python benchmarks/revision_ab.py --revision 02bfc48          (N=16 x 64 tokens, K=8, 3 rounds)
+      python benchmarks/revision_ab.py --revision 02bfc48 --spread zipf   (a skewed mix: 6 3 2 1 1 1 1 1 requests)
       python benchmarks/revision_ab.py --revision 02bfc48 --quick  (N=4 x 8 tokens, K=2, 1 round)
-Writes benchmarks/results/revision-ab-cpu.json (…-quick.json for --quick).
+Writes benchmarks/results/revision-ab-cpu.json (revision-ab-cpu-zipf.json with --spread zipf; …-quick.json for
+--quick).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from harness import (
     report,
     require,
     timed_rounds,
+    zipf_counts,
 )
 
 RANK = 16
@@ -57,10 +61,22 @@ class RevisionSettings(Settings):
     new_tokens: int = option(64, "tokens per request", quick=8, minimum=1)
     adapters: int = option(8, "LoRA adapters K of the mixed workload", quick=2, minimum=1)
     rounds: int = option(3, "timed rounds", quick=1, minimum=1)
+    spread: str = option("round-robin", "requests over the K adapters: round-robin (i mod K) or zipf (skewed)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(bool(self.revision), "--revision is required")
+        require(self.spread in ("round-robin", "zipf"), "--spread must be round-robin or zipf")
+
+    def stem(self) -> str:
+        return self.STEM if self.spread == "round-robin" else f"{self.STEM}-zipf"
+
+
+def assignment(s: RevisionSettings) -> list[str]:
+    """Each request's adapter in the mixed workload."""
+    if s.spread == "zipf":
+        return [f"lora{k}" for k, count in enumerate(zipf_counts(s.requests, s.adapters)) for _ in range(count)]
+    return [f"lora{i % s.adapters}" for i in range(s.requests)]
 
 
 # How the old build is imported: a `deltaserve` package whose subpackages are the revision's folders.
@@ -148,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     s = parse_settings(RevisionSettings, argv, description(__doc__))
     model_dir, model_name = embedded_model()
     n, mixed = s.requests, f"mixed-{s.adapters}"
-    workloads = {"base": [""] * n, mixed: [f"lora{i % s.adapters}" for i in range(n)]}
+    workloads = {"base": [""] * n, mixed: assignment(s)}
     cells = run_builds(s, model_dir, workloads)
     median = {key: m.median() for key, m in cells.items()}
     ratios = {
@@ -165,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = [[key, f"{median[key]:.1f}", " ".join(f"{v:.1f}" for v in m.values())] for key, m in cells.items()]
     text = [
-        f"{model_name} fp32 CPU ({os.cpu_count()} cores): N={n} x {s.new_tokens} tokens, K={s.adapters}; "
+        f"{model_name} fp32 CPU ({os.cpu_count()} cores): N={n} x {s.new_tokens} tokens, K={s.adapters} "
+        f"({s.spread}: {' '.join(str(workloads[mixed].count(f'lora{k}')) for k in range(s.adapters))}); "
         f"median of {s.rounds}",
         format_table(["build workload", "tok/s (median)", "rounds"], rows),
         *(f"{name}: {r['ratio']:.3f}" for name, r in ratios.items()),
@@ -177,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "old_revision": s.revision,
         "new_revision": head.stdout.strip(),
         "rank": RANK,
+        "assignment": workloads[mixed],
         "tokens_per_second": {key: m.values() for key, m in cells.items()},
         "median": median,
         "ratios": ratios,

@@ -1,10 +1,10 @@
 """Decode throughput relative to the base as one axis of a mixed LoRA batch grows: the number of distinct adapters
 in the batch (--axis adapters) or their rank (--axis rank).
 
-On the embedded SmolLM2-135M-Instruct in fp32 on the CPU, with the real deltaserve gRPC server in-process on
-127.0.0.1 (max_batch_size N; every adapter holds a device slot, nothing is evicted). N concurrent greedy streams
-(the harness's chat prompts, exactly `--new-tokens` tokens each: min_new_tokens = max_new_tokens) run as one
-batch for
+On the embedded SmolLM2-135M-Instruct in fp32 on the CPU, with the real deltaserve gRPC server as a `deltaserve
+serve` process on 127.0.0.1 (max_batch_size N; every adapter holds a device slot, nothing is evicted). N
+concurrent greedy streams (the harness's chat prompts, exactly `--new-tokens` tokens each: min_new_tokens =
+max_new_tokens) run as one batch for
 
   base     no adapter
   K=k      (--axis adapters) request i on lora{i % k}: k distinct rank-`--rank` all-linear adapters in every step
@@ -33,15 +33,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapter_files import adapter_set, lora_bytes
-from deltaserve.adapters import tensor_bytes
+from adapter_files import adapter_set
 from deltaserve.client import AsyncClient
-from deltaserve.testing.helpers import ServerThread
 from harness import (
     CALL_TIMEOUT_S,
     Measurement,
     Rounds,
     Run,
+    ServerProcess,
     Settings,
     chat_messages,
     cpu_config,
@@ -58,6 +57,7 @@ from harness import (
     report,
     require,
     served,
+    served_bytes,
     stream_chunks,
     timed_rounds,
 )
@@ -171,10 +171,10 @@ def adapter_paths(plan: list[Config], model_dir: str, model_name: str) -> dict[s
     }
 
 
-def measure(thread: ServerThread, paths: dict[str, str], plan: list[Config], s: SweepSettings) -> Rounds:
+def measure(server: ServerProcess, paths: dict[str, str], plan: list[Config], s: SweepSettings) -> Rounds:
     """Load every adapter, then the configurations take turns on one client (one event loop for all rounds)."""
     with asyncio.Runner() as runner:
-        client = AsyncClient(thread.target, timeout=CALL_TIMEOUT_S)
+        client = AsyncClient(server.target, timeout=CALL_TIMEOUT_S)
         runner.run(load_all(client, paths))
         runner.run(client.model_info())  # connected before the clock starts
 
@@ -193,10 +193,9 @@ def measure(thread: ServerThread, paths: dict[str, str], plan: list[Config], s: 
     return rounds
 
 
-def adapter_bytes(thread: ServerThread) -> dict[str, int]:
-    """Adapter id -> bytes of its A and B at its own rank in the served dtype: what a decode step reads for it."""
-    server = thread.server
-    return {r.adapter_id: lora_bytes(r.adapter, server.loaded.dtype) for r in server.registry.list()}
+def adapter_bytes(paths: dict[str, str]) -> dict[str, int]:
+    """Adapter id -> bytes of its A and B at its own rank in fp32: what a decode step reads for it."""
+    return {adapter_id: served_bytes(path) for adapter_id, path in paths.items()}
 
 
 def summarize(cells: dict[str, Measurement], batch_bytes: dict[str, int], base_bytes: int) -> dict[str, dict]:
@@ -293,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         max_adapters=len(paths),
         max_lora_rank=max(c.rank for c in plan),
     )
-    with ServerThread(config) as thread:
+    with ServerProcess(config) as server:
         log(f"loading {len(paths)} adapters; measuring {len(plan)} configurations")
-        rounds = measure(thread, paths, plan, s)
-        sizes = adapter_bytes(thread)
-        base_bytes = tensor_bytes(thread.server.loaded.model.parameters())
+        rounds = measure(server, paths, plan, s)
+    sizes = adapter_bytes(paths)
+    base_bytes = served_bytes(model_dir)
     batch_bytes = {c.name: sum(sizes[a] for a in set(c.adapter_ids) if a) for c in plan}
     summary = summarize(rounds.measurements, batch_bytes, base_bytes)
     what = f"rank-{s.rank} all-linear LoRA, K distinct adapters per batch"

@@ -2,10 +2,11 @@
 
 N concurrent greedy requests, each generating exactly `--new-tokens` tokens (min_new_tokens equals
 max_new_tokens, so EOS never ends a row early), on the embedded SmolLM2-135M-Instruct in fp32 on the CPU.
-Four systems get the same chat prompts (rendered with the tokenizer's chat template):
+Four systems get the same prompts: the chat prompts rendered with the tokenizer's chat template, or with
+`--prompts short` their first three words as plain text (a decode-heavy load of a few prompt tokens each):
 
-  server-base    the real deltaserve gRPC server (in-process, on 127.0.0.1), no adapter; all N requests
-                 are in flight at once through AsyncClient + asyncio.gather
+  server-base    the real deltaserve gRPC server (a `deltaserve serve` process on 127.0.0.1), no adapter; all
+                 N requests are in flight at once through AsyncClient + asyncio.gather
   server-mixed   the same server, the N requests spread round-robin over K LoRA adapters
                  (rank `--rank`, target_modules="all-linear", made with PEFT and loaded with LoadAdapter)
   hf-generate    transformers' batched `generate` on the base (left padding, greedy)
@@ -20,9 +21,11 @@ row by row (server-base vs hf-generate, server-mixed vs peft-mixed) as a sanity 
 
 Run:  python benchmarks/throughput.py            (N=16, 64 tokens, K=8, 2 repeats; several minutes)
       python benchmarks/throughput.py --quick    (N=4, 16 tokens, K=2, 1 repeat; a smoke run)
+      python benchmarks/throughput.py --prompts short   (short plain-text prompts: decode-heavy)
       python benchmarks/throughput.py --adapter-dirs examples/adapters/*   (the trained example adapters
       instead of K generated ones; peft-mixed runs only when they are all LoRAs)
-Writes benchmarks/results/throughput-cpu.json (…-quick.json for --quick) and a PNG bar chart next to it
+Writes benchmarks/results/throughput-cpu.json (throughput-short-cpu.json for --prompts short; …-quick.json for
+--quick) and a PNG bar chart next to it
 (skipped with a warning when matplotlib is missing: pip install matplotlib).
 """
 
@@ -37,11 +40,11 @@ from dataclasses import dataclass
 import torch
 from deltaserve.adapters import tensor_bytes
 from deltaserve.client import AsyncClient
-from deltaserve.testing.helpers import ServerThread
 from harness import (
     CALL_TIMEOUT_S,
     Measurement,
     Run,
+    ServerProcess,
     Settings,
     chat_messages,
     cpu_config,
@@ -59,6 +62,8 @@ from harness import (
     ratio,
     render,
     report,
+    require,
+    served_bytes,
     timed_rounds,
     trained_adapters,
 )
@@ -82,16 +87,26 @@ class ThroughputSettings(Settings):
     )
     rank: int = option(16, "LoRA rank", minimum=1)
     repeats: int = option(2, "timed rounds per system", quick=1, minimum=1)
+    prompts: str = option("chat", "chat (the chat template) or short (three words of plain text: decode-heavy)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.prompts in ("chat", "short"), "--prompts must be chat or short")
+
+    def stem(self) -> str:
+        return self.STEM if self.prompts == "chat" else "throughput-short-cpu"
 
 
 @dataclass(frozen=True)
 class Workload:
-    """The N requests: one user message each, its chat-rendered prompt, and its adapter in mixed runs."""
+    """The N requests: one user message each, the prompt text generate sees, and its adapter in mixed runs.
+    `raw`: the messages are plain-text prompts (the server gets them as `prompt`, without the template)."""
 
     messages: list[str]
     rendered: list[str]
     adapter_ids: list[str]
     new_tokens: int
+    raw: bool = False
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -99,6 +114,9 @@ def build_workload(tokenizer: PreTrainedTokenizerBase, s: ThroughputSettings, na
     """Cycle through the prompts; request i uses adapter i % K in the mixed runs."""
     messages = chat_messages(s.requests)
     adapter_ids = [names[i % len(names)] for i in range(s.requests)]
+    if s.prompts == "short":
+        short = [" ".join(m.split()[:3]) for m in messages]
+        return Workload(short, short, adapter_ids, s.new_tokens, raw=True)
     return Workload(messages, [render(tokenizer, m) for m in messages], adapter_ids, s.new_tokens)
 
 
@@ -129,7 +147,7 @@ def left_padded(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 async def _server_batch(target: str, work: Workload, adapter_ids: list[str]) -> Run:
     async with AsyncClient(target, timeout=CALL_TIMEOUT_S) as client:
         await client.model_info()  # connect before the clock starts
-        return await generate_batch(client, work.messages, adapter_ids, work.new_tokens)
+        return await generate_batch(client, work.messages, adapter_ids, work.new_tokens, raw=work.raw)
 
 
 async def _load(target: str, adapters: dict[str, str]) -> None:
@@ -213,11 +231,11 @@ def table(by_name: dict[str, Measurement]) -> str:
     return format_table(["system", "tok/s (best)", "tok/s (median)", "vs server-base", "vs peft-mixed"], rows)
 
 
-def weight_bytes(server: object) -> dict[str, float]:
-    """Bytes a mixed decode step must read besides the base's: every active adapter's A and B. When decode
-    is memory-bound, mixed/base throughput cannot beat 1 / (1 + adapter bytes / base bytes)."""
-    base = tensor_bytes(server.loaded.model.parameters())
-    adapters = sum(record.adapter.size_bytes for record in server.registry.list())
+def weight_bytes(base_model: PreTrainedModel, adapters: dict[str, str]) -> dict[str, float]:
+    """Bytes a mixed decode step must read besides the base's: every active adapter's weights (fp32). When
+    decode is memory-bound, mixed/base throughput cannot beat 1 / (1 + adapter bytes / base bytes)."""
+    base = tensor_bytes(base_model.parameters())
+    adapters = sum(served_bytes(path) for path in adapters.values())
     return {"base_bytes": base, "adapter_bytes": adapters, "bandwidth_floor_mixed_over_base": 1 / (1 + adapters / base)}
 
 
@@ -305,13 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             max_lora_rank=s.rank,
         )
         log("starting the server and loading the base and PEFT models")
-        with ServerThread(config) as server:
+        with ServerProcess(config) as server:
             asyncio.run(_load(server.target, adapters))
-            sizes = weight_bytes(server.server)
+            base_model = load_base(model_dir)
+            sizes = weight_bytes(base_model, adapters)
             systems = {
                 SERVER_BASE: server_runner(server.target, work, mixed=False),
                 SERVER_MIXED: server_runner(server.target, work, mixed=True),
-                HF_GENERATE: generate_runner(load_base(model_dir), tokenizer, work, mixed=False),
+                HF_GENERATE: generate_runner(base_model, tokenizer, work, mixed=False),
             }
             if all(is_lora(path) for path in adapters.values()):  # PEFT's mixed batches take LoRAs only
                 systems[PEFT_MIXED] = generate_runner(load_peft(model_dir, adapters), tokenizer, work, mixed=True)
@@ -322,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"{model_name} fp32 CPU: N={s.requests} concurrent requests x {s.new_tokens} tokens, "
         + (f"trained adapters {', '.join(adapters)}" if trained else f"K={s.adapters} LoRA adapters rank {s.rank}")
+        + (", short plain-text prompts" if s.prompts == "short" else ", chat prompts")
         + f", best of {s.repeats}"
     )
     text = [title, table(by_name), *summary_lines(data, sizes)]

@@ -475,14 +475,14 @@ class Engine:
             self._waiting.appendleft(request)
             self.metrics.requests_waiting.set(len(self._waiting))
 
-    def _adapter_batch(self, token_slots: list[int], head_slots: list[int] | None) -> AdapterBatch:
+    def _adapter_batch(self, token_slots: list[int], head_slots: list[int] | None, keep: bool = False) -> AdapterBatch:
         """Describe a forward's adapters: token_slots for every token, head_slots for the positions the LM
-        head sees (None: the same tokens, as in a decode step)."""
+        head sees (None: the same tokens, as in a decode step). `keep`: it serves many forwards (decode)."""
         slots = self.registry.slots
         device, merged = self.runner.device, self.merged_slot
 
         def describe(token_slots: list[int]) -> tuple[LoraBatch | None, SlotBatch | None]:
-            lora = build_lora_batch(token_slots, slots.ranks, device, slots.num_slots, merged)
+            lora = build_lora_batch(token_slots, slots.ranks, device, slots.num_slots, merged, keep=keep)
             slot_batch = build_slot_batch(
                 token_slots, slots.num_slots, slots.vector_slots, slots.bottleneck_slots, device
             )
@@ -505,7 +505,7 @@ class Engine:
             frozenset(slots.bottleneck_slots),
         )
         if key != self._decode_key:
-            self._decode_key, self._decode_adapters = key, self._adapter_batch(row_slots, None)
+            self._decode_key, self._decode_adapters = key, self._adapter_batch(row_slots, None, keep=True)
         return self._decode_adapters
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------

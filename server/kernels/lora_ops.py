@@ -26,6 +26,10 @@ from dataclasses import dataclass
 import torch
 
 PER_TOKEN_MAX_TOKENS = 256  # forwards up to this many tokens use the per-token kernel where it is available
+# A slot's group is cut into several chunks only past this many rows. Below it the GEMMs are bound by reading the
+# weights, which a cut reads again for every chunk, while the padding it saves is arithmetic that costs nothing
+# (a decode step: 16 rows over 8 rank-16 adapters, 4 of them on one adapter, read 11 chunks' weights when cut).
+SPLIT_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class LoraGroups:
                              result reaches the tokens by one gather and an add; None: scatter with index_add_
     identity  True when the entries are the tokens in order (rows = 0..N-1, no padding): the decode batch of a
               balanced mix, which the engine orders by slot. Then no gather or scatter is needed at all.
+    keep      the plan serves many forwards (a decode batch, until its rows change): weights gathered for it
+              are kept by each layer instead of being gathered again every step
     """
 
     rows: torch.Tensor
@@ -47,6 +53,7 @@ class LoraGroups:
     size: int
     inverse: torch.Tensor | None = None
     identity: bool = False
+    keep: bool = False
 
 
 def plan_groups(
@@ -55,14 +62,15 @@ def plan_groups(
     device: torch.device,
     num_tokens: int,
     chunk_size: int | None = None,
+    keep: bool = False,
 ) -> LoraGroups:
     """Chunks for `slot_rows` (slot -> its token rows, every list non-empty) of a forward of `num_tokens`
-    tokens. Chunk size: the largest group, unless that pads the batch to more
-    than twice its tokens (a skewed batch), then about M / C rows (or `chunk_size` when given, for tests)."""
+    tokens. Chunk size: the largest group, unless that is over SPLIT_MIN_ROWS rows and pads the batch to more
+    than twice its tokens (a skewed prefill), then about M / C rows (or `chunk_size` when given, for tests)."""
     total = sum(len(rows) for rows in slot_rows.values())
     largest = max(len(rows) for rows in slot_rows.values())
     size = chunk_size or largest
-    if chunk_size is None and len(slot_rows) * largest > 2 * total:
+    if chunk_size is None and largest > SPLIT_MIN_ROWS and len(slot_rows) * largest > 2 * total:
         size = math.ceil(total / len(slot_rows))
     chunks = [(slot, rows[i : i + size]) for slot, rows in sorted(slot_rows.items()) for i in range(0, len(rows), size)]
     in_place = len(chunks) == len(slot_rows) and 2 * len(slot_rows) >= num_slots
@@ -82,6 +90,7 @@ def plan_groups(
         size=size,
         inverse=_inverse(rows, padding, num_tokens, device),
         identity=not any(padding) and rows == list(range(num_tokens)),
+        keep=keep,
     )
 
 
@@ -95,14 +104,21 @@ def _inverse(rows: list[int], padding: list[bool], num_tokens: int, device: torc
     return torch.tensor([entry.get(t, zero) for t in range(num_tokens)], device=device)
 
 
-def grouped_lora_(
-    y2: torch.Tensor, x2: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, groups: LoraGroups
-) -> None:
-    """y2 [N, out] += each grouped token's LoRA delta, in place. x2 [N, in] in the stacks' dtype."""
+def grouped_weights(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, groups: LoraGroups
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each chunk's A [G, r, in] and B [G, r, out]: views of the stacks when they are read in place, else copies
+    gathered by chunk slot (which a decode batch keeps across its steps: `AdapterLinear`)."""
     # narrow, not a[:, :rank]: this runs for every layer of every step, and tensor indexing costs ~10 us.
     a, b = lora_a.narrow(1, 0, rank), lora_b.narrow(1, 0, rank)  # [S, r, in], [S, r, out]
     if groups.slots is not None:
         a, b = a.index_select(0, groups.slots), b.index_select(0, groups.slots)
+    return a, b
+
+
+def grouped_lora_(y2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: LoraGroups) -> None:
+    """y2 [N, out] += each grouped token's LoRA delta, in place, with the chunks' weights a [G, r, in] and
+    b [G, r, out] (`grouped_weights`). x2 [N, in] in the weights' dtype."""
     count, out = b.shape[0], b.shape[-1]
     if groups.identity:  # the tokens are the chunks, in order: no gather, no scatter
         z = torch.bmm(x2.view(count, groups.size, x2.shape[1]), a.transpose(1, 2))  # [G, k, r]

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 from deltaserve.adapters import Bottleneck, ModuleDelta
 from deltaserve.server.kernels import triton_lora
-from deltaserve.server.kernels.lora_ops import PER_TOKEN_MAX_TOKENS, LoraGroups, grouped_lora_, plan_groups
+from deltaserve.server.kernels.lora_ops import (
+    PER_TOKEN_MAX_TOKENS,
+    LoraGroups,
+    grouped_lora_,
+    grouped_weights,
+    plan_groups,
+)
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -94,6 +100,7 @@ class AdapterLinear(nn.Module):
         self.input_scale: torch.Tensor | None = None
         self.output_scale: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
+        self._kept: tuple[LoraGroups, torch.Tensor, torch.Tensor] | None = None  # a decode batch's gathered A, B
 
     def allocate(
         self, delta: ModuleDelta, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
@@ -115,6 +122,7 @@ class AdapterLinear(nn.Module):
         """Copy one adapter's parts (already on the device) into `slot`; the parts it lacks, and every part
         when `delta` is None, become the identity."""
         delta = delta or ModuleDelta()
+        self._kept = None  # gathered copies never outlive a write (the slots of a kept batch are in use anyway)
         if self.lora_a is not None and self.lora_b is not None:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
@@ -180,7 +188,17 @@ class AdapterLinear(nn.Module):
         elif lora.token_slots is not None:
             triton_lora.lora_(y2, x2, self.lora_a, self.lora_b, lora.rank, lora.token_slots)
         else:
-            grouped_lora_(y2, x2, self.lora_a, self.lora_b, lora.rank, lora.groups)
+            grouped_lora_(y2, x2, *self._group_weights(lora.rank, lora.groups), lora.groups)
+
+    def _group_weights(self, rank: int, groups: LoraGroups) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunks' A and B; a decode batch's gathered copies are kept until the batch changes, so that a step
+        reads the weights once instead of copying them and reading the copy."""
+        kept = self._kept
+        if kept is not None and kept[0] is groups:
+            return kept[1], kept[2]
+        a, b = grouped_weights(self.lora_a, self.lora_b, rank, groups)
+        self._kept = (groups, a, b) if groups.keep and groups.slots is not None else None
+        return a, b
 
 
 def _leaky_relu(x: torch.Tensor) -> torch.Tensor:
@@ -338,10 +356,12 @@ def build_lora_batch(
     num_slots: int,
     merged_slot: int = -1,
     per_token: bool | None = None,
+    keep: bool = False,
 ) -> LoraBatch | None:
     """Describe a forward's adapter tokens (slot -1 = no adapter, PAD_SLOT = padding); None when no
     token needs adapter work. `merged_slot` is the slot of the adapter merged into the base, if any.
-    `per_token` picks the Triton per-token kernels (default: on CUDA with Triton, for small forwards)."""
+    `per_token` picks the Triton per-token kernels (default: on CUDA with Triton, for small forwards). `keep`:
+    the batch serves many forwards (a decode batch), so the layers keep weights gathered for it."""
     # Tokens whose slot has a low-rank part (prefix-only or IA3-only adapters have rank 0: no LoRA work).
     slot_rows: dict[int, list[int]] = {}
     for row, slot in enumerate(token_slots):
@@ -358,7 +378,7 @@ def build_lora_batch(
     if per_token:
         served = [slot if slot in slot_rows else -1 for slot in token_slots]
         return LoraBatch(rank=rank, token_slots=torch.tensor(served, device=device, dtype=torch.int32), **correction)
-    groups = plan_groups(slot_rows, num_slots, device, len(token_slots))
+    groups = plan_groups(slot_rows, num_slots, device, len(token_slots), keep=keep)
     return LoraBatch(rank=rank, groups=groups, **correction)
 
 

@@ -78,3 +78,17 @@ def test_rounds_rotate_the_order_and_keep_every_run():
 def test_a_ratio_carries_both_rates():
     assert harness.ratio(50.0, 100.0) == {"ratio": 0.5, "tokens_per_s": 50.0, "base_tokens_per_s": 100.0}
     assert harness.ratio(None, 100.0)["ratio"] is None
+
+
+def test_served_bytes_counts_every_tensor_at_the_served_element_size(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(5)}, str(tmp_path / "x.safetensors"))
+    assert harness.served_bytes(str(tmp_path)) == (12 + 5) * 4
+    assert harness.served_bytes(str(tmp_path), element_size=2) == (12 + 5) * 2
+
+
+def test_a_zipf_spread_is_skewed_and_covers_every_request_and_adapter():
+    counts = harness.zipf_counts(16, 8)
+    assert sum(counts) == 16 and min(counts) >= 1 and counts == sorted(counts, reverse=True) and counts[0] >= 4

@@ -192,11 +192,36 @@ def test_each_way_back_to_the_tokens_equals_the_definition(token_slots, path):
     torch.testing.assert_close(y, expected(layer, x, token_slots), rtol=1e-5, atol=1e-5)
 
 
-def test_plan_cuts_a_skewed_batch_into_balanced_chunks():
-    rows = {0: list(range(14)), 3: [14], 4: [15]}
-    groups = plan_groups(rows, NUM_SLOTS, torch.device("cpu"), 16)
-    assert groups.size == 6  # ceil(16 / 3): 3 chunks of slot 0, one each of slots 3 and 4
+def test_a_decode_batch_keeps_its_gathered_weights_until_a_slot_is_written():
+    layer, context = make_layer(40, 24, seed=6)
+    token_slots = [5, 6, 5]  # few of many slots: the chunks' weights are gathered copies
+    x = torch.randn(len(token_slots), 40)
+    context.lora = build_lora_batch(token_slots, SLOT_RANKS, x.device, NUM_SLOTS, keep=True)
+    try:
+        first = layer(x)
+        kept = layer._kept
+        assert kept is not None and kept[0] is context.lora.groups
+        assert torch.equal(layer(x), first) and layer._kept is kept  # the next step reuses the copies
+        fresh = ModuleDelta(lora_a=torch.randn(SLOT_RANKS[6], 40), lora_b_scaled=torch.randn(24, SLOT_RANKS[6]))
+        layer.write_slot(6, fresh)
+        assert layer._kept is None  # a write drops them: the next forward reads the new weights
+        torch.testing.assert_close(layer(x), expected(layer, x, token_slots), rtol=1e-5, atol=1e-5)
+    finally:
+        context.lora = None
+
+
+def test_plan_cuts_a_skewed_prefill_into_balanced_chunks():
+    rows = {0: list(range(40)), 3: [40], 4: [41]}
+    groups = plan_groups(rows, NUM_SLOTS, torch.device("cpu"), 42)
+    assert groups.size == 14  # ceil(42 / 3): 3 chunks of slot 0, one each of slots 3 and 4
     assert groups.slots.tolist() == [0, 0, 0, 3, 4]
+    assert (~groups.padding).sum().item() == 42
+
+
+def test_plan_pads_a_skewed_decode_batch_rather_than_reading_a_slot_twice():
+    rows = {0: list(range(14)), 3: [14], 4: [15]}  # 14 rows: cutting them would read slot 0's weights again
+    groups = plan_groups(rows, NUM_SLOTS, torch.device("cpu"), 16)
+    assert groups.size == 14 and groups.slots.tolist() == [0, 3, 4]
     assert (~groups.padding).sum().item() == 16
 
 
