@@ -418,10 +418,9 @@ class Engine:
                 request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
                 request.prefilled_at = now
                 self.metrics.observe_queue(request.adapter_id, now - request.arrival)
-        # Decode rows stay ordered by slot (a stable sort), rows without low-rank work last: a balanced mix then
-        # needs no gather or scatter in the LoRA path (kernels/lora_ops.py). The row order means nothing else.
-        ranks, merged = self.registry.slots.ranks, self.merged_slot
-        self._running.sort(key=lambda r: (r.slot < 0 or r.slot == merged or ranks[r.slot] == 0, r.slot))
+        # Decode rows stay ordered by slot (a stable sort): a balanced mix then needs no gather or scatter in the
+        # LoRA path (kernels/lora_ops.py), and the row order means nothing else.
+        self._running.sort(key=lambda r: r.slot)
         rows = logits if len(complete) == len(group) else logits[torch.tensor(complete, device=logits.device)]
         self._take(done, sample(rows, [r.sampler for r in done], self._eos))
         self._compact()
@@ -485,7 +484,7 @@ class Engine:
         def describe(token_slots: list[int]) -> tuple[LoraBatch | None, SlotBatch | None]:
             lora = build_lora_batch(token_slots, slots.ranks, device, slots.num_slots, merged, keep=keep)
             slot_batch = build_slot_batch(
-                token_slots, slots.num_slots, slots.vector_slots, slots.bottleneck_slots, device, keep=keep
+                token_slots, slots.num_slots, slots.vector_slots, slots.bottleneck_slots, device
             )
             return lora, slot_batch
 

@@ -41,9 +41,8 @@ class LoraGroups:
     padding   [G, size, 1] | None   True at padding entries (their products are zeroed); None when there are none
     inverse   [N] | None     each token's entry, or a padding entry (zero) for tokens without one, so that the
                              result reaches the tokens by one gather and an add; None: scatter with index_add_
-    identity  True when the entries are the first tokens in order (rows = 0..M-1, no padding; the tokens after
-              them have no low-rank work): the decode batch of a balanced mix, which the engine orders by slot with
-              such tokens last. Then no gather or scatter is needed at all.
+    identity  True when the entries are the tokens in order (rows = 0..N-1, no padding): the decode batch of a
+              balanced mix, which the engine orders by slot. Then no gather or scatter is needed at all.
     keep      the plan serves many forwards (a decode batch, until its rows change): weights gathered for it
               are kept by each layer instead of being gathered again every step
     """
@@ -90,7 +89,7 @@ def plan_groups(
         padding=torch.tensor(padding, device=device).view(len(chunks), size, 1) if any(padding) else None,
         size=size,
         inverse=_inverse(rows, padding, num_tokens, device),
-        identity=not any(padding) and rows == list(range(len(rows))),
+        identity=not any(padding) and rows == list(range(num_tokens)),
         keep=keep,
     )
 
@@ -121,12 +120,9 @@ def grouped_lora_(y2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, b: torch.
     """y2 [N, out] += each grouped token's LoRA delta, in place, with the chunks' weights a [G, r, in] and
     b [G, r, out] (`grouped_weights`). x2 [N, in] in the weights' dtype."""
     count, out = b.shape[0], b.shape[-1]
-    if groups.identity:  # the first tokens are the chunks, in order: no gather, no scatter
-        entries = count * groups.size
-        xg = x2.narrow(0, 0, entries).view(count, groups.size, x2.shape[1])
-        z = torch.bmm(xg, a.transpose(1, 2))  # [G, k, r]
-        b = b if b.dtype == y2.dtype else b.to(y2.dtype)
-        y2.narrow(0, 0, entries).view(count, groups.size, out).baddbmm_(z, b)
+    if groups.identity:  # the tokens are the chunks, in order: no gather, no scatter
+        z = torch.bmm(x2.view(count, groups.size, x2.shape[1]), a.transpose(1, 2))  # [G, k, r]
+        y2.view(count, groups.size, out).baddbmm_(z, b if b.dtype == y2.dtype else b.to(y2.dtype))
         return
     xg = x2.index_select(0, groups.rows).view(count, groups.size, x2.shape[1])  # [G, k, in]
     z = torch.bmm(xg, a.transpose(1, 2))  # [G, k, r]

@@ -59,7 +59,6 @@ class SlotBatch:
                       banks gather; `column_list` is the same on the host
     owned     [N, U]  True where a token's slot is column u (selected with torch.where, never multiplied:
                       another column's inf times 0 would be NaN in this token's row)
-    keep      it serves many forwards (a decode batch): the banks keep the blocks they gather for it
     """
 
     index: torch.Tensor
@@ -67,7 +66,6 @@ class SlotBatch:
     columns: torch.Tensor | None = None
     column_list: tuple[int, ...] = ()
     owned: torch.Tensor | None = None
-    keep: bool = False
 
 
 class ForwardContext:
@@ -238,7 +236,6 @@ class BottleneckBank:
         self.reads: torch.Tensor | None = None  # [2, S, 1] bool: whether each slot reads h, and r
         self.activations: list[str | None] = []  # per slot, host side
         self.input_modes: list[str] = []  # per slot, host side
-        self._kept: tuple[SlotBatch, tuple[torch.Tensor, ...]] | None = None  # a decode batch's gathered blocks
 
     def allocate(self, num_slots: int, max_size: int, dtype: torch.dtype, device: torch.device) -> None:
         if self.down is not None:
@@ -254,7 +251,6 @@ class BottleneckBank:
         self.down = torch.zeros(num_slots, max_size, hidden, dtype=dtype, device=device)  # last: delta() checks it
 
     def write_slot(self, slot: int, module: Bottleneck | None) -> None:
-        self._kept = None  # gathered blocks never outlive a write
         if self.down is None:
             return
         for stack in (self.down[slot], self.down_bias[slot], self.up[slot], self.up_bias[slot]):
@@ -276,37 +272,21 @@ class BottleneckBank:
         the forward's bottleneck slots are read (gathered when they are not all of them)."""
         if self.down is None or not any(self.activations[c] is not None for c in slots.column_list):
             return None
-        size, hidden = self.down.shape[1:]
+        num_slots, size, hidden = self.down.shape
         columns = slots.column_list
-        down, up, down_bias, reads = self._blocks(slots)  # [U, m, D], [U, m, D], [U, m], [2, U, 1]
+        gather = len(columns) < num_slots
+        pick = (lambda t: t.index_select(0, slots.columns)) if gather else (lambda t: t)
+        down, up, down_bias = pick(self.down), pick(self.up), pick(self.down_bias)  # [U, m, D], [U, m]
         down_t = down.view(-1, hidden).t()  # [D, U*m]
         z = (h.reshape(-1, hidden) @ down_t).view(-1, len(columns), size)
         if any(self.input_modes[c] != "block_output" for c in columns):
+            reads = self.reads.index_select(1, slots.columns) if gather else self.reads  # [2, U, 1]
             from_residual = (r.reshape(-1, hidden) @ down_t).view_as(z)
             z = torch.where(reads[0], z, 0.0) + torch.where(reads[1], from_residual, 0.0)
         z = self._activate(z + down_bias, [self.activations[c] for c in columns])
         z = torch.where(slots.owned[:, :, None], z, 0.0)
         bias = self.up_bias.index_select(0, slots.index)
         return torch.addmm(bias, z.view(-1, len(columns) * size), up.view(-1, hidden)).view_as(h)
-
-    def _blocks(self, slots: SlotBatch) -> tuple[torch.Tensor, ...]:
-        """down, up, down_bias and reads of the forward's bottleneck slots: the stacks themselves when every slot
-        is one, else copies gathered by column, which a decode batch keeps until it changes (so that a step reads
-        the blocks once instead of copying them and reading the copy)."""
-        if len(slots.column_list) == self.down.shape[0]:
-            return self.down, self.up, self.down_bias, self.reads
-        kept = self._kept
-        if kept is not None and kept[0] is slots:
-            return kept[1]
-        columns = slots.columns
-        blocks = (
-            self.down.index_select(0, columns),
-            self.up.index_select(0, columns),
-            self.down_bias.index_select(0, columns),
-            self.reads.index_select(1, columns),
-        )
-        self._kept = (slots, blocks) if slots.keep else None
-        return blocks
 
     @staticmethod
     def _activate(z: torch.Tensor, activations: list[str | None]) -> torch.Tensor:
@@ -325,10 +305,9 @@ def build_slot_batch(
     vector_slots: set[int],
     bottleneck_slots: set[int],
     device: torch.device,
-    keep: bool = False,
 ) -> SlotBatch | None:
     """Describe a forward's per-slot vectors and bottlenecks (padding and adapter-less tokens -> the identity
-    row S); None when no token's slot has either. `keep`: it serves many forwards (a decode batch)."""
+    row S); None when no token's slot has either."""
     active = {slot for slot in token_slots if slot >= 0}
     vectors = bool(active & vector_slots)
     columns = sorted(active & bottleneck_slots)
@@ -336,7 +315,7 @@ def build_slot_batch(
         return None
     index = torch.tensor([slot if slot >= 0 else num_slots for slot in token_slots], device=device)
     if not columns:
-        return SlotBatch(index=index, vectors=vectors, keep=keep)
+        return SlotBatch(index=index, vectors=vectors)
     position = {slot: c for c, slot in enumerate(columns)}
     owner = torch.tensor([position.get(slot, -1) for slot in token_slots])
     owned = (owner[:, None] == torch.arange(len(columns))[None, :]).to(device=device)
@@ -346,7 +325,6 @@ def build_slot_batch(
         columns=torch.tensor(columns, device=device),
         column_list=tuple(columns),
         owned=owned,
-        keep=keep,
     )
 
 

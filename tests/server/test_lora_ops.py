@@ -15,16 +15,9 @@ import textwrap
 
 import pytest
 import torch
-from deltaserve.adapters import Bottleneck, ModuleDelta
+from deltaserve.adapters import ModuleDelta
 from deltaserve.server.kernels.lora_ops import plan_groups, reference_lora
-from deltaserve.server.model.layers import (
-    PAD_SLOT,
-    AdapterLinear,
-    BottleneckBank,
-    ForwardContext,
-    build_lora_batch,
-    build_slot_batch,
-)
+from deltaserve.server.model.layers import PAD_SLOT, AdapterLinear, ForwardContext, build_lora_batch
 from torch import nn
 
 NUM_SLOTS, MAX_RANK = 8, 16
@@ -184,7 +177,6 @@ def test_plan_reads_the_stacks_in_place_when_most_slots_are_used():
     ("token_slots", "path"),
     [
         ([1, 1, 5, 5, 6, 6], "in place"),  # the tokens are the chunks, in order (as the engine orders a decode)
-        ([1, 1, 5, 5, -1, 3, -1], "in place"),  # then tokens without low-rank work (base, an empty slot)
         ([0, -1, 5, -1, 1, 1, -1, 6], "gather"),  # base tokens read a zeroed padding entry
         ([6, 5, 6, 5], "gather"),  # every token has an entry, out of order
         ([5, 5, -1, 6, 6], "index_add"),  # a base token and no padding entry to point it at
@@ -297,44 +289,3 @@ def test_per_token_kernels_equal_the_grouped_path_on_cuda(dtype):
     tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(per_token, grouped, **tolerance)
     torch.testing.assert_close(per_token.float(), expected(layer, x, token_slots).float(), **tolerance)
-
-
-def _bottleneck(hidden: int, size: int, seed: int, input_mode: str = "block_output") -> Bottleneck:
-    generator = torch.Generator().manual_seed(seed)
-    return Bottleneck(
-        down=torch.randn(size, hidden, generator=generator) * 0.3,
-        down_bias=torch.randn(size, generator=generator) * 0.1,
-        up=torch.randn(hidden, size, generator=generator) * 0.3,
-        up_bias=torch.randn(hidden, generator=generator) * 0.1,
-        activation="relu",
-        input_mode=input_mode,
-    )
-
-
-def test_a_decode_batch_keeps_the_bottleneck_blocks_it_gathered_until_a_slot_is_written():
-    hidden, size, num_slots = 24, 6, 8
-    bank = BottleneckBank(hidden)
-    bank.allocate(num_slots, size, torch.float32, torch.device("cpu"))
-    for slot in (2, 5):
-        bank.write_slot(slot, _bottleneck(hidden, size, seed=slot, input_mode="with_residual"))
-    token_slots = [2, -1, 5, 2]  # two of eight slots: the blocks are gathered copies
-    slots = build_slot_batch(token_slots, num_slots, set(), {2, 5}, torch.device("cpu"), keep=True)
-    h, r = torch.randn(len(token_slots), hidden), torch.randn(len(token_slots), hidden)
-
-    def definition() -> torch.Tensor:  # each token's own bottleneck, one at a time
-        out = torch.zeros_like(h)
-        for t, slot in enumerate(token_slots):
-            if slot >= 0:
-                x = h[t] + r[t]  # with_residual reads both
-                z = torch.relu(bank.down[slot] @ x + bank.down_bias[slot])
-                out[t] = z @ bank.up[slot] + bank.up_bias[slot]
-        return out
-
-    first = bank.delta(h, r, slots)
-    kept = bank._kept
-    assert kept is not None and kept[0] is slots
-    assert torch.equal(bank.delta(h, r, slots), first) and bank._kept is kept
-    torch.testing.assert_close(first, definition(), rtol=1e-5, atol=1e-5)
-    bank.write_slot(5, _bottleneck(hidden, size, seed=9, input_mode="with_residual"))
-    assert bank._kept is None
-    torch.testing.assert_close(bank.delta(h, r, slots), definition(), rtol=1e-5, atol=1e-5)
