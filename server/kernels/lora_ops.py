@@ -10,8 +10,9 @@ A forward with tokens of several slots runs one of two strategies, chosen by `bu
   its row back (a gather and an add). When the tokens already are the chunks in order (a decode batch that the
   engine ordered by slot, with as many rows on each adapter), the GEMMs read and write them in place.
   Each chunk reads its slot's weights once and the arithmetic is each token's own rank (plus padding).
-  A skewed batch (one slot owns most tokens) is cut into chunks of about M / C rows so the padding stays
-  small; a batch that uses at least half of the slots reads the stacks in place (no copy of the weights).
+  A skewed prefill (one slot owns most tokens, more than SPLIT_MIN_ROWS of them) is cut into chunks of about
+  M / C rows so the padding stays small; a batch that uses at least half of the slots reads the stacks in place
+  (no copy of the weights).
 - per-token (BGMV-style, CUDA with Triton): `deltaserve.server.kernels.triton_lora` kernels read each token's own
   slot rows directly; no grouping, no copies. Used for small forwards (decode steps), like Punica's BGMV.
 
@@ -97,7 +98,7 @@ def plan_groups(
 def _inverse(rows: list[int], padding: list[bool], num_tokens: int, device: torch.device) -> torch.Tensor | None:
     """Each token's entry among `rows` (padding entries excluded), or the first padding entry for a token that
     has none; None when some token has neither."""
-    entry = {row: e for e, (row, pad) in reversed(list(enumerate(zip(rows, padding, strict=True)))) if not pad}
+    entry = {row: e for e, (row, pad) in enumerate(zip(rows, padding, strict=True)) if not pad}  # one per token
     zero = next((e for e, pad in enumerate(padding) if pad), None)
     if zero is None and len(entry) < num_tokens:
         return None
