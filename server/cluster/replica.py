@@ -12,10 +12,12 @@ from typing import Any
 import grpc
 from deltaserve.server.app import Server
 from deltaserve.server.cluster.config import ClusterConfig
+from deltaserve.server.config import ServerConfig
 from deltaserve.server.errors import AdapterNotFoundError
 from deltaserve.server.frontends.openai.errors import error_body
 from deltaserve.server.frontends.openai.server import OpenAIFrontDoor
 from deltaserve.server.frontends.status import public_message, status_for
+from deltaserve.server.kernels.threads import default_threads, one_thread_here
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -43,13 +45,14 @@ class _ResidentAdapter:
             self.replica.loop.call_soon_threadsafe(self.replica.release, self.adapter_id)
 
 
+def _create_server(config: ServerConfig) -> Server:
+    one_thread_here()
+    return Server.create(config)
+
+
 @serve.deployment
 class DeltaserveReplica:
     async def __init__(self, config: ClusterConfig, catalog: DeploymentHandle) -> None:
-        if config.server.base.torch_threads:
-            import torch
-
-            torch.set_num_threads(config.server.base.torch_threads)
         # The replica's own gRPC server listens on loopback only: the ingress reaches it through this replica, and
         # adapter administration goes through the catalog (the ingress checks the admin token). Its Adapters
         # service takes a random token nobody is given, so no other process on the node can load adapters there.
@@ -64,8 +67,11 @@ class DeltaserveReplica:
             tls_cert=None,
             tls_key=None,
             admin_token=secrets.token_urlsafe(32),
+            # The engine computes with these; the model loads on a one-thread thread, as `deltaserve serve` does
+            # (kernels/threads.py), so the replica process has a single OpenMP team.
+            torch_threads=config.server.base.torch_threads or default_threads(),
         )
-        self.server = await asyncio.to_thread(Server.create, server_config)
+        self.server = await asyncio.to_thread(_create_server, server_config)
         await self.server.start()  # the engine, and this replica's own gRPC server on a loopback port
         self.loop = asyncio.get_running_loop()
         self.channel = grpc.aio.insecure_channel(
