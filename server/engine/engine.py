@@ -413,7 +413,11 @@ class Engine:
             self._running.append(request)
             if request.sampler is None:  # first admission (a preempted request keeps its sampler state)
                 request.sampler = RowState(
-                    request.params, make_generator(request.params, self.runner.device), list(request.prompt_ids), 0
+                    request.params,
+                    make_generator(request.params, self.runner.device),
+                    list(request.prompt_ids),
+                    0,
+                    request.constraint,
                 )
                 request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
                 request.prefilled_at = now
@@ -527,6 +531,9 @@ class Engine:
         request.last_token = token
         request.sampler.generated += 1
         request.sampler.seen_tokens.append(token)
+        if request.constraint is not None and not request.constraint.accept_token(token):
+            self._finish(request, None, error=EngineStepError(f"the constraint refused token {token}"))
+            return
         request.detokenizer.add(token)
         reason = self._finish_reason(request, token)
         if reason is not None:

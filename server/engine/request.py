@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
-from deltaserve.server.engine.sampling import RowState, SamplingParams
+from deltaserve.server.engine.sampling import RowState, SamplingParams, TokenConstraint
 from deltaserve.server.residency.registry import AdapterRecord
 
 
@@ -49,6 +49,7 @@ class Request:
     params: SamplingParams
     adapter: AdapterRecord | None
     sink: Sink
+    constraint: TokenConstraint | None = None  # e.g. a grammar matcher, set by the front door before submit
     arrival: float = field(default_factory=time.monotonic)
     # engine-side state
     order: int = -1  # submit order (preemption takes the newest first)

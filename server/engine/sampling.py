@@ -10,8 +10,25 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class TokenConstraint(Protocol):
+    """A request's constraint on its next tokens, such as a grammar matcher (xgrammar's `GrammarMatcher` has
+    exactly this shape). The sampler asks it for the allowed tokens before choosing; the engine tells it the
+    chosen token after. It lives with the request (a preempted request keeps it), so its state is always that
+    of the tokens generated so far."""
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int = 0) -> object:
+        """Write row `index` of an int32 bitmask [B, ceil(V / 32)]: bit j of word w set = token 32w + j allowed."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance past the chosen token; False if the constraint does not allow it."""
+
+    def is_terminated(self) -> bool:
+        """The constraint is complete (it accepted an end-of-sequence token)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class RowState:
     generator: torch.Generator | None
     seen_tokens: list[int]  # prompt + generated so far, for the repetition penalty
     generated: int
+    constraint: TokenConstraint | None = None
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -71,6 +89,27 @@ def _process_row(logits: torch.Tensor, row: RowState) -> torch.Tensor:
     return logits
 
 
+def token_bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allowed_from_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [B, V] from an int32 bitmask [B, ceil(V / 32)] (bit set = allowed)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def _apply_constraints(logits: torch.Tensor, rows: list[RowState], constrained: list[int]) -> None:
+    """Set the logits of tokens that a row's constraint forbids to -inf (in place)."""
+    bitmask = torch.zeros(len(constrained), token_bitmask_words(logits.shape[-1]), dtype=torch.int32)
+    for position, i in enumerate(constrained):
+        rows[i].constraint.fill_next_token_bitmask(bitmask, position)
+    allowed = allowed_from_bitmask(bitmask.to(logits.device), logits.shape[-1])
+    index = torch.tensor(constrained, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
 @dataclass(frozen=True)
 class Sampled:
     """One step's choice for every row of a batch."""
@@ -86,9 +125,12 @@ def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: torch.Tensor) ->
     failed = set((~torch.isfinite(logits).all(dim=-1)).nonzero()[:, 0].tolist())
     too_early = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens]
     warped = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 or not row.params.greedy]
+    constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     processed = logits
-    if (too_early and eos_ids.numel()) or warped:
+    if (too_early and eos_ids.numel()) or warped or constrained:
         processed = logits.clone()
+        if constrained:
+            _apply_constraints(processed, rows, constrained)
         if too_early and eos_ids.numel():  # every such row at once: no per-row work for min_new_tokens
             processed[torch.tensor(too_early, device=logits.device)[:, None], eos_ids[None, :]] = float("-inf")
         for i in warped:  # EOS already masked: the penalty keeps -inf at -inf, so the order does not matter
