@@ -54,6 +54,16 @@ class GenerateOptions(TypedDict, total=False):
     adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None
     mix_method: str
     adapter_stack: Sequence[str] | None
+    prompt_token_ids: Sequence[int] | None
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Mapping[int, float] | None
+    stop_token_ids: Sequence[int] | None
+    ignore_eos: bool
+    allowed_token_ids: Sequence[int] | None
+    top_logprobs: int
+    prompt_logprobs: int | None
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -93,6 +103,16 @@ def build_generate_request(
     adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     mix_method: str = "",
     adapter_stack: Sequence[str] | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
+    min_p: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    ignore_eos: bool = False,
+    allowed_token_ids: Sequence[int] | None = None,
+    top_logprobs: int = 0,
+    prompt_logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
@@ -101,9 +121,12 @@ def build_generate_request(
     adapter_mix ({adapter_id: weight} or pairs) asks for a weighted mix of loaded LoRA adapters instead of
     adapter_id, combined by mix_method ("cat" by default, or "linear") as PEFT's add_weighted_adapter does.
     adapter_stack (adapter ids of any kinds, in order) applies several adapters together, e.g. a prefix plus
-    a LoRA; see the proto for the composition rule.
+    a LoRA; see the proto for the composition rule. prompt_token_ids replaces prompt and messages; the other
+    sampling controls (min_p, penalties, logit_bias, stop/allowed token ids, top_logprobs, prompt_logprobs)
+    are described in the proto.
     """
-    _check_one_input(prompt, messages, "prompt")
+    if prompt_token_ids is None:
+        _check_one_input(prompt, messages, "prompt")
     request = pb.GenerateRequest(
         adapter_id=adapter_id,
         prompt=prompt or "",
@@ -119,8 +142,18 @@ def build_generate_request(
         ],
         mix_method=mix_method,
         adapter_stack=list(adapter_stack or ()),
+        prompt_token_ids=list(prompt_token_ids or ()),
+        min_p=min_p,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=dict(logit_bias or {}),
+        stop_token_ids=list(stop_token_ids or ()),
+        ignore_eos=ignore_eos,
+        allowed_token_ids=list(allowed_token_ids or ()),
+        top_logprobs=top_logprobs,
     )
     optional = {
+        "prompt_logprobs": prompt_logprobs,
         "max_new_tokens": max_new_tokens,
         "top_p": top_p,
         "seed": seed,

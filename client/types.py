@@ -62,12 +62,31 @@ class _GenerationOutput:
     adapter_id: str
     request_id: str
     stop_sequence: str
+    top_logprobs: list[list[tuple[int, float]]]  # per token, (id, logprob) most likely first (top_logprobs)
+    prompt_logprobs: list[PromptLogprob]  # the scored prompt (prompt_logprobs)
 
     @classmethod
     def from_proto(cls, msg: pb.GenerateResponse) -> Self:
         """Build from a GenerateResponse; finish_reason becomes e.g. "eos", or "" while unfinished."""
         finish_reason = enum_label(pb.FinishReason, msg.finish_reason, "FINISH_REASON_")
-        return _from_message(cls, msg, finish_reason=finish_reason)
+        top = [list(zip(entry.token_ids, entry.logprobs, strict=True)) for entry in msg.top_logprobs]
+        prompt = [PromptLogprob.from_proto(entry) for entry in msg.prompt_logprobs]
+        return _from_message(cls, msg, finish_reason=finish_reason, top_logprobs=top, prompt_logprobs=prompt)
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """One scored prompt token: its log-probability (None for the first), rank and the most likely tokens."""
+
+    token_id: int
+    logprob: float | None
+    rank: int
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def from_proto(cls, msg: pb.PromptLogprob) -> Self:
+        logprob = msg.logprob if msg.HasField("logprob") else None
+        return cls(msg.token_id, logprob, msg.rank, list(zip(msg.top.token_ids, msg.top.logprobs, strict=True)))
 
 
 @dataclass(frozen=True)

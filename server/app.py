@@ -268,6 +268,7 @@ class Server:
             self.loaded.tokenizer,
             self.engine.config.max_seq_len,
             self.config.batching.default_max_new_tokens,
+            max_n=self.config.batching.max_n,
         )
         generation = self.generation = GenerationService(core, self.model_info)
         adapters = self.adapters = AdaptersService(self.engine, self.metrics, self.merges)

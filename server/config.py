@@ -223,6 +223,12 @@ class BatchingConfig(ConfigGroup):
     max_waiting_requests: int = setting(
         1024, "requests queued beyond the running batch; more are refused with RESOURCE_EXHAUSTED", minimum=1
     )
+    max_n: int = setting(
+        16,
+        "sequences one request may ask for (OpenAI n and best_of); more are refused with INVALID_ARGUMENT",
+        minimum=1,
+        maximum=256,
+    )
 
 
 MEMORY_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}

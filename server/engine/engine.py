@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
 from deltaserve.server.engine.kv_blocks import BlockManager, chain_hash, root_hash
-from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
-from deltaserve.server.engine.sampling import RowState, Sampled, make_generator, sample
+from deltaserve.server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from deltaserve.server.engine.sampling import Sampled, Sampler
 from deltaserve.server.errors import (
     CapacityError,
     EngineFailedError,
@@ -83,7 +83,7 @@ class Engine:
         self.registry = registry
         self.config = config
         self.metrics = metrics
-        self._eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=runner.device)
+        self.sampler = Sampler(runner.vocab_size, runner.device, config.eos_token_ids)
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []  # admitted, prompt not yet complete (FIFO: chunks go in order)
@@ -322,9 +322,9 @@ class Engine:
         request.block_hashes, request.merged_generation = [], self._merged_generation
         target = request.soft_length + len(request.prompt_ids) + len(request.generated)
         # At least the last position is computed: its logits give the next token.
-        cached = (
-            self.blocks.take_cached(self._hashes(request, (target - 1) // size)) if self.config.prefix_caching else []
-        )
+        # A request that scores its prompt computes every position: it takes no cached blocks.
+        use_cache = self.config.prefix_caching and not request.wants_prompt_logprobs
+        cached = self.blocks.take_cached(self._hashes(request, (target - 1) // size)) if use_cache else []
         needed = blocks_for(target, size) - len(cached)
         # While others run, keep a few blocks back for their next decode steps, so that a new admission does
         # not force a preemption at once (vLLM's watermark); an idle engine admits anything that fits.
@@ -363,8 +363,12 @@ class Engine:
             take = min(request.target_len - request.cache_len, budget)
             work.append((request, take))
             budget -= take
-        for group in self._prefill_groups(work):
+        scoring = [item for item in work if item[0].wants_prompt_logprobs]
+        plain = [item for item in work if not item[0].wants_prompt_logprobs]
+        for group in self._prefill_groups(plain):
             self._prefill(group)
+        for group in self._prefill_groups(scoring):  # the LM head runs at every position of these
+            self._prefill(group, every_position=True)
 
     def _prefill_groups(self, work: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
         """Split a step's chunks into forwards of at most `max_prefill_tokens` padded tokens, grouping similar
@@ -391,13 +395,23 @@ class Engine:
         ids = [0] * virtual_count + tokens[first : item + take - soft.virtual_length]
         return PrefillChunk(request.blocks, request.cache_len, ids, virtual)
 
-    def _prefill(self, group: list[tuple[Request, int]]) -> None:
+    def _prefill(self, group: list[tuple[Request, int]], every_position: bool = False) -> None:
         """One prefill forward over a group of chunks; requests whose prompt is complete sample their next token
-        and join the decode batch."""
+        and join the decode batch. `every_position`: the LM head runs at every position, and each request's
+        prompt tokens are scored (prompt log-probabilities)."""
         span = max(take for _, take in group)
         token_slots = [slot for r, take in group for slot in [r.slot] * take + [PAD_SLOT] * (span - take)]
-        batch = self._adapter_batch(token_slots, [r.slot for r, _ in group])
-        logits = self.runner.prefill([self._chunk(r, take) for r, take in group], batch)
+        batch = self._adapter_batch(token_slots, None if every_position else [r.slot for r, _ in group])
+        chunks = [self._chunk(r, take) for r, take in group]
+        logits = (
+            self.runner.prefill(chunks, batch, every_position=True)
+            if every_position
+            else self.runner.prefill(chunks, batch)
+        )
+        if every_position:  # logits [n, T, V]: score the prompt, keep each chunk's last position for sampling
+            for index, (request, take) in enumerate(group):
+                self._score_prompt(request, logits[index, :take])
+            logits = logits[torch.arange(len(group)), torch.tensor([take - 1 for _, take in group])]
         complete = []
         for index, (request, take) in enumerate(group):
             request.cache_len += take
@@ -412,13 +426,7 @@ class Engine:
             self._prefilling.remove(request)
             self._running.append(request)
             if request.sampler is None:  # first admission (a preempted request keeps its sampler state)
-                request.sampler = RowState(
-                    request.params,
-                    make_generator(request.params, self.runner.device),
-                    list(request.prompt_ids),
-                    0,
-                    request.constraint,
-                )
+                request.sampler = self.sampler.new_row(request.params, request.prompt_ids, request.constraint)
                 request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.stop)
                 request.prefilled_at = now
                 self.metrics.observe_queue(request.adapter_id, now - request.arrival)
@@ -426,8 +434,61 @@ class Engine:
         # LoRA path (kernels/lora_ops.py), and the row order means nothing else.
         self._running.sort(key=lambda r: r.slot)
         rows = logits if len(complete) == len(group) else logits[torch.tensor(complete, device=logits.device)]
-        self._take(done, sample(rows, [r.sampler for r in done], self._eos))
+        scoring_only = [i for i, r in enumerate(done) if r.params.max_new_tokens == 0]
+        for i in scoring_only:  # max_new_tokens 0: the prompt was scored, nothing is generated
+            self._finish(done[i], FinishReason.LENGTH, last_output=self._prompt_only_output(done[i]))
+        if scoring_only:
+            keep = [i for i in range(len(done)) if i not in scoring_only]
+            done, rows = [done[i] for i in keep], rows[torch.tensor(keep, dtype=torch.long, device=rows.device)]
+        if done:
+            self._take(done, self.sampler.sample(rows, [r.sampler for r in done]))
         self._compact()
+
+    def _score_prompt(self, request: Request, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that a chunk's logits [take, V] predict (each position predicts
+        the item after it); the first prompt token has none. Added to `request.prompt_logprobs`."""
+        if request.prompt_scored:
+            return
+        start = request.cache_len  # the chunk's first position
+        # Prompt token i sits at position soft_length + i. The first has no score, and a chunk recomputed after
+        # a preemption scores nothing twice: the tokens to score are those after the ones already scored.
+        first, end = (
+            request.soft_length + len(request.prompt_logprobs) + 1,
+            request.soft_length + len(request.prompt_ids),
+        )
+        predicted = range(start + 1, start + 1 + logits.shape[0])  # the positions the chunk's logits predict
+        pairs = [
+            (row, position - request.soft_length) for row, position in enumerate(predicted) if first <= position < end
+        ]
+        if not pairs:
+            return
+        rows = torch.tensor([row for row, _ in pairs], device=logits.device)
+        tokens = torch.tensor([request.prompt_ids[i] for _, i in pairs], device=logits.device)
+        logprobs = logits[rows].log_softmax(-1)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        ranks = (logprobs > chosen[:, None]).sum(-1) + 1  # vLLM's rank: 1 for the most likely token
+        top = request.params.prompt_logprobs or 0
+        parts = [chosen.double()[:, None], ranks.double()[:, None]]
+        if top:
+            values, ids = logprobs.topk(top, dim=-1)
+            parts += [ids.double(), values.double()]
+        for (_, index), line in zip(pairs, torch.cat(parts, dim=1).cpu().tolist(), strict=True):
+            entry = list(zip(map(int, line[2 : 2 + top]), line[2 + top :], strict=True))
+            request.prompt_logprobs.append(TokenLogprob(request.prompt_ids[index], line[0], entry, int(line[1])))
+
+    def _prompt_only_output(self, request: Request) -> RequestOutput:
+        return RequestOutput(
+            [], "", [], 0, finish_reason=FinishReason.LENGTH, prompt_logprobs=self._take_prompt_logprobs(request)
+        )
+
+    @staticmethod
+    def _take_prompt_logprobs(request: Request) -> list[TokenLogprob] | None:
+        """The scored prompt, handed over once (with the first output)."""
+        if not request.wants_prompt_logprobs or request.prompt_scored:
+            return None
+        request.prompt_scored = True
+        first = TokenLogprob(request.prompt_ids[0], None, [], None)
+        return [first, *request.prompt_logprobs]
 
     # ---- decode: one token for every request past its prefill ----------------------------------------
     def _decode(self) -> None:
@@ -446,7 +507,7 @@ class Engine:
             request.cache_len += 1
             if request.cache_len % self.config.block_size == 0:
                 self._register_full_blocks(request)
-        self._take(running, sample(logits, [r.sampler for r in running], self._eos))
+        self._take(running, self.sampler.sample(logits, [r.sampler for r in running]))
         self._compact()
 
     def _reserve_decode_blocks(self) -> None:
@@ -519,9 +580,11 @@ class Engine:
             if i in sampled.failed:
                 self._finish(request, None, error=NonFiniteOutputError(_non_finite_message(request)))
             else:
-                self._accept(request, sampled.tokens[i], sampled.logprobs[i] if sampled.logprobs else None)
+                logprob = sampled.logprobs[i] if sampled.logprobs else None
+                top = sampled.top_logprobs[i] if sampled.top_logprobs else []
+                self._accept(request, sampled.tokens[i], logprob, top)
 
-    def _accept(self, request: Request, token: int, logprob: float | None) -> None:
+    def _accept(self, request: Request, token: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
         """Record a sampled token, emit its output, and finish the request if it is done."""
         now = time.monotonic()
         if request.first_token_at is None:
@@ -529,8 +592,6 @@ class Engine:
             self.metrics.observe_first_token(request.adapter_id, now - request.arrival)
         request.generated.append(token)
         request.last_token = token
-        request.sampler.generated += 1
-        request.sampler.seen_tokens.append(token)
         if request.constraint is not None and not request.constraint.accept_token(token):
             self._finish(request, None, error=EngineStepError(f"the constraint refused token {token}"))
             return
@@ -542,6 +603,8 @@ class Engine:
             token_ids=[token],
             text=request.detokenizer.take_pending(final=reason is not None),
             logprobs=[logprob] if logprob is not None and request.params.logprobs else [],
+            top_logprobs=[top] if request.params.top_logprobs else [],
+            prompt_logprobs=self._take_prompt_logprobs(request),
             generated_tokens=len(request.generated),
             finish_reason=reason,
             stop_sequence=request.detokenizer.stop_sequence if reason is FinishReason.STOP_SEQUENCE else None,
@@ -553,7 +616,7 @@ class Engine:
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.params
-        if token in self.config.eos_token_ids and len(request.generated) >= params.min_new_tokens:
+        if token in request.sampler.stop_ids and len(request.generated) >= params.min_new_tokens:
             return FinishReason.EOS
         if request.detokenizer.stop_sequence is not None:
             return FinishReason.STOP_SEQUENCE
@@ -577,6 +640,8 @@ class Engine:
             self.runner.zero_blocks(self.blocks.release(request.blocks, keep_cached=error is None))
             request.blocks = []
         request.finished = True  # _compact drops it from the running lists
+        if request.sampler is not None:
+            self.sampler.release(request.sampler)
         if request.adapter is not None:
             self.registry.release(request.adapter, served=error is None)
         self.metrics.observe_finished(request, "error" if error is not None else reason.value, time.monotonic())

@@ -21,6 +21,17 @@ class FinishReason(enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A prompt token's log-probability (None for the first: nothing predicts it) and the most likely tokens at
+    its position, as (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+    rank: int | None  # 1 for the most likely token at its position
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: the new tokens/text since the previous output."""
 
@@ -31,6 +42,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
     error: BaseException | None = None  # set when the engine failed this request
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # the scored prompt, on the first output only
 
     @property
     def finished(self) -> bool:
@@ -65,6 +78,8 @@ class Request:
     generated: list[int] = field(default_factory=list)
     sampler: RowState | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far (prompt_logprobs)
+    prompt_scored: bool = False  # the scored prompt was handed over (a preempted request does not score again)
     prefilled_at: float | None = None
     first_token_at: float | None = None
     _cancelled: bool = False
@@ -77,6 +92,10 @@ class Request:
     def sequence_len(self) -> int:
         """Positions the prefill computes: the adapter's prefix entries and virtual tokens plus the prompt."""
         return len(self.prompt_ids) + (self.adapter.extra_positions if self.adapter is not None else 0)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_scored
 
     @property
     def slot(self) -> int:

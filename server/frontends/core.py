@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import enum
 import math
 import re
@@ -21,8 +22,8 @@ from typing import Any
 
 from deltaserve.adapters import ParsedAdapter, compose
 from deltaserve.server.engine.engine import Engine
-from deltaserve.server.engine.request import Request, RequestOutput
-from deltaserve.server.engine.sampling import SamplingParams
+from deltaserve.server.engine.request import Request, RequestOutput, TokenLogprob
+from deltaserve.server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, sequence_seed
 from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError, MergeError
 from deltaserve.server.residency.mixes import MixSpec, combine, mix_spec
 from deltaserve.server.residency.registry import AdapterRecord, AdapterRegistry, AdapterState
@@ -36,6 +37,10 @@ MIN_TEMPERATURE = 1e-4
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+PRESENCE_FREQUENCY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's range for a logit_bias value
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_TOKEN_LISTS = 1024  # entries of stop_token_ids and allowed_token_ids
 BASE_ALIASES = ("", "base")  # names of the base model besides its own, where a door takes a model name
 
 
@@ -51,6 +56,17 @@ class Field(enum.StrEnum):
     TOP_P = "top_p"
     REPETITION_PENALTY = "repetition_penalty"
     STOP = "stop"
+    PROMPT_TOKEN_IDS = "prompt_token_ids"
+    MIN_P = "min_p"
+    PRESENCE_PENALTY = "presence_penalty"
+    FREQUENCY_PENALTY = "frequency_penalty"
+    LOGIT_BIAS = "logit_bias"
+    STOP_TOKEN_IDS = "stop_token_ids"
+    ALLOWED_TOKEN_IDS = "allowed_token_ids"
+    TOP_LOGPROBS = "top_logprobs"
+    PROMPT_LOGPROBS = "prompt_logprobs"
+    N = "n"
+    BEST_OF = "best_of"
     ADAPTER_ID = "adapter_id"
     ADAPTER_MIX = "adapter_mix"
     ADAPTER_STACK = "adapter_stack"
@@ -94,11 +110,13 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation request, whatever door it came through. Exactly one of `prompt` and `messages`; sampling
-    values as the sampler takes them (unset optional values already replaced by their neutral value)."""
+    """One generation request, whatever door it came through. Exactly one of `prompt`, `messages` and
+    `prompt_token_ids`; sampling values as the sampler takes them (unset optional values already replaced by
+    their neutral value)."""
 
     prompt: str = ""
     messages: tuple[ChatTurn, ...] = ()
+    prompt_token_ids: tuple[int, ...] = ()  # a prompt already tokenized
     adapter: AdapterRef = AdapterRef()
     max_new_tokens: int | None = None  # None: the server's default, capped at the room the context has left
     fit_max_new_tokens: bool = False  # True: cap max_new_tokens at the room left instead of refusing (TGIS)
@@ -111,6 +129,15 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    allowed_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0  # with logprobs: also this many most likely tokens at each generated position
+    prompt_logprobs: int | None = None  # score the prompt: each token's log-probability and this many top ones
     request_id: str = ""  # empty: a fresh one is drawn
     deadline: float | None = None  # event-loop time after which the request is cancelled (None: no limit)
 
@@ -161,21 +188,30 @@ def _with_extra(extra_positions: int) -> str:
 class FrontDoorCore:
     """Validation, adapter resolution, submission and output collection shared by every door."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, max_seq_len: int, default_max_new_tokens: int) -> None:
+    def __init__(
+        self, engine: Engine, tokenizer: Any, max_seq_len: int, default_max_new_tokens: int, max_n: int = 16
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.default_max_new_tokens = default_max_new_tokens
+        self.max_n = max_n
 
     # ---- prompt --------------------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str, messages: tuple[ChatTurn, ...], names: FieldNames) -> list[int]:
-        """Token ids of a text prompt (tokenized as tokenizer(text) does) or of chat messages (rendered with the
-        model's chat template plus the generation prompt)."""
+    def prompt_ids(
+        self, prompt: str, messages: tuple[ChatTurn, ...], names: FieldNames, token_ids: tuple[int, ...] = ()
+    ) -> list[int]:
+        """Token ids of a text prompt (tokenized as tokenizer(text) does), of chat messages (rendered with the
+        model's chat template plus the generation prompt), or the token ids given."""
         prompt_name, messages_name = names.get(Field.PROMPT, "prompt"), names.get(Field.MESSAGES, "messages")
-        if bool(prompt) == bool(messages):
+        if sum(map(bool, (prompt, messages, token_ids))) != 1:
+            ids_name = names.get(Field.PROMPT_TOKEN_IDS, "prompt_token_ids")
             raise FieldError(
-                prompt_name, f"give exactly one of {prompt_name} and {messages_name} (both empty or both set)"
+                prompt_name, f"give exactly one of {prompt_name}, {messages_name} and {ids_name} (none or several set)"
             )
+        if token_ids:
+            self._check_token_ids(token_ids, names.get(Field.PROMPT_TOKEN_IDS, "prompt_token_ids"))
+            return list(token_ids)
         if prompt:
             return list(self.tokenizer(prompt)["input_ids"])
         for i, message in enumerate(messages):
@@ -197,9 +233,11 @@ class FrontDoorCore:
     ) -> tuple[list[int], SamplingParams]:
         """Token ids and sampling parameters, or FieldError. `extra_positions` are the adapter's prefix entries
         and virtual tokens, which take context positions before the prompt."""
-        prompt_field = Field.MESSAGES if request.messages else Field.PROMPT
+        prompt_field = (
+            Field.MESSAGES if request.messages else Field.PROMPT_TOKEN_IDS if request.prompt_token_ids else Field.PROMPT
+        )
         prompt_name = names.get(prompt_field, prompt_field.value)
-        ids = self.prompt_ids(request.prompt, request.messages, names)
+        ids = self.prompt_ids(request.prompt, request.messages, names, request.prompt_token_ids)
         if 0 < request.truncate_prompt_tokens < len(ids):
             ids = ids[-request.truncate_prompt_tokens :]  # TGIS keeps the last tokens
         _check(bool(ids), prompt_name, "the prompt tokenizes to no tokens")
@@ -220,7 +258,10 @@ class FrontDoorCore:
         if request.fit_max_new_tokens:
             return max(1, min(request.max_new_tokens, room))
         max_new, name = request.max_new_tokens, names.get(Field.MAX_NEW_TOKENS, "max_new_tokens")
-        _check(max_new > 0, name, f"{name} must be at least 1, got {max_new}")
+        if request.prompt_logprobs is not None:  # scoring a prompt: 0 generates nothing
+            _check(max_new >= 0, name, f"{name} must be >= 0, got {max_new}")
+        else:
+            _check(max_new > 0, name, f"{name} must be at least 1 (0 only to score the prompt), got {max_new}")
         _check(
             max_new <= room,
             name,
@@ -254,6 +295,7 @@ class FrontDoorCore:
             f"{name(Field.REPETITION_PENALTY)} must be a finite number in [{low}, {high}], got {penalty}",
         )
         self._check_stops(request.stop, name(Field.STOP))
+        self._check_extras(request, name)
         return SamplingParams(
             max_new_tokens=max_new,
             min_new_tokens=min_new,
@@ -263,7 +305,52 @@ class FrontDoorCore:
             seed=request.seed,
             stop=request.stop,
             repetition_penalty=penalty,
-            logprobs=request.logprobs,
+            logprobs=request.logprobs or request.top_logprobs > 0,
+            min_p=float32(request.min_p),
+            presence_penalty=float32(request.presence_penalty),
+            frequency_penalty=float32(request.frequency_penalty),
+            logit_bias=tuple((token, float32(bias)) for token, bias in request.logit_bias),
+            stop_token_ids=request.stop_token_ids,
+            ignore_eos=request.ignore_eos,
+            allowed_token_ids=request.allowed_token_ids,
+            top_logprobs=request.top_logprobs,
+            prompt_logprobs=request.prompt_logprobs,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name: the logits' width."""
+        return self.engine.sampler.vocab_size
+
+    def _check_token_ids(self, ids: tuple[int, ...], name: str, limit: int | None = None) -> None:
+        if limit is not None:
+            _check(len(ids) <= limit, name, f"{name}: at most {limit} token ids, got {len(ids)}")
+        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        _check(bad is None, name, f"{name}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _check_extras(self, request: GenerationRequest, name: Callable[[Field], str]) -> None:
+        """The sampler's values past the classic ones: each finite and in range, token ids in the vocabulary."""
+        min_p = float32(request.min_p)
+        _check(0.0 <= min_p <= 1.0, name(Field.MIN_P), f"{name(Field.MIN_P)} must be in [0, 1], got {min_p}")
+        low, high = PRESENCE_FREQUENCY_RANGE
+        for canonical in (Field.PRESENCE_PENALTY, Field.FREQUENCY_PENALTY):
+            value = float32(getattr(request, canonical.value))
+            _check(low <= value <= high, name(canonical), f"{name(canonical)} must be in [{low}, {high}], got {value}")
+        bias_name = name(Field.LOGIT_BIAS)
+        self._check_token_ids(tuple(t for t, _ in request.logit_bias), bias_name, MAX_LOGIT_BIAS)
+        low, high = LOGIT_BIAS_RANGE
+        for token, bias in request.logit_bias:
+            bias = float32(bias)
+            _check(low <= bias <= high, bias_name, f"{bias_name}[{token}] must be in [{low}, {high}], got {bias}")
+        self._check_token_ids(request.stop_token_ids, name(Field.STOP_TOKEN_IDS), MAX_TOKEN_LISTS)
+        self._check_token_ids(request.allowed_token_ids, name(Field.ALLOWED_TOKEN_IDS), MAX_TOKEN_LISTS)
+        top, top_name = request.top_logprobs, name(Field.TOP_LOGPROBS)
+        _check(0 <= top <= MAX_TOP_LOGPROBS, top_name, f"{top_name} must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+        prompt_top, prompt_name = request.prompt_logprobs, name(Field.PROMPT_LOGPROBS)
+        _check(
+            prompt_top is None or 0 <= prompt_top <= MAX_TOP_LOGPROBS,
+            prompt_name,
+            f"{prompt_name} must be in [0, {MAX_TOP_LOGPROBS}], got {prompt_top}",
         )
 
     @staticmethod
@@ -350,9 +437,14 @@ class FrontDoorCore:
             prompt_ids, params = await asyncio.to_thread(self.prepare, request, names, extra)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            started = asyncio.Event()
+
+            def deliver(output: RequestOutput) -> None:
+                queue.put_nowait(output)
+                started.set()
 
             def sink(output: RequestOutput) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, output)
+                loop.call_soon_threadsafe(deliver, output)
 
             rid = request.request_id or uuid.uuid4().hex
             engine_request = Request(rid, prompt_ids, params, adapter, sink)
@@ -361,7 +453,50 @@ class FrontDoorCore:
             if adapter is not None:
                 self.engine.registry.release(adapter, served=False)
             raise
-        return Generation(self.engine, engine_request, queue, request.deadline)
+        return Generation(self.engine, engine_request, queue, request.deadline, started=started)
+
+    def check_sequences(self, n: int, best_of: int | None, names: FieldNames) -> int:
+        """How many sequences to generate for OpenAI's n and best_of (best_of >= n, both within --max-n)."""
+        n_name, best_name = names.get(Field.N, "n"), names.get(Field.BEST_OF, "best_of")
+        _check(1 <= n <= self.max_n, n_name, f"{n_name} must be in [1, {self.max_n}] (--max-n), got {n}")
+        if best_of is None:
+            return n
+        _check(
+            n <= best_of <= self.max_n,
+            best_name,
+            f"{best_name} must be in [{n_name}={n}, {self.max_n}] (--max-n), got {best_of}",
+        )
+        return best_of
+
+    async def submit_sequences(self, request: GenerationRequest, names: FieldNames, count: int) -> list[Generation]:
+        """`count` sequences for one prompt (OpenAI's n or best_of). The first is submitted alone; once its
+        prompt is computed (its first output arrived) the others follow and take its full blocks from the
+        prefix cache, so the prompt is computed once. Sequence i > 0 samples with the seed derived from the
+        request's seed and i (or a fresh one when it has none) and does not score the prompt again unless it
+        generates nothing. The caller closes every generation returned."""
+        first = await self.submit(request, names)
+        generations = [first]
+        try:
+            if count > 1:
+                async with asyncio.timeout_at(request.deadline):
+                    await first.started.wait()
+            for index in range(1, count):
+                sibling = dataclasses.replace(
+                    request,
+                    prompt="",
+                    messages=(),
+                    prompt_token_ids=tuple(first.prompt_ids),
+                    truncate_prompt_tokens=0,
+                    seed=None if request.seed is None else sequence_seed(request.seed, index),
+                    prompt_logprobs=request.prompt_logprobs if request.max_new_tokens == 0 else None,
+                    request_id=f"{first.request.request_id}-{index}",
+                )
+                generations.append(await self.submit(sibling, {**names, Field.PROMPT_TOKEN_IDS: "prompt"}))
+        except BaseException:
+            for generation in generations:
+                generation.close()
+            raise
+        return generations
 
 
 @dataclass(eq=False)
@@ -377,8 +512,11 @@ class Generation:
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
     last: RequestOutput | None = None
     timed_out: bool = False
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # set at the first output (prompt computed)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -395,6 +533,11 @@ class Generation:
     @property
     def generated_tokens(self) -> int:
         return self.last.generated_tokens if self.last is not None else 0
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """The sum of the generated tokens' log-probabilities (best_of ranks by it)."""
+        return math.fsum(self.logprobs)
 
     async def next(self) -> RequestOutput | None:
         """The next output, added to the totals; None once finished. An engine failure is raised."""
@@ -416,6 +559,9 @@ class Generation:
         self.text_parts.append(output.text)
         self.token_ids.extend(output.token_ids)
         self.logprobs.extend(output.logprobs)
+        self.top_logprobs.extend(output.top_logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.last = output
         return output
 

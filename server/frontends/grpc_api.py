@@ -21,7 +21,7 @@ from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.engine.engine import Engine
 from deltaserve.server.engine.merge import MergeController
-from deltaserve.server.engine.request import FinishReason, Request, RequestOutput
+from deltaserve.server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from deltaserve.server.errors import CapacityError
 from deltaserve.server.frontends.core import (
     AdapterRef,
@@ -117,6 +117,16 @@ def generation_request(request: pb.GenerateRequest, rid: str) -> GenerationReque
         repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
         stop=tuple(request.stop),
         logprobs=request.logprobs,
+        prompt_token_ids=tuple(request.prompt_token_ids),
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias=tuple(sorted(request.logit_bias.items())),
+        stop_token_ids=tuple(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+        allowed_token_ids=tuple(request.allowed_token_ids),
+        top_logprobs=request.top_logprobs,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
         request_id=rid,
     )
 
@@ -125,8 +135,21 @@ NATIVE_NAMES: FieldNames = {}  # the core's canonical names are deltaserve.v1's
 TOKENIZE_NAMES: FieldNames = {Field.PROMPT: "text"}
 
 
+def _top(entries: list[tuple[int, float]]) -> pb.TopLogprobs:
+    return pb.TopLogprobs(token_ids=[token for token, _ in entries], logprobs=[value for _, value in entries])
+
+
+def _prompt_logprobs(scored: list[TokenLogprob] | None) -> list[pb.PromptLogprob]:
+    return [
+        pb.PromptLogprob(token_id=p.token_id, logprob=p.logprob, rank=p.rank or 0, top=_top(p.top))
+        for p in scored or ()
+    ]
+
+
 def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
     return pb.GenerateResponse(
+        top_logprobs=[_top(entries) for entries in output.top_logprobs],
+        prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
         text=output.text,
         token_ids=output.token_ids,
         logprobs=output.logprobs,
@@ -159,6 +182,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             last.generated_tokens,
             last.finish_reason,
             last.stop_sequence,
+            top_logprobs=generation.top_logprobs,
+            prompt_logprobs=generation.prompt_logprobs,
         )
         return _response(combined, generation.request)
 
@@ -166,7 +191,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def GenerateStream(self, request, context):
         with await self.core.submit(generation_request(request, request_id(context)), NATIVE_NAMES) as generation:
             async for output in generation:
-                if output.token_ids or output.finished:
+                if output.token_ids or output.finished or output.prompt_logprobs:
                     yield _response(output, generation.request)
 
     @_unary_errors

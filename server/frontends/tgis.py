@@ -14,10 +14,12 @@ import asyncio
 import dataclasses
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from deltaserve.client.fmaas import generation_pb2 as tgis
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
-from deltaserve.server.engine.request import FinishReason, RequestOutput
+from deltaserve.server.engine.request import FinishReason, RequestOutput, TokenLogprob
+from deltaserve.server.engine.sampling import MAX_TOP_LOGPROBS
 from deltaserve.server.errors import InvalidRequestError
 from deltaserve.server.frontends.core import (
     AdapterRef,
@@ -102,7 +104,7 @@ def plan(params: tgis.Parameters, default_max_new_tokens: int) -> Plan:
         seed=seed,
         repetition_penalty=params.decoding.repetition_penalty or 1.0,  # TGIS: 0 means none
         stop=tuple(stopping.stop_sequences),
-        logprobs=params.response.token_logprobs,
+        **_logprob_fields(params.response),
     )
     include_stop = (
         stopping.include_stop_sequence if stopping.HasField("include_stop_sequence") else DEFAULT_INCLUDE_STOP_SEQUENCE
@@ -117,6 +119,18 @@ def plan(params: tgis.Parameters, default_max_new_tokens: int) -> Plan:
     )
 
 
+def _logprob_fields(options: tgis.ResponseOptions) -> dict[str, Any]:
+    """What the listed tokens need computed: generated ones their log-probability and top n, input ones the
+    scored prompt."""
+    scores = options.token_logprobs or options.top_n_tokens > 0
+    fields: dict[str, Any] = {}
+    if options.generated_tokens and scores:
+        fields.update(logprobs=True, top_logprobs=options.top_n_tokens)
+    if options.input_tokens and scores:
+        fields["prompt_logprobs"] = options.top_n_tokens
+    return fields
+
+
 def _refuse_unserved(params: tgis.Parameters) -> None:
     """TGIS parameters this server cannot honour are refused by name rather than silently ignored."""
     options = params.response
@@ -127,14 +141,9 @@ def _refuse_unserved(params: tgis.Parameters) -> None:
             "token_logprobs, token_ranks and top_n_tokens need generated_tokens and/or input_tokens"
         )
     if options.token_ranks:
-        raise InvalidRequestError("token_ranks is not supported by this server (token_logprobs is)")
-    if options.top_n_tokens:
-        raise InvalidRequestError("top_n_tokens is not supported by this server; leave it 0")
-    if options.input_tokens and options.token_logprobs:
-        raise InvalidRequestError(
-            "logprobs of input tokens are not supported by this server (the prompt is not scored); "
-            "token_logprobs works with generated_tokens only"
-        )
+        raise InvalidRequestError("token_ranks is not supported by this server (token_logprobs and top_n_tokens are)")
+    if options.top_n_tokens > MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"top_n_tokens must be in [0, {MAX_TOP_LOGPROBS}], got {options.top_n_tokens}")
     typical_p = params.sampling.typical_p
     if params.method == tgis.SAMPLE and typical_p not in (0.0, 1.0):  # TGIS applies it only when sampling
         if not 0.0 < typical_p < 1.0:
@@ -226,14 +235,16 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
             with generation:
                 await generation.collect()
         last = prompt.last
-        response = self._input_details(prompt)
+        response = self._input_details(prompt, generation.prompt_logprobs if generation is not None else None)
         response.text += (generation.text if generation is not None else "") + self._kept_stop(prompt, last)
         response.generated_token_count = prompt.generated_tokens
         response.stop_reason = prompt.stop_reason(last)
         response.stop_sequence = (last.stop_sequence or "") if last is not None else ""
         if prompt.plan.options.generated_tokens and generation is not None:
             response.tokens.extend(
-                self._token_infos(generation.token_ids, generation.logprobs, prompt.plan.options.token_logprobs)
+                self._token_infos(
+                    prompt.plan.options, generation.token_ids, generation.logprobs, generation.top_logprobs
+                )
             )
         return response
 
@@ -266,7 +277,7 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
                 async for output in generation:
                     if first:  # the input details, once the prompt is tokenized and admitted
                         first = False
-                        yield self._input_details(prompt)
+                        yield self._input_details(prompt, output.prompt_logprobs)
                     if output.token_ids or output.finished:
                         yield self._stream_message(prompt, output)
         if prompt.timed_out:
@@ -283,28 +294,46 @@ class TgisGenerationService(tgis_grpc.GenerationServiceServicer):
         )
         if prompt.plan.options.generated_tokens:
             response.tokens.extend(
-                self._token_infos(output.token_ids, output.logprobs, prompt.plan.options.token_logprobs)
+                self._token_infos(prompt.plan.options, output.token_ids, output.logprobs, output.top_logprobs)
             )
         return response
 
-    def _input_details(self, prompt: _Prompt) -> tgis.GenerationResponse:
+    def _input_details(self, prompt: _Prompt, scored: list[TokenLogprob] | None = None) -> tgis.GenerationResponse:
         options = prompt.plan.options
         response = tgis.GenerationResponse(input_token_count=len(prompt.prompt_ids))
         if options.input_text:
             response.text = prompt.text
         if options.input_tokens:
-            response.input_tokens.extend(
-                tgis.TokenInfo(text=text) for text in self.tokenizer.convert_ids_to_tokens(prompt.prompt_ids)
-            )
+            infos = [tgis.TokenInfo(text=text) for text in self.tokenizer.convert_ids_to_tokens(prompt.prompt_ids)]
+            for info, position in zip(infos, scored or (), strict=False):
+                if options.token_logprobs and position.logprob is not None:
+                    info.logprob = position.logprob  # TGIS leaves the first input token's logprob unset (NaN)
+                info.top_tokens.extend(self._top_tokens(position.top))
+            if options.token_logprobs and scored:
+                infos[0].logprob = float("nan")
+            response.input_tokens.extend(infos)
         if prompt.plan.sampling:
             response.seed = prompt.request.seed
         return response
 
-    def _token_infos(self, token_ids: list[int], logprobs: list[float], with_logprobs: bool) -> list[tgis.TokenInfo]:
+    def _top_tokens(self, top: list[tuple[int, float]]) -> list[tgis.TokenInfo.TopToken]:
+        texts = self.tokenizer.convert_ids_to_tokens([token for token, _ in top])
+        return [tgis.TokenInfo.TopToken(text=text, logprob=value) for text, (_, value) in zip(texts, top, strict=True)]
+
+    def _token_infos(
+        self,
+        options: tgis.ResponseOptions,
+        token_ids: list[int],
+        logprobs: list[float],
+        top: list[list[tuple[int, float]]],
+    ) -> list[tgis.TokenInfo]:
         infos = [tgis.TokenInfo(text=text) for text in self.tokenizer.convert_ids_to_tokens(token_ids)]
-        if with_logprobs:
+        if options.token_logprobs:
             for info, logprob in zip(infos, logprobs, strict=True):
                 info.logprob = logprob
+        if options.top_n_tokens:
+            for info, entries in zip(infos, top, strict=True):
+                info.top_tokens.extend(self._top_tokens(entries))
         return infos
 
     @staticmethod

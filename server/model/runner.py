@@ -139,6 +139,8 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.dtype = dtype
+        head = model.get_output_embeddings()
+        self.vocab_size: int = getattr(head, "out_features", None) or config.vocab_size  # the logits' width
         self.context = ForwardContext()  # every token of a forward's body
         self.head_context = ForwardContext()  # the positions the LM head sees
         self.adapter_layers: dict[str, AdapterLinear] = wrap_linear_layers(
@@ -273,8 +275,9 @@ class ModelRunner:
 
     # ---- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, chunks: list[PrefillChunk], batch: AdapterBatch) -> torch.Tensor:
-        """Run prompt chunks into their requests' blocks in one forward; return each one's last logits [n, V].
+    def prefill(self, chunks: list[PrefillChunk], batch: AdapterBatch, every_position: bool = False) -> torch.Tensor:
+        """Run prompt chunks into their requests' blocks in one forward; return each one's last logits [n, V], or
+        with `every_position` the logits of every item [n, T, V] (`batch.head_*` then describe all n*T items).
 
         A chunk's items go to cache positions start.. (rotary positions equal cache positions); it attends over
         its request's earlier entries (prefix-tuning entries, cached or earlier chunks) and causally over
@@ -309,9 +312,10 @@ class ModelRunner:
             tables = self._table_tensor([c.table for c in chunks], blocks_for(max(ends), cache.block_size))
             layer_attention = torch_paged_attention(tables, positions, cache.block_size, cache.gather_buffers)
             attention = PagedAttention(cache, entries, layer_attention)
+        keep = 0 if every_position else last  # 0: transformers' "every position"
         if any(c.virtual is not None for c in chunks):
-            return self._forward(None, self._embeddings(ids, chunks), positions, attention, batch, last)
-        return self._forward(ids, None, positions, attention, batch, last)
+            return self._forward(None, self._embeddings(ids, chunks), positions, attention, batch, keep)
+        return self._forward(ids, None, positions, attention, batch, keep)
 
     def _embeddings(self, ids: torch.Tensor, chunks: list[PrefillChunk]) -> torch.Tensor:
         """The chunks' input embeddings [n, T, H] with virtual tokens in place of their placeholder ids, as PEFT
@@ -380,6 +384,6 @@ class ModelRunner:
                 deltaserve=attention,
             )
             # Logits in fp32 so that sampling and log-probabilities do not depend on the model dtype.
-            return out.logits[:, -1].float()
+            return out.logits.float() if isinstance(keep, int) and keep == 0 else out.logits[:, -1].float()
         finally:
             body.lora = body.slots = head.lora = head.slots = None

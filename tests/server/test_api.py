@@ -120,11 +120,11 @@ def _req(**fields) -> pb.GenerateRequest:
 
 BAD_REQUESTS = {
     "unknown adapter": (_req(prompt="hi", adapter_id="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
-    "empty prompt": (_req(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "exactly one of prompt and messages"),
+    "empty prompt": (_req(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "exactly one of prompt, messages"),
     "prompt and messages": (
         _req(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "exactly one of prompt and messages",
+        "exactly one of prompt, messages",
     ),
     "negative temperature": (
         _req(prompt="hi", temperature=-0.5),

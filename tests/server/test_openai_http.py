@@ -279,7 +279,8 @@ def test_models_list(oai, grpc_client, base_name):
 
 # ---- errors --------------------------------------------------------------------------------------------
 BAD_COMPLETIONS = {
-    "n=2": (dict(n=2), "n"),
+    "n above --max-n": (dict(n=17), "n"),
+    "n zero": (dict(n=0), "n"),
     "negative temperature": (dict(temperature=-0.5), "temperature"),
     "temperature not a number": (dict(extra_body={"temperature": "hot"}), "temperature"),
     "top_p zero": (dict(top_p=0.0), "top_p"),
@@ -287,16 +288,20 @@ BAD_COMPLETIONS = {
     "max_tokens beyond context": (dict(max_tokens=MAX_SEQ_LEN), "max_tokens"),
     "prompt beyond context": (dict(prompt="word " * (MAX_SEQ_LEN + 10)), "prompt"),
     "empty prompt": (dict(prompt=""), "prompt"),
-    "token-id prompt": (dict(prompt=[1, 2, 3]), "prompt"),
-    "two prompts": (dict(prompt=["a", "b"]), "prompt"),
+    "token id outside the vocabulary": (dict(prompt=[1, 10**6]), "prompt"),
+    "too many prompts": (dict(prompt=["a"] * 257), "prompt"),
+    "an empty prompt in a list": (dict(prompt=["a", ""]), "prompt[1]"),
     "empty stop": (dict(stop=[""]), "stop"),
-    "echo": (dict(echo=True), "echo"),
-    "best_of": (dict(best_of=2), "best_of"),
+    "best_of below n": (dict(n=3, best_of=2), "best_of"),
+    "best_of above --max-n": (dict(best_of=17), "best_of"),
     "suffix": (dict(suffix="tail"), "suffix"),
-    "logit_bias": (dict(logit_bias={"42": 5}), "logit_bias"),
-    "presence_penalty": (dict(presence_penalty=0.5), "presence_penalty"),
-    "logprobs 5": (dict(logprobs=5), "logprobs"),
-    "logprobs 1 while sampling": (dict(logprobs=1, temperature=0.7), "logprobs"),
+    "logit_bias token outside the vocabulary": (dict(logit_bias={"999999": 5}), "logit_bias"),
+    "logit_bias key not a token id": (dict(logit_bias={"hello": 5}), "logit_bias"),
+    "logit_bias beyond 100": (dict(logit_bias={"42": 500}), "logit_bias"),
+    "presence_penalty beyond 2": (dict(presence_penalty=2.5), "presence_penalty"),
+    "logprobs 21": (dict(logprobs=21), "logprobs"),
+    "min_p above 1": (dict(extra_body={"min_p": 1.5}), "min_p"),
+    "stop_token_ids outside the vocabulary": (dict(extra_body={"stop_token_ids": [10**7]}), "stop_token_ids"),
     "unknown field": (dict(extra_body={"frobnicate": True}), "frobnicate"),
     "negative min_tokens": (dict(extra_body={"min_tokens": -1}), "min_tokens"),
 }
@@ -318,7 +323,7 @@ def test_bad_completion_is_400(oai, case):
 
 BAD_CHATS = {
     "tools": (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-    "top_logprobs 3": (dict(logprobs=True, top_logprobs=3), "top_logprobs"),
+    "top_logprobs 21": (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
     "image part": (
         dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
         "messages[0].content",
@@ -326,7 +331,7 @@ BAD_CHATS = {
     "no messages": (dict(messages=[]), "messages"),
     "message without role": (dict(messages=[{"content": "hi"}]), "messages.0.role"),
     "json response format": (dict(response_format={"type": "json_object"}), "response_format"),
-    "frequency_penalty": (dict(frequency_penalty=1.0), "frequency_penalty"),
+    "frequency_penalty below -2": (dict(frequency_penalty=-3.0), "frequency_penalty"),
     "tool message fields": (
         dict(messages=[{"role": "user", "content": "hi", "tool_call_id": "x"}]),
         "messages[0].tool_call_id",

@@ -7,7 +7,6 @@ import pytest
 import torch
 from deltaserve.client import Client
 from deltaserve.server.config import ServerConfig
-from deltaserve.server.engine.sampling import RowState, SamplingParams, _process_row, sample
 from deltaserve.testing.helpers import PROMPTS, ServerThread
 
 from tests.references import greedy_reference, load_reference_model, tokenizer_for
@@ -64,73 +63,3 @@ def test_stop_string_cuts_the_text(client):
     assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)]
     streamed = list(client.generate_stream(PROMPTS[3], max_new_tokens=24, stop=[stop]))
     assert "".join(c.text for c in streamed) == stopped.text
-
-
-def test_min_new_tokens_masks_eos():
-    eos = torch.tensor([2, 7])
-    row = RowState(SamplingParams(max_new_tokens=5, min_new_tokens=3), None, [], generated=1)
-    logits = torch.zeros(10)
-    logits[2], logits[7] = 100.0, 90.0  # EOS ids are by far the most likely tokens
-    tokens = sample(logits[None], [row], eos).tokens
-    assert tokens[0] not in (2, 7)
-    row.generated = 3
-    tokens = sample(logits[None], [row], eos).tokens
-    assert tokens[0] == 2
-
-
-def test_rows_are_processed_independently_in_one_batch():
-    """Masked, penalised, sampled and plain rows side by side: each gets what it would alone."""
-    eos = torch.tensor([2])
-    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(3))
-    logits[:, 2] = 50.0
-    rows = [
-        RowState(SamplingParams(max_new_tokens=5, min_new_tokens=2), None, [], 0),
-        RowState(SamplingParams(max_new_tokens=5, repetition_penalty=1e6, min_new_tokens=2), None, [4, 5], 1),
-        RowState(SamplingParams(max_new_tokens=5), None, [], 0),
-        RowState(SamplingParams(max_new_tokens=5, temperature=0.5, seed=1), torch.Generator().manual_seed(1), [], 0),
-    ]
-    tokens = sample(logits, rows, eos).tokens
-    alone = [sample(logits[i : i + 1].clone(), [row], eos).tokens[0] for i, row in enumerate(rows[:3])]
-    assert tokens[:3] == alone
-    assert tokens[0] != 2 and tokens[1] not in (2, 4, 5) and tokens[2] == 2
-    assert _process_row(logits[1].clone(), rows[1])[4] < logits[1, 4]  # the penalty lowers a seen token
-
-
-def test_logprobs_are_raw_model_logprobs_even_when_sampling():
-    logits = torch.randn(2, 50)
-    rows = [
-        RowState(
-            SamplingParams(max_new_tokens=4, temperature=0.7, top_k=5, logprobs=True),
-            torch.Generator().manual_seed(1),
-            [],
-            0,
-        ),
-        RowState(SamplingParams(max_new_tokens=4, logprobs=True), None, [], 0),
-    ]
-    sampled = sample(logits, rows, torch.tensor([], dtype=torch.long))
-    tokens, logprobs = sampled.tokens, sampled.logprobs
-    expected = logits.log_softmax(-1)
-    assert logprobs == pytest.approx([expected[0, tokens[0]].item(), expected[1, tokens[1]].item()])
-    assert tokens[1] == logits[1].argmax().item()
-
-
-def test_a_row_with_non_finite_logits_fails_alone():
-    """NaN logits in one row, and a repetition penalty that turns another row's sampled distribution into
-    inf/inf: both rows fail, the others get exactly the tokens they get alone."""
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
-    logits[1, 7] = float("nan")
-    rows = [
-        RowState(SamplingParams(max_new_tokens=4), None, [], 0),
-        RowState(SamplingParams(max_new_tokens=4), None, [], 0),
-        RowState(SamplingParams(max_new_tokens=4, temperature=1.0, repetition_penalty=1e-40), _gen(4), [3], 0),
-        RowState(SamplingParams(max_new_tokens=4, temperature=0.8, seed=5), _gen(5), [], 0),
-    ]
-    sampled = sample(logits.clone(), rows, torch.tensor([], dtype=torch.long))
-    assert sampled.failed == {1, 2}
-    assert sampled.tokens[0] == sample(logits[:1].clone(), rows[:1], torch.tensor([], dtype=torch.long)).tokens[0]
-    alone = sample(logits[3:].clone(), [RowState(rows[3].params, _gen(5), [], 0)], torch.tensor([], dtype=torch.long))
-    assert sampled.tokens[3] == alone.tokens[0]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)

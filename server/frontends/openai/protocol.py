@@ -19,12 +19,6 @@ _IGNORED_FIELDS = frozenset(
 )
 # Fields deltaserve does not implement, accepted only with the value that means "off".
 _NEUTRAL_VALUES: dict[str, Callable[[Any], bool]] = {
-    "echo": lambda value: not value,
-    "best_of": lambda value: value in (None, 1),
-    "suffix": lambda value: not value,
-    "logit_bias": lambda value: not value,
-    "presence_penalty": lambda value: not value,
-    "frequency_penalty": lambda value: not value,
     "tools": lambda value: not value,
     "tool_choice": lambda value: value in (None, "none", "auto"),
     "functions": lambda value: not value,
@@ -68,15 +62,26 @@ class _GenerationBody(_Body):
     n: Int32 | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> bias
     # vLLM's extensions, which deltaserve's sampler has too
     top_k: Int32 | None = None
     min_tokens: Int32 | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    stop_token_ids: list[Int32] | None = None
+    ignore_eos: bool | None = None
+    allowed_token_ids: list[Int32] | None = None
+    prompt_logprobs: Int32 | None = None
 
 
 class CompletionBody(_GenerationBody):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Int32] | list[list[Int32]]
     logprobs: Int32 | None = None
+    echo: bool | None = None
+    best_of: Int32 | None = None
+    suffix: str | None = None
 
 
 class ContentPart(_Body):

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deltaserve.server.engine.request import FinishReason, RequestOutput
+from deltaserve.server.engine.request import FinishReason, RequestOutput, TokenLogprob
+from deltaserve.server.engine.sampling import MAX_TOP_LOGPROBS
 from deltaserve.server.errors import AdapterNotFoundError
 from deltaserve.server.frontends.core import (
     BASE_ALIASES,
@@ -48,6 +49,8 @@ from deltaserve.server.residency.registry import AdapterRecord
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
+MAX_PROMPTS = 256  # prompts in one completions request (lm-evaluation-harness sends batches of them)
+
 _FINISH_REASON = {
     FinishReason.LENGTH: "length",
     FinishReason.EOS: "stop",
@@ -59,66 +62,75 @@ _FINISH_REASON = {
 
 def _names(max_tokens_field: str) -> FieldNames:
     """This door's names for the canonical fields it renames."""
-    return {Field.MAX_NEW_TOKENS: max_tokens_field, Field.MIN_NEW_TOKENS: "min_tokens"}
+    return {
+        Field.MAX_NEW_TOKENS: max_tokens_field,
+        Field.MIN_NEW_TOKENS: "min_tokens",
+        Field.PROMPT_TOKEN_IDS: "prompt",
+    }
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """What the door needs besides the core's request to answer in OpenAI's shape."""
+    """What the door needs besides the core's requests to answer in OpenAI's shape."""
 
-    request: GenerationRequest
+    requests: tuple[GenerationRequest, ...]  # one per prompt (completions may send several)
     names: FieldNames
     model: str  # echoed in the response
     chat: bool
     logprobs: bool = False
-    top_logprobs: int = 0  # 0 or 1 (1: the chosen token is known to be the most likely one)
+    top_logprobs: int = 0  # the most likely tokens listed at each position besides the chosen one
+    n: int = 1  # choices per prompt
+    sequences: int = 1  # sequences generated per prompt: best_of, else n (the best n by log-probability win)
+    echo: bool = False  # completions: the prompt precedes the text (and its tokens the logprobs)
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: returned as each choice's prompt_logprobs
 
 
 def _check_common(body: _GenerationBody) -> None:
     body.check_extra_fields()
-    if body.n is not None and body.n != 1:
-        raise FieldError("n", f"n={body.n}: deltaserve returns one choice per request; send n=1 or several requests")
 
 
 def _core_request(body: _GenerationBody, adapter_id: str, max_tokens: int | None, **given: Any) -> GenerationRequest:
     """The sampling fields of a body on the core's request (OpenAI's default temperature is 1: sampling)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    bias = body.logit_bias or {}
     return GenerationRequest(
         adapter=AdapterRef(adapter_id=adapter_id),
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         stop=tuple(stop),
-        top_k=body.top_k or 0,
+        top_k=max(body.top_k or 0, 0),  # vLLM: -1 also disables top-k
         min_new_tokens=body.min_tokens or 0,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=None if body.seed is None else body.seed % 2**64,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=tuple((_bias_token(token), float(value)) for token, value in bias.items()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=bool(body.ignore_eos),
+        allowed_token_ids=tuple(body.allowed_token_ids or ()),
         **given,
     )
 
 
-def _check_top_logprobs(field_name: str, count: int, request: GenerationRequest) -> None:
-    """Only the chosen token's log-probability is computed. 0 asks for just that; 1 also asks for the most
-    likely token, which is the chosen one only under plain greedy decoding (argmax of the raw logits)."""
-    if count < 0:
-        raise FieldError(field_name, f"{field_name} must be >= 0, got {count}")
-    if count > 1:
-        raise FieldError(
-            field_name,
-            f"{field_name}={count}: deltaserve returns only the chosen token's log-probability ({field_name} 0 or 1)",
-        )
-    plain_greedy = request.temperature == 0 and request.min_new_tokens == 0 and request.repetition_penalty in (0, 1)
-    if count == 1 and not plain_greedy:
-        raise FieldError(
-            field_name,
-            f"{field_name}=1 asks for the most likely token, which deltaserve knows only under plain greedy "
-            "decoding (temperature 0, no repetition_penalty or min_tokens); ask for 0 to get the chosen "
-            "token's log-probability",
-        )
+def _bias_token(key: str) -> int:
+    """A logit_bias key: OpenAI sends token ids as JSON object keys, so as decimal strings."""
+    try:
+        return int(key)
+    except ValueError:
+        raise FieldError("logit_bias", f"logit_bias keys are token ids, got {key!r}") from None
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    prompt, completion = len(generation.prompt_ids), generation.generated_tokens
+def _check_count(field_name: str, count: int) -> None:
+    if not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise FieldError(field_name, f"{field_name} must be in [0, {MAX_TOP_LOGPROBS}], got {count}")
+
+
+def _usage(prompts: list[Generation], generations: list[Generation]) -> dict[str, int]:
+    """Each prompt's tokens once (its n sequences share it), every sequence's generated tokens."""
+    prompt = sum(len(generation.prompt_ids) for generation in prompts)
+    completion = sum(generation.generated_tokens for generation in generations)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -143,16 +155,56 @@ class _EventStream(StreamingResponse):
     client that went away included), so the engine request is cancelled at once rather than whenever the
     generator is garbage collected."""
 
-    def __init__(self, events: AsyncIterator[str], generation: Generation, headers: dict[str, str]) -> None:
+    def __init__(self, events: AsyncIterator[str], generations: list[Generation], headers: dict[str, str]) -> None:
         super().__init__(events, media_type="text/event-stream", headers=headers)
-        self.generation = generation
+        self.generations = generations
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-            self.generation.close()
+            for generation in self.generations:
+                generation.close()
+
+
+async def _merged(
+    generations: list[Generation], firsts: list[RequestOutput]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) of several generations as they arrive, each one's in order; the first error is
+    raised once every reader stopped."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+    async def read(index: int, generation: Generation, output: RequestOutput) -> None:
+        try:
+            while True:
+                queue.put_nowait((index, output, None))
+                if output.finished:
+                    break
+                output = await _next(generation)
+        except Exception as err:
+            queue.put_nowait((index, None, err))
+        finally:
+            queue.put_nowait((index, None, None))
+
+    readers = [
+        asyncio.ensure_future(read(i, g, first)) for i, (g, first) in enumerate(zip(generations, firsts, strict=True))
+    ]
+    running, failure = len(readers), None
+    try:
+        while running:
+            index, output, error = await queue.get()
+            if output is not None:
+                yield index, output
+            elif error is not None:
+                failure = failure or error
+            else:
+                running -= 1
+    finally:
+        for reader in readers:
+            reader.cancel()
+    if failure is not None:
+        raise failure
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -219,21 +271,82 @@ class OpenAIServing:
     # ---- translation -------------------------------------------------------------------------------------
     def completion_plan(self, body: CompletionBody) -> _Plan:
         _check_common(body)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(item, str) for item in prompt):
-                raise FieldError("prompt", "prompt must be text: token-id prompts are not served")
-            if len(prompt) != 1:
-                raise FieldError("prompt", f"one prompt per request, got a list of {len(prompt)}")
-            prompt = prompt[0]
-        if not prompt:
-            raise FieldError("prompt", "prompt must not be empty")
+        if body.suffix:
+            raise FieldError("suffix", "suffix (fill-in-the-middle) is not supported: the served models have no FIM")
+        prompts = self._completion_prompts(body.prompt)
         adapter = adapter_for_model(body.model, self.model_name)
-        request = _core_request(body, adapter, body.max_tokens, prompt=prompt, logprobs=body.logprobs is not None)
+        top = body.logprobs or 0
         if body.logprobs is not None:
-            _check_top_logprobs("logprobs", body.logprobs, request)
-        model = body.model or self.model_name
-        return _Plan(request, _names("max_tokens"), model, False, body.logprobs is not None, body.logprobs or 0)
+            _check_count("logprobs", body.logprobs)
+        scored = (
+            body.prompt_logprobs
+            if body.prompt_logprobs is not None
+            else top
+            if body.echo and body.logprobs is not None
+            else None
+        )
+        if body.prompt_logprobs is not None:
+            _check_count("prompt_logprobs", body.prompt_logprobs)
+        if body.echo and body.max_tokens == 0 and scored is None:
+            scored = 0  # the prompt alone: nothing to generate, so the engine only runs the prompt
+        requests = tuple(
+            _core_request(
+                body,
+                adapter,
+                body.max_tokens,
+                **prompt,
+                logprobs=body.logprobs is not None,
+                top_logprobs=top,
+                prompt_logprobs=scored,
+            )
+            for prompt in prompts
+        )
+        n, sequences = self._sequences(body, body.best_of)
+        if body.best_of not in (None, n) and body.stream:
+            raise FieldError("best_of", "best_of cannot be used with stream: the best sequences are known at the end")
+        return _Plan(
+            requests,
+            _names("max_tokens"),
+            body.model or self.model_name,
+            False,
+            logprobs=body.logprobs is not None,
+            top_logprobs=top,
+            n=n,
+            sequences=sequences,
+            echo=bool(body.echo),
+            prompt_logprobs=body.prompt_logprobs,
+        )
+
+    def _completion_prompts(self, prompt: Any) -> list[dict[str, Any]]:
+        """The body's prompts as core request fields: a string, a list of strings, a list of token ids, or a
+        list of token-id lists (one choice set per prompt, as OpenAI and vLLM answer)."""
+        if isinstance(prompt, str):
+            prompts: list[Any] = [prompt]
+        elif prompt and all(isinstance(item, int) for item in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise FieldError("prompt", "prompt must not be empty")
+        if len(prompts) > MAX_PROMPTS:
+            raise FieldError("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        fields = []
+        for index, item in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+            if isinstance(item, str):
+                if not item:
+                    raise FieldError(where, f"{where} must not be empty")
+                fields.append({"prompt": item})
+            elif isinstance(item, list) and item and all(isinstance(token, int) for token in item):
+                fields.append({"prompt_token_ids": tuple(item)})
+            else:
+                raise FieldError(where, f"{where} must be a non-empty string or list of token ids")
+        return fields
+
+    def _sequences(self, body: _GenerationBody, best_of: int | None) -> tuple[int, int]:
+        """OpenAI's n (choices) and the sequences generated for them (best_of, or n)."""
+        n = 1 if body.n is None else body.n
+        return n, self.core.check_sequences(n, best_of, {})
 
     def chat_plan(self, body: ChatBody) -> _Plan:
         _check_common(body)
@@ -249,13 +362,35 @@ class OpenAIServing:
                 raise FieldError("max_tokens", "max_tokens and max_completion_tokens disagree; give one of them")
             max_tokens_field, max_tokens = "max_completion_tokens", body.max_completion_tokens
         adapter = adapter_for_model(body.model, self.model_name)
-        request = _core_request(body, adapter, max_tokens, messages=tuple(messages), logprobs=bool(body.logprobs))
+        top = body.top_logprobs or 0
         if body.top_logprobs is not None:
             if body.top_logprobs and not body.logprobs:
                 raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
-            _check_top_logprobs("top_logprobs", body.top_logprobs, request)
+            _check_count("top_logprobs", body.top_logprobs)
+        if body.prompt_logprobs is not None:
+            _check_count("prompt_logprobs", body.prompt_logprobs)
+        request = _core_request(
+            body,
+            adapter,
+            max_tokens,
+            messages=tuple(messages),
+            logprobs=bool(body.logprobs),
+            top_logprobs=top if body.logprobs else 0,
+            prompt_logprobs=body.prompt_logprobs,
+        )
+        n, sequences = self._sequences(body, None)
         model = body.model or self.model_name
-        return _Plan(request, _names(max_tokens_field), model, True, bool(body.logprobs), body.top_logprobs or 0)
+        return _Plan(
+            (request,),
+            _names(max_tokens_field),
+            model,
+            True,
+            logprobs=bool(body.logprobs),
+            top_logprobs=top,
+            n=n,
+            sequences=sequences,
+            prompt_logprobs=body.prompt_logprobs,
+        )
 
     # ---- running a request -------------------------------------------------------------------------------
     async def serve(
@@ -269,33 +404,54 @@ class OpenAIServing:
         request_id = clean_request_id(request.headers.get("x-request-id"))
         headers = {"x-request-id": request_id}
         plan: _Plan | None = None
-        generation: Generation | None = None
+        groups: list[list[Generation]] = []
         try:
             plan = make_plan()
-            deadline = self._deadline(request)
-            core_request = dataclasses.replace(plan.request, request_id=request_id, deadline=deadline)
-            generation = await self._until_disconnect(request, self.core.submit(core_request, plan.names))
+            groups = await self._until_disconnect(request, self._submit(plan, request_id, self._deadline(request)))
+            generations = [generation for group in groups for generation in group]
             if stream:
-                # The first output is awaited here, so that a request the engine fails at once is answered
+                # The first outputs are awaited here, so that a request the engine fails at once is answered
                 # with its HTTP status rather than inside a 200 stream.
-                first = await self._until_disconnect(request, _next(generation))
+                firsts = await self._until_disconnect(request, asyncio.gather(*map(_next, generations)))
                 include_usage = stream_options is not None and stream_options.include_usage
-                events = self._events(plan, request_id, generation, first, include_usage)
-                response, generation = _EventStream(events, generation, headers), None  # the stream closes it
+                events = self._events(plan, request_id, groups, list(firsts), include_usage)
+                response, groups = _EventStream(events, generations, headers), []  # the stream closes them
                 return response
-            await self._until_disconnect(request, generation.collect())
-            if generation.timed_out:
+            await self._until_disconnect(request, asyncio.gather(*(g.collect() for g in generations)))
+            if any(generation.timed_out for generation in generations):
                 raise TimeoutError
-            answer = self._chat_answer if plan.chat else self._completion_answer
-            return JSONResponse(answer(plan, request_id, generation), headers=headers)
+            return JSONResponse(self._answer(plan, request_id, groups), headers=headers)
         except _ClientGone:
             return error_response(499, "the client closed the connection; the request was cancelled")
         except Exception as err:
             status, body = self.error(err, plan)
             return JSONResponse({"error": body}, status_code=status, headers=headers)
         finally:
-            if generation is not None:
-                generation.close()
+            for group in groups:
+                for generation in group:
+                    generation.close()
+
+    async def _submit(self, plan: _Plan, request_id: str, deadline: float | None) -> list[list[Generation]]:
+        """Every prompt's sequences, submitted together; if one prompt is refused, the others are cancelled."""
+        ranked = plan.sequences > plan.n  # best_of ranks the sequences by their log-probability
+        requests = [
+            dataclasses.replace(
+                core_request,
+                request_id=request_id if len(plan.requests) == 1 else f"{request_id}-{index}",
+                deadline=deadline,
+                logprobs=core_request.logprobs or ranked,
+            )
+            for index, core_request in enumerate(plan.requests)
+        ]
+        submitted = [self.core.submit_sequences(r, plan.names, plan.sequences) for r in requests]
+        results = await asyncio.gather(*submitted, return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            for result in results:
+                for generation in [] if isinstance(result, BaseException) else result:
+                    generation.close()
+            raise failure
+        return list(results)
 
     def error(self, err: BaseException, plan: _Plan | None) -> tuple[int, dict[str, Any]]:
         status, body = error_body(err)
@@ -344,64 +500,129 @@ class OpenAIServing:
             raise _ClientGone
         return task.result()
 
-    def _logprobs(self, plan: _Plan, token_ids: list[int], logprobs: list[float], offset: int) -> Any:
-        """The logprobs object of a choice (or of one streamed chunk) in the endpoint's own shape."""
+    def _token_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = self._token_texts(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    def _logprobs(
+        self,
+        plan: _Plan,
+        token_ids: list[int],
+        logprobs: list[float],
+        top: list[list[tuple[int, float]]],
+        offset: int,
+        prompt: list[TokenLogprob] | None = None,
+    ) -> Any:
+        """The logprobs object of a choice (or of one streamed chunk) in the endpoint's own shape; `prompt`: the
+        scored prompt tokens that an echo puts first."""
         if not plan.logprobs:
             return None
-        texts = [self._token_texts(token_id) for token_id in token_ids]
+        tops = top if plan.top_logprobs else [[] for _ in token_ids]
         if plan.chat:
             content = []
-            for (text, raw), logprob in zip(texts, logprobs, strict=True):
-                top = [{"token": text, "logprob": logprob, "bytes": raw}] if plan.top_logprobs else []
-                content.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": top})
+            for token_id, logprob, most_likely in zip(token_ids, logprobs, tops, strict=True):
+                entry = self._token_entry(token_id, logprob)
+                entry["top_logprobs"] = [self._token_entry(t, value) for t, value in most_likely]
+                content.append(entry)
             return {"content": content, "refusal": None}
-        offsets = []
-        for text, _ in texts:
+        positions = [(p.token_id, p.logprob, p.top) for p in prompt or []]
+        positions += list(zip(token_ids, logprobs, tops, strict=True))
+        texts, offsets, top_entries = [], [], []
+        for token_id, logprob, most_likely in positions:
+            text = self._token_texts(token_id)[0]
+            texts.append(text)
             offsets.append(offset)
             offset += len(text)
+            if logprob is None:  # the prompt's first token: nothing predicts it
+                top_entries.append(None)
+                continue
+            # vLLM's legacy shape: the most likely tokens by text, and the chosen one among them
+            entries = {self._token_texts(t)[0]: value for t, value in most_likely[: plan.top_logprobs]}
+            entries.setdefault(text, logprob)
+            top_entries.append(entries)
         return {
-            "tokens": [text for text, _ in texts],
-            "token_logprobs": logprobs,
-            "top_logprobs": [{text: logprob} for (text, _), logprob in zip(texts, logprobs, strict=True)],
+            "tokens": texts,
+            "token_logprobs": [logprob for _, logprob, _ in positions],
+            "top_logprobs": top_entries,
             "text_offset": offsets,
         }
 
-    def _completion_answer(self, plan: _Plan, request_id: str, generation: Generation) -> dict[str, Any]:
-        return self._answer(plan, generation, f"cmpl-{request_id}", "text_completion", text=generation.text)
+    def _prompt_logprobs(self, scored: list[TokenLogprob] | None) -> list[Any] | None:
+        """vLLM's prompt_logprobs: per prompt token None (the first) or {id: {logprob, rank, decoded_token}}."""
+        if scored is None:
+            return None
+        entries: list[Any] = []
+        for position in scored:
+            if position.logprob is None:
+                entries.append(None)
+                continue
+            ranks = {token: rank for rank, (token, _) in enumerate(position.top, start=1)}
+            entry = {
+                str(t): {"logprob": value, "rank": ranks[t], "decoded_token": self._token_texts(t)[0]}
+                for t, value in position.top
+            }
+            entry.setdefault(
+                str(position.token_id),
+                {
+                    "logprob": position.logprob,
+                    "rank": position.rank,
+                    "decoded_token": self._token_texts(position.token_id)[0],
+                },
+            )
+            entries.append(entry)
+        return entries
 
-    def _chat_answer(self, plan: _Plan, request_id: str, generation: Generation) -> dict[str, Any]:
-        message = {"role": "assistant", "content": generation.text, "refusal": None}
-        return self._answer(plan, generation, f"chatcmpl-{request_id}", "chat.completion", message=message)
+    def _chosen(self, plan: _Plan, group: list[Generation]) -> list[Generation]:
+        """A prompt's n choices: with best_of, the n sequences of highest cumulative log-probability."""
+        if plan.sequences == plan.n:
+            return group
+        return sorted(group, key=lambda generation: generation.cumulative_logprob, reverse=True)[: plan.n]
 
-    def _answer(self, plan: _Plan, generation: Generation, answer_id: str, kind: str, **content: Any) -> dict[str, Any]:
-        """The one-choice answer object both endpoints return; `content` is the choice's text or message."""
+    def _prompt_text(self, plan: _Plan, index: int, generation: Generation) -> str:
+        given = plan.requests[index].prompt
+        return given if given else self.core.tokenizer.decode(generation.prompt_ids)
+
+    def _choice(self, plan: _Plan, index: int, prompt_index: int, generation: Generation, scored) -> dict[str, Any]:
         finish_reason, stop_reason = _finish(generation.last)
-        choice = {
-            "index": 0,
-            **content,
-            "logprobs": self._logprobs(plan, generation.token_ids, generation.logprobs, 0),
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-        }
+        prompt = scored if plan.echo else None
+        logprobs = self._logprobs(plan, generation.token_ids, generation.logprobs, generation.top_logprobs, 0, prompt)
+        if plan.chat:
+            content = {"message": {"role": "assistant", "content": generation.text, "refusal": None}}
+        else:
+            echo = self._prompt_text(plan, prompt_index, generation) if plan.echo else ""
+            content = {"text": echo + generation.text}
+        choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice["stop_reason"] = stop_reason
+        if plan.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._prompt_logprobs(scored)
+        return choice
+
+    def _answer(self, plan: _Plan, request_id: str, groups: list[list[Generation]]) -> dict[str, Any]:
+        """The answer object: per prompt its n choices, indexed prompt by prompt."""
+        choices = []
+        for prompt_index, group in enumerate(groups):
+            scored = group[0].prompt_logprobs  # the prompt is scored once, by its first sequence
+            for generation in self._chosen(plan, group):
+                choices.append(self._choice(plan, len(choices), prompt_index, generation, scored))
         return {
-            "id": answer_id,
-            "object": kind,
+            "id": f"{'chatcmpl' if plan.chat else 'cmpl'}-{request_id}",
+            "object": "chat.completion" if plan.chat else "text_completion",
             "created": int(time.time()),
             "model": plan.model,
-            "choices": [choice],
-            "usage": _usage(generation),
+            "choices": choices,
+            "usage": _usage([group[0] for group in groups], [g for group in groups for g in group]),
         }
 
     async def _events(
         self,
         plan: _Plan,
         request_id: str,
-        generation: Generation,
-        first: RequestOutput,
+        groups: list[list[Generation]],
+        firsts: list[RequestOutput],
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        """The SSE stream: one chunk per engine output that carries text (or logprobs), the finish, the
-        usage chunk if asked for, `[DONE]`. A failure after the first byte becomes an error event."""
+        """The SSE stream: chunks of every choice as their outputs arrive (each names its choice index), the
+        finishes, the usage chunk if asked for, `[DONE]`. A failure after the first byte becomes an error event."""
         chat = plan.chat
         envelope = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
@@ -411,40 +632,45 @@ class OpenAIServing:
         }
         if include_usage:
             envelope["usage"] = None
+        generations = [generation for group in groups for generation in group]
+        prompt_of = [index for index, group in enumerate(groups) for _ in group]
 
-        def chunk(**choice: Any) -> str:
-            return _sse({**envelope, "choices": [{"index": 0, **choice}]})
+        def chunk(index: int, **choice: Any) -> str:
+            return _sse({**envelope, "choices": [{"index": index, **choice}]})
 
-        offset = 0
-        with generation:
-            try:
-                if chat:
-                    yield chunk(delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
-                output = first
-                while True:
-                    finish_reason, stop_reason = _finish(output)
-                    logprobs = self._logprobs(plan, output.token_ids, output.logprobs, offset)
-                    offset += sum(len(self._token_texts(token_id)[0]) for token_id in output.token_ids)
-                    if output.text or (logprobs and output.token_ids) or (finish_reason and not chat):
-                        if chat:
-                            yield chunk(delta={"content": output.text}, logprobs=logprobs, finish_reason=None)
-                        else:
-                            yield chunk(
-                                text=output.text,
-                                logprobs=logprobs,
-                                finish_reason=finish_reason,
-                                stop_reason=stop_reason,
-                            )
-                    if output.finished:
-                        break
-                    output = await _next(generation)
-                if chat:
-                    yield chunk(delta={}, logprobs=None, finish_reason=finish_reason, stop_reason=stop_reason)
-                if include_usage:
-                    yield _sse({**envelope, "choices": [], "usage": _usage(generation)})
-            except Exception as err:
-                _, body = self.error(err, plan)
-                yield _sse({"error": body})
+        offsets = [0] * len(generations)
+        echoed = [not plan.echo or chat] * len(generations)
+        try:
+            if chat:
+                for index in range(len(generations)):
+                    yield chunk(index, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
+            async for index, output in _merged(generations, firsts):
+                finish_reason, stop_reason = _finish(output)
+                text, scored = output.text, None
+                if not echoed[index]:  # a choice's first chunk: the prompt, then what was generated
+                    echoed[index] = True
+                    text = self._prompt_text(plan, prompt_of[index], generations[index]) + text
+                    scored = groups[prompt_of[index]][0].prompt_logprobs
+                top = output.top_logprobs
+                logprobs = self._logprobs(plan, output.token_ids, output.logprobs, top, offsets[index], scored)
+                advanced = [p.token_id for p in scored or []] + output.token_ids
+                offsets[index] += sum(len(self._token_texts(token_id)[0]) for token_id in advanced)
+                if not chat:
+                    if text or (logprobs and advanced) or finish_reason:
+                        yield chunk(
+                            index, text=text, logprobs=logprobs, finish_reason=finish_reason, stop_reason=stop_reason
+                        )
+                    continue
+                if output.text or (logprobs and output.token_ids):
+                    yield chunk(index, delta={"content": output.text}, logprobs=logprobs, finish_reason=None)
+                if output.finished:
+                    yield chunk(index, delta={}, logprobs=None, finish_reason=finish_reason, stop_reason=stop_reason)
+            if include_usage:
+                usage = _usage([group[0] for group in groups], generations)
+                yield _sse({**envelope, "choices": [], "usage": usage})
+        except Exception as err:
+            _, body = self.error(err, plan)
+            yield _sse({"error": body})
         yield "data: [DONE]\n\n"
 
     # ---- adapters (the routes check the admin token first) ------------------------------------------------
