@@ -106,8 +106,8 @@ def _generate_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: in
 def _soft_prompt_prefill(model, soft_model, ids: list[int]):
     """The first forward with the soft prompt of PEFT model `soft_model` in front of `ids`, computed by `model`
     (the base, or a composition built on it): a prefix model's `get_prompt()` is the KV cache (positions start
-    after it), a prompt-tuning or P-tuning model's virtual embeddings are prepended. Returns (next-token
-    logits [vocab], the KV cache the forward filled, the attended length)."""
+    after it), a prompt-tuning or P-tuning model's virtual embeddings are prepended. Returns (the logits at the
+    positions of `ids` [len(ids), vocab], the KV cache the forward filled, the attended length)."""
     from transformers import DynamicCache
 
     config = _peft_config(soft_model)
@@ -123,12 +123,21 @@ def _soft_prompt_prefill(model, soft_model, ids: list[int]):
     logits = model(**inputs, attention_mask=mask, use_cache=True, **{cache_keyword(model): cache}).logits
     if cache.get_seq_length() != length:  # the model ignored the cache it was handed
         raise OracleError(f"the KV cache holds {cache.get_seq_length()} entries after the prefill, not {length}")
-    return logits[0, -1].float(), cache, length
+    return logits[0, -len(ids) :].float(), cache, length
 
 
 def soft_prompt_logits(model, soft_model, ids: list[int]) -> torch.Tensor:
     """Next-token logits [vocab] after `ids` with `soft_model`'s soft prompt in front (see _soft_prompt_prefill)."""
-    return _soft_prompt_prefill(model, soft_model, ids)[0]
+    return _soft_prompt_prefill(model, soft_model, ids)[0][-1]
+
+
+@torch.inference_mode()
+def prompt_logits(model, prompt_ids: list[int]) -> torch.Tensor:
+    """The logits [len(prompt_ids), vocab] at every prompt position (a soft prompt in front where the model has
+    one): position i predicts prompt token i + 1."""
+    if _is_soft_prompt(model):
+        return _soft_prompt_prefill(model.get_base_model(), model, prompt_ids)[0]
+    return model(input_ids=torch.tensor([prompt_ids])).logits[0].float()
 
 
 @torch.inference_mode()
@@ -139,6 +148,7 @@ def soft_prompt_greedy(model, soft_model, prompt_ids: list[int], max_new: int) -
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     logits, cache, length = _soft_prompt_prefill(model, soft_model, prompt_ids)
+    logits = logits[-1]
     tokens, logprobs = [], []
     while True:
         step = logits.log_softmax(-1)

@@ -29,6 +29,8 @@ from tests.references import (
     assert_logprobs_close,
     greedy_reference,
     load_reference_model,
+    prompt_logits,
+    reference_model,
     reference_table,
     soft_prompt_greedy,
     tokenizer_for,
@@ -116,6 +118,39 @@ def test_every_kind_in_one_mixed_batch(server, references, kind_dirs):
     for (name, i), result in zip(jobs, results, strict=True):
         assert result.token_ids == references[name, i].token_ids, (name, i)
         assert_logprobs_close(result.logprobs, references[name, i].logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_logprobs_of_every_kind_equal_its_reference_forward(server, tiny_dir, kind_dirs):
+    """Every kind scores its prompt exactly as its oracle's forward does (a soft prompt in front where it has
+    one), in one mixed batch where half the rows also generate: each prompt token's log-probability, rank and
+    top 3."""
+    tokenizer = tokenizer_for(tiny_dir)
+    names = ["", *kind_dirs]
+    jobs = [(name, i, (i + len(name)) % 2 * 3) for i in range(2) for name in names]
+
+    def score(job):
+        name, i, generate = job
+        with Client(server.target, timeout=120) as client:
+            ids = tokenizer(PROMPTS[i])["input_ids"]
+            return client.generate(
+                prompt_token_ids=ids, adapter_id=name, max_new_tokens=generate, prompt_logprobs=3
+            ), ids
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(score, jobs))
+    models = {name: reference_model(tiny_dir, name, kind_dirs) for name in names}
+    for (name, _, generate), (result, ids) in zip(jobs, results, strict=True):
+        expected = prompt_logits(models[name], ids).log_softmax(-1)  # position p predicts token p + 1
+        scored = result.prompt_logprobs
+        assert [p.token_id for p in scored] == ids and scored[0].logprob is None
+        assert len(result.token_ids) == generate
+        chosen = [expected[p - 1, ids[p]].item() for p in range(1, len(ids))]
+        assert_logprobs_close([p.logprob for p in scored[1:]], chosen)
+        for p, position in enumerate(scored[1:], start=1):
+            assert [t for t, _ in position.top] == expected[p - 1].topk(3).indices.tolist(), (name, p)
+            # the rank counts more likely tokens: those within float noise of the chosen one may go either way
+            row, value = expected[p - 1], expected[p - 1, ids[p]]
+            assert int((row > value + 1e-4).sum()) + 1 <= position.rank <= int((row > value - 1e-4).sum()) + 1
 
 
 # ---- stacks --------------------------------------------------------------------------------------------

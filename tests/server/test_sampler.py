@@ -200,7 +200,7 @@ def test_penalty_buffers_are_reused_and_reset():
 
 def test_uniforms_are_uniform_and_sequence_seeds_differ():
     u = uniforms(torch.arange(50_000) * 7919, torch.full((50_000,), 3))
-    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
     histogram = torch.histc(u.float(), bins=10, min=0, max=1) / 50_000
     assert float((histogram - 0.1).abs().max()) < 0.01
     assert len({sequence_seed(42, i) for i in range(8)}) == 8 and sequence_seed(42, 0) == 42

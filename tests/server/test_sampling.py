@@ -4,7 +4,6 @@ stop strings, min_new_tokens, and the sampler's own processors."""
 from __future__ import annotations
 
 import pytest
-import torch
 from deltaserve.client import Client
 from deltaserve.server.config import ServerConfig
 from deltaserve.testing.helpers import PROMPTS, ServerThread
