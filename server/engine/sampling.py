@@ -206,8 +206,14 @@ class _BatchPlan:
     bias_tokens: torch.Tensor | None
     bias_values: torch.Tensor | None
     allowed_rows: list[int]  # batch rows with allowed_token_ids (masks built per step: rare)
+    greedy: torch.Tensor | None  # [G] rows that take the argmax
+    all_greedy: bool
     sampled: torch.Tensor | None  # [S] rows that draw
     sampled_rows: list[int]  # the same on the host
+    all_sampled: bool
+    untruncated: torch.Tensor | None  # positions (in `sampled`) of rows without top-k or top-p
+    all_truncated: bool
+    nucleus_only: torch.Tensor | None  # positions (in `truncated`) of rows with top-p but no top-k
     temperature: torch.Tensor | None  # [S, 1]
     truncated: torch.Tensor | None  # [T] positions (in `sampled`) of rows with top-k or top-p
     top_k: torch.Tensor | None  # [T, 1] (0: none)
@@ -259,13 +265,20 @@ class Sampler:
         adapter), or whose processed distribution keeps no token, fails alone; the other rows are sampled."""
         plan = self._plan_for(rows)
         # nan propagates through max and min, and an inf is the max or the min: two cheap reductions.
-        failed = ~(torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1)))  # [B]
+        row_max = logits.amax(dim=-1)
+        failed = ~(torch.isfinite(row_max) & torch.isfinite(logits.amin(dim=-1)))  # [B]
         raw_logprobs = logits.log_softmax(-1) if plan.wants_logprobs else None
         processed = self._process(logits, rows, plan)
-        chosen = processed.argmax(dim=-1)
-        failed |= processed.amax(dim=-1) == float("-inf")
+        private = processed is not logits  # a copy of its own: later stages may work in place
+        if private:
+            row_max = processed.amax(dim=-1)
+        failed |= row_max == float("-inf")  # the processing left no token
+        chosen = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        if plan.greedy is not None:
+            chosen[plan.greedy] = _rows(processed, plan.greedy, plan.all_greedy).argmax(dim=-1)
         if plan.sampled is not None:
-            tokens, ok = self._draw(processed[plan.sampled], rows, plan)
+            x = _rows(processed, plan.sampled, plan.all_sampled)
+            tokens, ok = self._draw(x, rows, plan, private or not plan.all_sampled)
             chosen[plan.sampled] = tokens
             failed[plan.sampled] |= ~ok
         return self._finish_step(chosen, failed, raw_logprobs, rows, plan)
@@ -305,8 +318,14 @@ class Sampler:
             bias_tokens=index([t for _, t, _ in bias]),
             bias_values=torch.tensor([v for _, _, v in bias], device=device) if bias else None,
             allowed_rows=[i for i, row in enumerate(rows) if row.params.allowed_token_ids],
+            greedy=index([i for i, row in enumerate(rows) if row.params.greedy]),
+            all_greedy=not sampled,
             sampled=index(sampled),
             sampled_rows=sampled,
+            all_sampled=len(sampled) == len(rows),
+            untruncated=index([j for j, p in enumerate(s_params) if not (p.top_k > 0 or p.top_p < 1.0)]),
+            all_truncated=len(truncated) == len(sampled),
+            nucleus_only=index([j for j, p in enumerate(t_params) if p.top_k == 0]),
             temperature=column([p.temperature for p in s_params]) if sampled else None,
             truncated=index(truncated),
             top_k=index([p.top_k for p in t_params])[:, None] if truncated else None,
@@ -360,50 +379,52 @@ class Sampler:
         index = torch.tensor(allowed_rows, device=x.device)
         x[index] = x[index].masked_fill(~keep, float("-inf"))
 
-    def _draw(self, x: torch.Tensor, rows: list[RowState], plan: _BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one token for each sampled row from x [S, V] (processed logits): its tokens [S] and whether its
-        kept distribution was proper [S]."""
-        x = x / plan.temperature
+    def _draw(
+        self, x: torch.Tensor, rows: list[RowState], plan: _BatchPlan, private: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one token for each sampled row from x [S, V] (processed logits; `private`: a copy that may be
+        changed in place): its tokens [S] and whether its kept distribution was proper [S]."""
+        x = x.div_(plan.temperature) if private else x / plan.temperature
         counters = torch.tensor([rows[i].generated for i in plan.sampled_rows], device=x.device)
         u = uniforms(plan.seeds, counters)  # [S]
-        log_z = torch.logsumexp(x, dim=-1, keepdim=True)  # [S, 1] (-inf or nan: the row fails below)
         tokens = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        ok = torch.isfinite(log_z[:, 0])
-        full = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        ok = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         if plan.truncated is not None:
-            full[plan.truncated] = False
-            t_tokens, t_ok = self._draw_truncated(x[plan.truncated], log_z[plan.truncated], u[plan.truncated], plan)
-            tokens[plan.truncated], ok[plan.truncated] = t_tokens, ok[plan.truncated] & t_ok
-        if bool(full.any()):
-            rest = full.nonzero()[:, 0]
-            probs = (x[rest] - log_z[rest]).exp()  # [F, V]
+            xt = _rows(x, plan.truncated, plan.all_truncated)
+            tokens[plan.truncated], ok[plan.truncated] = self._draw_truncated(xt, u[plan.truncated], plan)
+        if plan.untruncated is not None:
+            probs = _rows(x, plan.untruncated, plan.truncated is None).softmax(-1)  # [F, V]
             if plan.any_min_p:
-                cut = plan.min_p[rest] * probs.amax(dim=-1, keepdim=True)
-                probs = torch.where(probs >= cut, probs, 0.0)
-            r_tokens, r_ok = _inverse_cdf(probs, u[rest])
-            tokens[rest], ok[rest] = r_tokens, ok[rest] & r_ok
+                min_p = plan.min_p[plan.untruncated]
+                probs = torch.where(probs >= min_p * probs.amax(dim=-1, keepdim=True), probs, 0.0)
+            tokens[plan.untruncated], ok[plan.untruncated] = _inverse_cdf(probs, u[plan.untruncated])
         return tokens, ok
 
-    def _draw_truncated(
-        self, x: torch.Tensor, log_z: torch.Tensor, u: torch.Tensor, plan: _BatchPlan
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k, then top-p within it, then min-p, among each row's most likely tokens. x [T, V], log_z [T, 1]."""
-        vocab = x.shape[-1]
+    def _draw_truncated(self, x: torch.Tensor, u: torch.Tensor, plan: _BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k, then top-p within it, then min-p, among each row's most likely tokens; x [T, V]."""
         top_k, top_p, min_p = plan.top_k, plan.top_p, plan.min_p[plan.truncated]
-        # A device sorts the whole vocabulary fast; on the CPU a partial top-k is far cheaper than a sort.
-        width = vocab if x.device.type != "cpu" else min(vocab, max(TOP_P_CANDIDATES, plan.max_top_k))
-        values, ids = torch.topk(x, width, dim=-1)  # sorted, most likely first
-        probs = (values - log_z).exp()  # [T, W]: probabilities over the whole vocabulary
-        position, ok = _inverse_cdf(_truncate(probs, top_k, top_p, min_p), u)
-        tokens = ids.gather(1, position[:, None])[:, 0]
-        if width < vocab:
-            # A top-p-only row whose nucleus is wider than the candidates is cut exactly from a full sort.
-            short = ((top_k[:, 0] == 0) & (top_p[:, 0] < 1.0) & (probs.sum(-1) < top_p[:, 0])).nonzero()[:, 0]
-            if short.numel():
-                values, ids = torch.sort(x[short], dim=-1, descending=True)
-                probs = (values - log_z[short]).exp()
-                position, ok[short] = _inverse_cdf(_truncate(probs, top_k[short], top_p[short], min_p[short]), u[short])
-                tokens[short] = ids.gather(1, position[:, None])[:, 0]
+        # Weights relative to what top-p measures against: the whole vocabulary's mass for a top-p-only row (its
+        # log-normaliser, one pass over those rows), the top-k's own mass for a row with top-k.
+        reference = x.amax(dim=-1, keepdim=True)
+        if plan.nucleus_only is not None:
+            reference[plan.nucleus_only] = torch.logsumexp(x[plan.nucleus_only], dim=-1, keepdim=True)
+        tokens = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        pending = None  # rows still to draw (None: all)
+        for width in _candidate_widths(x.shape[-1], plan.max_top_k, x.device):
+            rows = x if pending is None else x[pending]
+            values, ids = torch.topk(rows, width, dim=-1)  # sorted, most likely first
+            at = slice(None) if pending is None else pending
+            weights = (values - reference[at]).exp()  # [R, W]
+            position, drawn_ok = _inverse_cdf(_truncate(weights, top_k[at], top_p[at], min_p[at]), u[at])
+            tokens[at], ok[at] = ids.gather(1, position[:, None])[:, 0], drawn_ok
+            if width == x.shape[-1]:
+                break
+            # A top-p-only row whose nucleus is wider than its candidates is drawn again from more of them.
+            short = (top_k[at][:, 0] == 0) & (weights.sum(-1) < top_p[at][:, 0])
+            if not bool(short.any()):
+                break
+            pending = short.nonzero()[:, 0] if pending is None else pending[short]
         return tokens, ok
 
     def _finish_step(
@@ -439,14 +460,30 @@ class Sampler:
         return Sampled(tokens, logprobs, top, failures)
 
 
-def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def _truncate(weights: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Zero what top-k [T, 1] (0: none), then top-p [T, 1] over the top-k renormalised distribution, then min-p
-    [T, 1] drop from sorted probabilities [T, W] (most likely first). The most likely token always stays."""
-    ranks = torch.arange(probs.shape[-1], device=probs.device)[None]
-    probs = torch.where((top_k == 0) | (ranks < top_k), probs, 0.0)
-    mass_before = (probs.cumsum(-1) - probs) / probs.sum(-1, keepdim=True)
-    probs = torch.where((mass_before < top_p) | (ranks == 0), probs, 0.0)
-    return torch.where(probs >= min_p * probs[:, :1], probs, 0.0)
+    [T, 1] drop from sorted weights [T, W] (most likely first): probabilities over the whole vocabulary for a
+    row without top-k, any positive multiple of them for a row with top-k. The most likely token stays."""
+    ranks = torch.arange(weights.shape[-1], device=weights.device)[None]
+    weights = torch.where((top_k == 0) | (ranks < top_k), weights, 0.0)
+    total = torch.where(top_k > 0, weights.sum(-1, keepdim=True), 1.0)
+    mass_before = (weights.cumsum(-1) - weights) / total
+    weights = torch.where((mass_before < top_p) | (ranks == 0), weights, 0.0)
+    return torch.where(weights >= min_p * weights[:, :1], weights, 0.0)
+
+
+def _candidate_widths(vocab: int, max_top_k: int, device: torch.device) -> list[int]:
+    """How many of its most likely tokens a truncated row is cut among, tried in turn: on the CPU a partial top-k
+    is far cheaper than a sort (most nuclei are a few tokens wide), a device sorts the vocabulary fast."""
+    if device.type != "cpu":
+        return [vocab]
+    first = min(vocab, max(TOP_P_CANDIDATES, max_top_k))
+    return [first] + [w for w in (min(vocab, first * 16), vocab) if w > first]
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor, every: bool) -> torch.Tensor:
+    """x's rows at `index`: x itself (no copy) when they are all of them, in order."""
+    return x if every else x[index]
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
