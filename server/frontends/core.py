@@ -82,6 +82,8 @@ class AdapterRef:
     stack: tuple[str, ...] = ()
     mix: tuple[tuple[str, float], ...] = ()
     mix_method: str = ""
+    mix_density: float | None = None  # ties, dare_*, magnitude_prune (server/residency/mixes.py)
+    mix_majority_sign_method: str = ""  # ties, dare_ties: "total" (default) or "frequency"
 
     @property
     def routing_ids(self) -> list[str]:
@@ -289,7 +291,7 @@ class FrontDoorCore:
             )
         _check(not ref.mix_method or bool(ref.mix), Field.MIX_METHOD, "mix_method needs adapter_mix")
         if ref.mix:
-            spec = mix_spec(ref.mix_method, list(ref.mix))
+            spec = mix_spec(ref.mix_method, list(ref.mix), ref.mix_density, ref.mix_majority_sign_method)
             return await self._in_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
         if ref.stack:
             names = _stack_members(ref.stack)
@@ -327,7 +329,7 @@ class FrontDoorCore:
                         f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only plain LoRA can "
                         "(use adapter_stack to apply adapters of other kinds together)"
                     )
-            return combine(mix, adapters)
+            return combine(mix, adapters, list(registry.spec.linear_layers))
 
         registry.derive(derived_id, members, build)
         return registry.acquire(derived_id)

@@ -555,5 +555,9 @@ class AdapterRegistry:
             return sum(r.state is AdapterState.HOST for r in records)
 
     @property
+    def spec(self) -> BaseModelSpec:
+        return self._spec
+
+    @property
     def slots(self) -> DeviceSlots:
         return self._slots
