@@ -26,6 +26,7 @@ from deltaserve.server.engine.sampling import SamplingParams
 from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError, MergeError
 from deltaserve.server.residency.mixes import MixSpec, combine, mix_spec
 from deltaserve.server.residency.registry import AdapterRecord, AdapterRegistry, AdapterState
+from deltaserve.server.residency.sources import AdapterResolver
 from jinja2 import TemplateError
 
 # Smaller positive temperatures (or an infinite one) can turn logits / temperature into inf or NaN, which would
@@ -163,11 +164,19 @@ def _with_extra(extra_positions: int) -> str:
 class FrontDoorCore:
     """Validation, adapter resolution, submission and output collection shared by every door."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, max_seq_len: int, default_max_new_tokens: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        max_seq_len: int,
+        default_max_new_tokens: int,
+        resolver: AdapterResolver | None = None,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.default_max_new_tokens = default_max_new_tokens
+        self.resolver = resolver  # --adapter-source: adapters named by requests are loaded on first use
 
     # ---- prompt --------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str, messages: tuple[ChatTurn, ...], names: FieldNames) -> list[int]:
@@ -280,6 +289,19 @@ class FrontDoorCore:
         )
 
     # ---- adapters ------------------------------------------------------------------------------------------
+    async def resolve_sources(self, ref: AdapterRef) -> bool:
+        """Load the adapters the request names that are not loaded from the --adapter-source stores (shared
+        with concurrent requests for the same id; off the event loop). True when a load was waited for."""
+        if self.resolver is None:
+            return False
+        cold = False
+        for adapter_id in ref.routing_ids:
+            if self.engine.registry.find(adapter_id) is None:
+                cold = await self.resolver.ensure(adapter_id) or cold
+            else:
+                self.resolver.refresh_if_due(adapter_id)
+        return cold
+
     async def acquire(self, ref: AdapterRef) -> AdapterRecord | None:
         """Take a reference on the request's adapter (building and caching a mix or stack on a worker thread);
         None for the base. The caller releases it unless the engine took it with a submitted request."""
@@ -290,6 +312,7 @@ class FrontDoorCore:
                 chosen[0], f"give one of adapter_id, adapter_mix and adapter_stack, not {' and '.join(chosen)}"
             )
         _check(not ref.mix_method or bool(ref.mix), Field.MIX_METHOD, "mix_method needs adapter_mix")
+        await self.resolve_sources(ref)
         if ref.mix:
             spec = mix_spec(ref.mix_method, list(ref.mix), ref.mix_density, ref.mix_majority_sign_method)
             return await self._in_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
@@ -336,7 +359,7 @@ class FrontDoorCore:
 
     def require_servable(self, adapter_id: str) -> None:
         """AdapterNotFoundError unless `adapter_id` is empty (the base) or names a servable adapter."""
-        if adapter_id and not any(r.adapter_id == adapter_id and is_servable(r) for r in self.engine.registry.list()):
+        if adapter_id and self.engine.registry.find(adapter_id) is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
 
     # ---- submission ----------------------------------------------------------------------------------------
@@ -344,7 +367,9 @@ class FrontDoorCore:
         """Validate, resolve the adapter, tokenize and submit; the returned Generation yields the outputs. The
         caller must `close()` it (a `with` block does) so that leaving early cancels the engine request.
         TimeoutError if the deadline passes while the adapter is brought in (nothing was submitted then)."""
+        started = asyncio.get_running_loop().time()
         async with asyncio.timeout_at(request.deadline):  # bringing an adapter in counts against the deadline
+            cold = await self.resolve_sources(request.adapter)
             adapter = await self.acquire(request.adapter)
         try:
             # Tokenizing (a prompt may be megabytes) runs on a worker thread, never on the event loop.
@@ -363,7 +388,9 @@ class FrontDoorCore:
             if adapter is not None:
                 self.engine.registry.release(adapter, served=False)
             raise
-        return Generation(self.engine, engine_request, queue, request.deadline)
+        return Generation(
+            self.engine, engine_request, queue, request.deadline, cold_started_at=started if cold else None
+        )
 
 
 @dataclass(eq=False)
@@ -381,6 +408,7 @@ class Generation:
     logprobs: list[float] = field(default_factory=list)
     last: RequestOutput | None = None
     timed_out: bool = False
+    cold_started_at: float | None = None  # event-loop time of arrival, for a request that waited for a load
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -419,6 +447,10 @@ class Generation:
         self.token_ids.extend(output.token_ids)
         self.logprobs.extend(output.logprobs)
         self.last = output
+        if self.cold_started_at is not None and output.token_ids:  # the first token of a cold start
+            seconds = asyncio.get_running_loop().time() - self.cold_started_at
+            self.engine.metrics.adapter_cold_start.observe(seconds)
+            self.cold_started_at = None
         return output
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:

@@ -216,6 +216,9 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
         last_used_unix=record.last_used,
         virtual_tokens=record.extra_positions,
         mergeable=record.mergeable,
+        content_hash=record.content_hash,
+        version=record.version,
+        source=record.source,
     )
 
 
