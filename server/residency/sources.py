@@ -289,13 +289,15 @@ def open_source(uri: str, timeout_s: float = 10.0) -> Source:
                 "read_timeout": timeout_s,
                 "retries": {"max_attempts": 2, "mode": "standard"},
             },
-            "retries": 1,
             "skip_instance_cache": True,
+            "use_listings_cache": False,  # a re-check must see a new version
         }
     try:
         fs, root = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as err:
         raise ConfigError(f"--adapter-source {uri}: {err}", "adapter_source") from None
+    if hasattr(fs, "retries"):
+        fs.retries = 2  # s3fs retries five times with back-off by default
     return FsSource(uri, fs, root, "fsspec")
 
 
@@ -551,7 +553,8 @@ class AdapterResolver:
             )
         except AdapterError as err:  # the message names the local path; the caller knows the id and source
             self.metrics.load(source.uri, "error", time.perf_counter() - started)
-            raise type(err)(str(err).replace(path, f"{source.uri}/{name.name}")) from None
+            message = str(err).replace(path, name.name)
+            raise type(err)(f"adapter {adapter_id!r} from {source.uri}: {message}") from None
         except Exception:
             self.metrics.load(source.uri, "error", time.perf_counter() - started)
             raise
