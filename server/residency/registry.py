@@ -22,6 +22,7 @@ runs is safe.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import itertools
@@ -207,6 +208,7 @@ class AdapterRegistry:
         self._loader = loader
         self._resolve_path = resolve_path
         self._digest = digest
+        self._hasher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="deltaserve-digest")
         self._aliases: dict[str, AdapterRecord] = {}  # names served by another name's record (same content)
         self._cv = threading.Condition()
         self._by_id: dict[str, AdapterRecord] = {}  # visible adapters (and ids reserved while loading)
@@ -254,12 +256,11 @@ class AdapterRegistry:
             if adapter_id not in self._by_id and adapter_id not in self._aliases:
                 self._by_id[adapter_id] = record  # reserve the id while validating
         try:
-            record.content_hash = self._digest(path)
+            adapter, record.content_hash = self._parse_and_digest(path)
             with self._cv:
                 twin = self._twin(record.content_hash)
                 if twin is not None and not pin:  # the same weights are served already: share them
                     return self._alias(adapter_id, record, twin)
-            adapter = self._parse(path)
         except BaseException:
             with self._cv:
                 if self._by_id.get(adapter_id) is record:
@@ -334,6 +335,16 @@ class AdapterRegistry:
                 record.adapter_id = heir
                 self._by_id[heir] = record
         self._retire_mixes_of(adapter_id)
+
+    def _parse_and_digest(self, path: str) -> tuple[ParsedAdapter, str]:
+        """Parse and hash at once (hashing releases the GIL): a cold start waits for the longer of the two,
+        not their sum. A twin found afterwards drops this parse, so only one host copy stays."""
+        digest = self._hasher.submit(self._digest, path)
+        try:
+            adapter = self._parse(path)
+        finally:
+            concurrent.futures.wait([digest])  # never leave the hash running past a failed parse
+        return adapter, digest.result()
 
     def _parse(self, path: str) -> ParsedAdapter:
         adapter = self._loader(path, self._spec)
@@ -626,6 +637,7 @@ class AdapterRegistry:
             self._stopping = True
             self._cv.notify_all()
         self._worker.join(timeout=10)
+        self._hasher.shutdown(wait=False)
 
     # ---- views -------------------------------------------------------------------------------------
     def list(self) -> list[AdapterRecord]:
