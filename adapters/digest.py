@@ -27,7 +27,10 @@ from deltaserve.adapters.peft_files import (
 IGNORED_CONFIG_KEYS = frozenset(
     {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
 )
-HEADER_MAX_BYTES = 100 << 20  # safetensors' own cap on the JSON header
+HEADER_MAX_BYTES = 100 << 20
+# The weight files the loaders read: PEFT's, then AdapterHub's (bottleneck adapters).
+SAFETENSORS_NAMES = (WEIGHTS_NAME, "adapter.safetensors")
+PICKLE_NAMES = (*PICKLE_WEIGHTS, "pytorch_adapter.bin")  # safetensors' own cap on the JSON header
 
 
 def safetensors_tensor_digest(data: bytes, hasher: Any, where: str = WEIGHTS_NAME) -> None:
@@ -58,12 +61,12 @@ def content_digest(path: str, options: ReadOptions = DEFAULT_READ_OPTIONS) -> st
     with AdapterDirectory(path, options.roots) as directory:
         config = {k: v for k, v in read_config(directory).items() if k not in IGNORED_CONFIG_KEYS}
         hasher.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-        if directory.has(WEIGHTS_NAME):
-            data = directory.read(WEIGHTS_NAME, options.max_bytes, "--max-adapter-bytes")
-            safetensors_tensor_digest(data, hasher)
-        else:
-            pickled = next((name for name in PICKLE_WEIGHTS if directory.has(name)), None)
-            if pickled is None:  # the loader names the problem; the digest only needs something stable
-                raise AdapterFormatError(f"{path!r} holds no {WEIGHTS_NAME}")
+        safetensors = next((name for name in SAFETENSORS_NAMES if directory.has(name)), None)
+        pickled = next((name for name in PICKLE_NAMES if directory.has(name)), None)
+        if safetensors is not None:
+            safetensors_tensor_digest(directory.read(safetensors, options.max_bytes, "--max-adapter-bytes"), hasher)
+        elif pickled is not None:  # hashed as bytes, never unpickled here (the loader decides whether to)
             hasher.update(b"pickle:" + directory.read(pickled, options.max_bytes, "--max-adapter-bytes"))
+        else:  # nothing the loader could read: it names the problem; the digest needs only to be stable
+            hasher.update(b"no-weights")
     return "sha256:" + hasher.hexdigest()

@@ -406,7 +406,7 @@ class AdapterRegistry:
                 record.pinned_for_merge = not already_pinned
             return record
         with self._cv:
-            record = self._by_id[adapter_id]
+            record = self._by_id.get(adapter_id) or self._aliases[adapter_id]
             record.merged = False
             if record.pinned_for_merge:
                 record.pinned, record.pinned_for_merge = False, False
@@ -474,7 +474,7 @@ class AdapterRegistry:
             if derived_id in self._by_id:
                 return  # built concurrently by another request
             for adapter_id, source in zip(members, sources, strict=True):
-                if self._by_id.get(adapter_id) is not source:
+                if (self._by_id.get(adapter_id) or self._aliases.get(adapter_id)) is not source:
                     raise AdapterNotFoundError(f"adapter {adapter_id!r} was unloaded or replaced meanwhile")
             self._by_id[derived_id] = record
             slot = self._reserve_slot(record)

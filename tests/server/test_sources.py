@@ -267,6 +267,19 @@ def test_names_with_identical_weights_share_one_record(server):
     assert registry.occupied_slots() == len({id(registry.find(n)) for n in listed})
 
 
+def test_unloading_one_name_keeps_its_twin_serving(server):
+    registry = server.server.registry
+    with Client(server.target, timeout=60) as client:
+        client.generate(PROMPTS[1], adapter_id="one", max_new_tokens=2)
+        client.generate(PROMPTS[1], adapter_id="twin", max_new_tokens=2)
+        shared = registry.find("twin")
+        registry.unload("one")
+        assert registry.find("one") is None and registry.find("twin") is shared and shared.adapter_id == "twin"
+        expected = client.generate(PROMPTS[1], adapter_id="twin", max_new_tokens=MAX_NEW).token_ids
+        assert client.generate(PROMPTS[1], adapter_id="one", max_new_tokens=MAX_NEW).token_ids == expected
+        assert registry.find("one") is shared  # resolved again, and shared again
+
+
 def test_a_miss_is_not_found_and_nothing_else_fails(server):
     with Client(server.target, timeout=60) as client:
         for adapter_id in ("missing", "../one", "s3://x/one"):
