@@ -7,7 +7,9 @@ import dataclasses
 import importlib.metadata
 import logging
 import os
+import shutil
 import signal
+import tempfile
 
 import grpc
 from deltaserve.adapters import ReadOptions, load_adapter, served_kinds, tensor_bytes
@@ -160,7 +162,8 @@ class Server:
         ]
         self.adapter_cache = (
             AdapterCache(
-                config.adapters.adapter_cache_dir or os.path.expanduser("~/.cache/deltaserve/adapter-cache"),
+                # Default: a fresh directory per server, so servers on one machine (Ray replicas) never share one.
+                config.adapters.adapter_cache_dir or tempfile.mkdtemp(prefix="deltaserve-adapters-"),
                 config.adapters.adapter_cache_bytes,
             )
             if self.sources
@@ -374,6 +377,8 @@ class Server:
         self.registry.close()
         if self.resolver is not None:
             self.resolver.close()
+            if not self.config.adapters.adapter_cache_dir:  # the server's own temporary cache
+                shutil.rmtree(self.adapter_cache.directory, ignore_errors=True)
 
     async def _engine_died(self) -> None:
         """The engine thread is gone (its requests already failed with UNAVAILABLE): report NOT_SERVING on every

@@ -319,7 +319,10 @@ class AdapterConfig(ConfigGroup):
         metavar="URI",
     )
     adapter_cache_dir: str = setting(
-        "", "where adapters downloaded from sources are kept", metavar="DIR", shown="~/.cache/deltaserve/adapter-cache"
+        "",
+        "where adapters downloaded from sources are kept (one server per directory: it clears its ds-* entries)",
+        metavar="DIR",
+        shown="a fresh temporary directory per server",
     )
     adapter_cache_bytes: int = setting(
         4 << 30, "bytes of downloaded adapters kept (least recently used dropped first)", minimum=1, shown="4 GiB"
