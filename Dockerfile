@@ -53,7 +53,8 @@ COPY server/ server/
 COPY adapters/ adapters/
 COPY client/ client/
 COPY testing/ testing/
-RUN pip install . && rm -rf /src/build /src/*.egg-info
+# The s3 extra (s3fs) lets --adapter-source name s3:// stores.
+RUN pip install ".[s3]" && rm -rf /src/build /src/*.egg-info
 
 # Converted models (the embedded GGUF is dequantized to safetensors on first start, about 0.5 GB) live
 # in DELTASERVE_CACHE; a volume keeps them across container restarts.

@@ -21,7 +21,14 @@ from deltaserve.adapters.bottleneck import is_adapterhub_config, read_bottleneck
 from deltaserve.adapters.directory import AdapterDirectory
 from deltaserve.adapters.ia3 import parse_ia3
 from deltaserve.adapters.lora import parse_lora
-from deltaserve.adapters.peft_files import DEFAULT_READ_OPTIONS, PeftFiles, ReadOptions, read_config, read_weights
+from deltaserve.adapters.peft_files import (
+    DEFAULT_READ_OPTIONS,
+    PeftFiles,
+    ReadOptions,
+    all_finite,
+    read_config,
+    read_weights,
+)
 from deltaserve.adapters.prompts import parse_prefix_tuning, parse_prompt_tuning
 from deltaserve.adapters.weights import ParsedAdapter
 
@@ -90,7 +97,7 @@ def check_device_ready(adapter: ParsedAdapter, dtype: torch.dtype) -> ParsedAdap
     finite: a finite file can still overflow (lora_alpha 1e39, or 1e5 in fp16), and one non-finite value
     in a shared batch could otherwise reach other rows' results."""
     for name, tensor in adapter.named_tensors():
-        if not torch.isfinite(tensor.to(dtype)).all():
+        if not all_finite(tensor.to(dtype)):
             raise AdapterFormatError(
                 f"{name} is not finite in {str(dtype).removeprefix('torch.')} once scaled (nan, inf or overflow)"
             )

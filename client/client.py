@@ -53,6 +53,8 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: bool
     adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None
     mix_method: str
+    mix_density: float | None
+    mix_majority_sign_method: str
     adapter_stack: Sequence[str] | None
     prompt_token_ids: Sequence[int] | None
     min_p: float
@@ -113,13 +115,17 @@ def build_generate_request(
     allowed_token_ids: Sequence[int] | None = None,
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
+    mix_density: float | None = None,
+    mix_majority_sign_method: str = "",
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
 
     temperature 0 is greedy; top_k 0 disables top-k; a single stop string is accepted as well as a list.
     adapter_mix ({adapter_id: weight} or pairs) asks for a weighted mix of loaded LoRA adapters instead of
-    adapter_id, combined by mix_method ("cat" by default, or "linear") as PEFT's add_weighted_adapter does.
+    adapter_id, combined by mix_method ("cat" by default, "linear", "ties", "dare_linear", "dare_ties",
+    "magnitude_prune" or "svd") as PEFT's add_weighted_adapter does, with mix_density and
+    mix_majority_sign_method as PEFT's density and majority_sign_method.
     adapter_stack (adapter ids of any kinds, in order) applies several adapters together, e.g. a prefix plus
     a LoRA; see the proto for the composition rule. prompt_token_ids replaces prompt and messages; the other
     sampling controls (min_p, penalties, logit_bias, stop/allowed token ids, top_logprobs, prompt_logprobs)
@@ -141,6 +147,7 @@ def build_generate_request(
             for name, weight in (adapter_mix.items() if isinstance(adapter_mix, Mapping) else adapter_mix or ())
         ],
         mix_method=mix_method,
+        mix_majority_sign_method=mix_majority_sign_method,
         adapter_stack=list(adapter_stack or ()),
         prompt_token_ids=list(prompt_token_ids or ()),
         min_p=min_p,
@@ -158,6 +165,7 @@ def build_generate_request(
         "top_p": top_p,
         "seed": seed,
         "repetition_penalty": repetition_penalty,
+        "mix_density": mix_density,
     }
     for name, value in optional.items():
         if value is not None:

@@ -123,6 +123,9 @@ class AdapterInfo:
     last_used_unix: float
     virtual_tokens: int  # prefix entries + virtual tokens put before every prompt
     mergeable: bool
+    content_hash: str = ""  # "sha256:...": names with one hash share one slot and one host copy
+    version: str = ""  # the --adapter-source version served ("" for LoadAdapter paths)
+    source: str = ""  # the --adapter-source it came from
 
     @classmethod
     def from_proto(cls, msg: pb.AdapterInfo) -> Self:

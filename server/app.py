@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import dataclasses
 import importlib.metadata
 import logging
 import os
+import shutil
 import signal
+import tempfile
 
 import grpc
 from deltaserve.adapters import ReadOptions, load_adapter, served_kinds, tensor_bytes
+from deltaserve.adapters.digest import content_digest
+from deltaserve.adapters.directory import within
 from deltaserve.client.fmaas import generation_pb2 as tgis_pb
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
@@ -29,6 +33,7 @@ from deltaserve.server.model.kv_cache import blocks_for
 from deltaserve.server.model.loader import LoadedModel, load_model
 from deltaserve.server.model.runner import NO_ADAPTERS, ModelRunner, PrefillChunk
 from deltaserve.server.residency.registry import AdapterRegistry, DeviceSlots
+from deltaserve.server.residency.sources import AdapterCache, AdapterResolver, FsSource, open_source
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -152,12 +157,48 @@ class Server:
             roots=self.path_policy.roots,
             compute_dtype=loaded.dtype,
         )
+        self.sources = [
+            open_source(uri, config.adapters.adapter_download_timeout_s) for uri in config.adapters.adapter_source
+        ]
+        self.adapter_cache = (
+            AdapterCache(
+                # Default: a fresh directory per server, so servers on one machine (Ray replicas) never share one.
+                config.adapters.adapter_cache_dir or tempfile.mkdtemp(prefix="deltaserve-adapters-"),
+                config.adapters.adapter_cache_bytes,
+            )
+            if self.sources
+            else None
+        )
+        # Files from a source (read in place, or from the cache) are confined to that directory, no link
+        # followed; every other path to --adapter-root as before.
+        confined = [s.root for s in self.sources if isinstance(s, FsSource) and s.kind == "dir"]
+        confined += [self.adapter_cache.directory] if self.adapter_cache else []
+
+        def options_for(path: str) -> ReadOptions:
+            root = next((r for r in confined if within(path, [r]) is not None), None)
+            return dataclasses.replace(read_options, roots=(root,)) if root else read_options
+
         self.registry = AdapterRegistry(
             self.runner.base_spec(),
             slots,
             max_host=config.adapters.max_cpu_adapters,
-            loader=functools.partial(load_adapter, options=read_options),
+            loader=lambda path, spec: load_adapter(path, spec, options=options_for(path)),
             resolve_path=self.path_policy.resolve,
+            digest=lambda path: content_digest(path, options_for(path)),
+        )
+        self.resolver = (
+            AdapterResolver(
+                self.sources,
+                self.registry,
+                self.adapter_cache,
+                negative_ttl_s=config.adapters.adapter_negative_ttl_s,
+                refresh_s=config.adapters.adapter_refresh_s,
+                timeout_s=config.adapters.adapter_download_timeout_s,
+                max_weights_bytes=config.adapters.max_adapter_bytes,
+                metrics=self.metrics,
+            )
+            if self.adapter_cache is not None
+            else None
         )
         engine_config = EngineConfig(
             config.batching.max_batch_size,
@@ -269,6 +310,7 @@ class Server:
             self.engine.config.max_seq_len,
             self.config.batching.default_max_new_tokens,
             max_n=self.config.batching.max_n,
+            resolver=self.resolver,
         )
         generation = self.generation = GenerationService(core, self.model_info)
         adapters = self.adapters = AdaptersService(self.engine, self.metrics, self.merges)
@@ -334,6 +376,10 @@ class Server:
         if self.http is not None:
             await self.http.stop()
         self.registry.close()
+        if self.resolver is not None:
+            self.resolver.close()
+            if not self.config.adapters.adapter_cache_dir:  # the server's own temporary cache
+                shutil.rmtree(self.adapter_cache.directory, ignore_errors=True)
 
     async def _engine_died(self) -> None:
         """The engine thread is gone (its requests already failed with UNAVAILABLE): report NOT_SERVING on every

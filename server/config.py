@@ -318,6 +318,30 @@ class AdapterConfig(ConfigGroup):
     )
     allow_pickle: bool = setting(False, "also read adapter_model.bin (weights-only unpickling)")
     max_adapter_bytes: int | None = setting(None, "refuse adapter weight files above this", minimum=0, metavar="N")
+    adapter_source: list[str] = setting(
+        [],
+        "load adapters that requests name from this store on first use: a directory, s3://bucket/prefix or any "
+        "fsspec URL, or hf-cache://DIR (repeatable, tried in order; docs/adapters.md)",
+        metavar="URI",
+    )
+    adapter_cache_dir: str = setting(
+        "",
+        "where adapters downloaded from sources are kept (one server per directory: it clears its ds-* entries)",
+        metavar="DIR",
+        shown="a fresh temporary directory per server",
+    )
+    adapter_cache_bytes: int = setting(
+        4 << 30, "bytes of downloaded adapters kept (least recently used dropped first)", minimum=1, shown="4 GiB"
+    )
+    adapter_negative_ttl_s: float = setting(
+        10.0, "seconds an id no source has is answered NOT_FOUND without asking the sources again", minimum=0
+    )
+    adapter_refresh_s: float = setting(
+        30.0, "seconds between re-checks of a bare source name for a newer version (name@rev pins one)", minimum=0
+    )
+    adapter_download_timeout_s: float = setting(
+        60.0, "seconds one source lookup or download may take (DEADLINE_EXCEEDED after)", minimum=0.1
+    )
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,15 @@ class AdapterUnreadableError(DeltaserveServerError):
     it was validated); requests for it fail until it reads again (FAILED_PRECONDITION)."""
 
 
+class AdapterSourceUnavailableError(DeltaserveServerError):
+    """An --adapter-source could not be reached or failed while resolving or downloading an adapter; only the
+    requests for that adapter fail (UNAVAILABLE)."""
+
+
+class AdapterSourceTimeoutError(DeltaserveServerError):
+    """An --adapter-source took longer than --adapter-download-timeout-s for one adapter (DEADLINE_EXCEEDED)."""
+
+
 class NonFiniteOutputError(DeltaserveServerError):
     """A request's logits or sampling distribution were not finite, e.g. an overflowing adapter; only that
     request fails (FAILED_PRECONDITION)."""

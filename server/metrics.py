@@ -94,6 +94,46 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # adapters from --adapter-source stores (the source label is operator configuration: bounded)
+        self.source_downloads = Counter(
+            "deltaserve_adapter_source_downloads",
+            "Adapter downloads by source and outcome (ok, error, not_found)",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.source_download_bytes = Counter(
+            "deltaserve_adapter_source_download_bytes", "Bytes downloaded from adapter sources", ["source"], registry=r
+        )
+        self.source_download_seconds = Histogram(
+            "deltaserve_adapter_source_download_seconds",
+            "Time to download one adapter",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.source_loads = Counter(
+            "deltaserve_adapter_source_loads", "Loads of source adapters by outcome", ["source", "outcome"], registry=r
+        )
+        self.source_load_seconds = Histogram(
+            "deltaserve_adapter_source_load_seconds",
+            "Digest, parse, validate and place a downloaded adapter",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.adapter_cache_bytes = Gauge("deltaserve_adapter_cache_bytes", "Bytes in the adapter cache", registry=r)
+        self.adapter_cache_entries = Gauge(
+            "deltaserve_adapter_cache_entries", "Adapters in the adapter cache", registry=r
+        )
+        self.adapter_cache_lookups = Counter(
+            "deltaserve_adapter_cache_lookups", "Adapter cache lookups by result (hit, miss)", ["result"], registry=r
+        )
+        self.adapter_cold_start = Histogram(
+            "deltaserve_adapter_cold_start_seconds",
+            "Arrival to first token of requests that waited for their adapter to load from a source",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.adapters_resident = Gauge("deltaserve_adapters_resident", "Adapters held, by tier", ["tier"], registry=r)
         self.adapter_evictions = Counter("deltaserve_adapter_evictions", "Adapters evicted from a tier", registry=r)
         self.merge_switches = Counter(
@@ -176,6 +216,23 @@ class Metrics:
     def observe_load(self, kind: str, result: str, seconds: float) -> None:
         self.adapter_loads.labels(kind or "unknown", result).inc()
         self.adapter_load_duration.observe(seconds)
+
+    # the resolver's SourceMetrics (server/residency/sources.py)
+    def download(self, source: str, outcome: str, size: int, seconds: float) -> None:
+        self.source_downloads.labels(source, outcome).inc()
+        if outcome == "ok":
+            self.source_download_bytes.labels(source).inc(size)
+            self.source_download_seconds.labels(source).observe(seconds)
+
+    def load(self, source: str, outcome: str, seconds: float) -> None:
+        self.source_loads.labels(source, outcome).inc()
+        self.source_load_seconds.labels(source).observe(seconds)
+
+    def cache(self, size_bytes: int, entries: int, hit: bool | None) -> None:
+        self.adapter_cache_bytes.set(size_bytes)
+        self.adapter_cache_entries.set(entries)
+        if hit is not None:
+            self.adapter_cache_lookups.labels("hit" if hit else "miss").inc()
 
     def observe_finished(self, request: FinishedRequest, status: str, now: float) -> None:
         """`status` is the finish reason's value, or "error"."""

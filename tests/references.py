@@ -36,7 +36,7 @@ def load_reference_model(model_dir: str, adapter_dir: str | None = None, **load_
     return model.eval()
 
 
-def peft_mix_model(model_dir: str, parts: dict[str, str], names, weights, method: str):
+def peft_mix_model(model_dir: str, parts: dict[str, str], names, weights, method: str, **options):
     """PEFT's own weighted mix (`add_weighted_adapter`) of the named LoRA directories, as the active adapter."""
     from peft import PeftModel
 
@@ -45,7 +45,7 @@ def peft_mix_model(model_dir: str, parts: dict[str, str], names, weights, method
     )
     for name in names[1:]:
         model.load_adapter(parts[name], adapter_name=name)
-    model.add_weighted_adapter(list(names), list(weights), "mix", combination_type=method)
+    model.add_weighted_adapter(list(names), list(weights), "mix", combination_type=method, **options)
     model.set_adapter("mix")
     return model.eval()
 

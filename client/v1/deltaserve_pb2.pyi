@@ -50,7 +50,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method", "adapter_stack", "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "allowed_token_ids", "top_logprobs", "prompt_logprobs", "prompt_token_ids")
+    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method", "adapter_stack", "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "allowed_token_ids", "top_logprobs", "prompt_logprobs", "prompt_token_ids", "mix_density", "mix_majority_sign_method")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,8 @@ class GenerateRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MIX_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MIX_MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -108,7 +110,9 @@ class GenerateRequest(_message.Message):
     top_logprobs: int
     prompt_logprobs: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ..., adapter_stack: _Optional[_Iterable[str]] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    mix_density: float
+    mix_majority_sign_method: str
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ..., adapter_stack: _Optional[_Iterable[str]] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., mix_density: _Optional[float] = ..., mix_majority_sign_method: _Optional[str] = ...) -> None: ...
 
 class TopLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")
@@ -255,7 +259,7 @@ class PinAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "kind", "rank", "size_bytes", "state", "path", "target_modules", "requests_served", "active_requests", "pinned", "last_used_unix", "virtual_tokens", "mergeable")
+    __slots__ = ("adapter_id", "kind", "rank", "size_bytes", "state", "path", "target_modules", "requests_served", "active_requests", "pinned", "last_used_unix", "virtual_tokens", "mergeable", "content_hash", "version", "source")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +273,9 @@ class AdapterInfo(_message.Message):
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MERGEABLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     kind: str
     rank: int
@@ -282,7 +289,10 @@ class AdapterInfo(_message.Message):
     last_used_unix: float
     virtual_tokens: int
     mergeable: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., requests_served: _Optional[int] = ..., active_requests: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used_unix: _Optional[float] = ..., virtual_tokens: _Optional[int] = ..., mergeable: _Optional[bool] = ...) -> None: ...
+    content_hash: str
+    version: str
+    source: str
+    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., requests_served: _Optional[int] = ..., active_requests: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used_unix: _Optional[float] = ..., virtual_tokens: _Optional[int] = ..., mergeable: _Optional[bool] = ..., content_hash: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)

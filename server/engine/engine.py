@@ -291,8 +291,9 @@ class Engine:
         return self.registry.slots.prompts[request.slot] if request.slot >= 0 else NO_SOFT_PROMPT
 
     def _cache_root(self, request: Request) -> bytes:
-        """What besides the tokens shaped this request's K/V: its adapter (this load of it) and the merged one."""
-        adapter = request.adapter.generation if request.adapter is not None else 0
+        """What besides the tokens shaped this request's K/V: its adapter (its content hash, so names and loads
+        of the same weights share blocks; a mix or stack: this build of it) and the merged one."""
+        adapter = request.adapter.cache_identity if request.adapter is not None else 0
         return root_hash(f"adapter={adapter};merged={request.merged_generation}")
 
     @property

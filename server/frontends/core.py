@@ -27,6 +27,7 @@ from deltaserve.server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, 
 from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError, MergeError
 from deltaserve.server.residency.mixes import MixSpec, combine, mix_spec
 from deltaserve.server.residency.registry import AdapterRecord, AdapterRegistry, AdapterState
+from deltaserve.server.residency.sources import AdapterResolver
 from jinja2 import TemplateError
 
 # Smaller positive temperatures (or an infinite one) can turn logits / temperature into inf or NaN, which would
@@ -98,6 +99,8 @@ class AdapterRef:
     stack: tuple[str, ...] = ()
     mix: tuple[tuple[str, float], ...] = ()
     mix_method: str = ""
+    mix_density: float | None = None  # ties, dare_*, magnitude_prune (server/residency/mixes.py)
+    mix_majority_sign_method: str = ""  # ties, dare_ties: "total" (default) or "frequency"
 
     @property
     def routing_ids(self) -> list[str]:
@@ -189,13 +192,20 @@ class FrontDoorCore:
     """Validation, adapter resolution, submission and output collection shared by every door."""
 
     def __init__(
-        self, engine: Engine, tokenizer: Any, max_seq_len: int, default_max_new_tokens: int, max_n: int = 16
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        max_seq_len: int,
+        default_max_new_tokens: int,
+        resolver: AdapterResolver | None = None,
+        max_n: int = 16,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.default_max_new_tokens = default_max_new_tokens
         self.max_n = max_n
+        self.resolver = resolver  # --adapter-source: adapters named by requests are loaded on first use
 
     # ---- prompt --------------------------------------------------------------------------------------------
     def prompt_ids(
@@ -365,6 +375,19 @@ class FrontDoorCore:
         )
 
     # ---- adapters ------------------------------------------------------------------------------------------
+    async def resolve_sources(self, ref: AdapterRef) -> bool:
+        """Load the adapters the request names that are not loaded from the --adapter-source stores (shared
+        with concurrent requests for the same id; off the event loop). True when a load was waited for."""
+        if self.resolver is None:
+            return False
+        cold = False
+        for adapter_id in ref.routing_ids:
+            if self.engine.registry.find(adapter_id) is None:
+                cold = await self.resolver.ensure(adapter_id) or cold
+            else:
+                self.resolver.refresh_if_due(adapter_id)
+        return cold
+
     async def acquire(self, ref: AdapterRef) -> AdapterRecord | None:
         """Take a reference on the request's adapter (building and caching a mix or stack on a worker thread);
         None for the base. The caller releases it unless the engine took it with a submitted request."""
@@ -375,8 +398,9 @@ class FrontDoorCore:
                 chosen[0], f"give one of adapter_id, adapter_mix and adapter_stack, not {' and '.join(chosen)}"
             )
         _check(not ref.mix_method or bool(ref.mix), Field.MIX_METHOD, "mix_method needs adapter_mix")
+        await self.resolve_sources(ref)
         if ref.mix:
-            spec = mix_spec(ref.mix_method, list(ref.mix))
+            spec = mix_spec(ref.mix_method, list(ref.mix), ref.mix_density, ref.mix_majority_sign_method)
             return await self._in_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
         if ref.stack:
             names = _stack_members(ref.stack)
@@ -414,14 +438,14 @@ class FrontDoorCore:
                         f"adapter {adapter_id!r} ({adapter.kind.value}) cannot be mixed; only plain LoRA can "
                         "(use adapter_stack to apply adapters of other kinds together)"
                     )
-            return combine(mix, adapters)
+            return combine(mix, adapters, list(registry.spec.linear_layers))
 
         registry.derive(derived_id, members, build)
         return registry.acquire(derived_id)
 
     def require_servable(self, adapter_id: str) -> None:
         """AdapterNotFoundError unless `adapter_id` is empty (the base) or names a servable adapter."""
-        if adapter_id and not any(r.adapter_id == adapter_id and is_servable(r) for r in self.engine.registry.list()):
+        if adapter_id and self.engine.registry.find(adapter_id) is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
 
     # ---- submission ----------------------------------------------------------------------------------------
@@ -429,7 +453,9 @@ class FrontDoorCore:
         """Validate, resolve the adapter, tokenize and submit; the returned Generation yields the outputs. The
         caller must `close()` it (a `with` block does) so that leaving early cancels the engine request.
         TimeoutError if the deadline passes while the adapter is brought in (nothing was submitted then)."""
+        started = asyncio.get_running_loop().time()
         async with asyncio.timeout_at(request.deadline):  # bringing an adapter in counts against the deadline
+            cold = await self.resolve_sources(request.adapter)
             adapter = await self.acquire(request.adapter)
         try:
             # Tokenizing (a prompt may be megabytes) runs on a worker thread, never on the event loop.
@@ -437,11 +463,11 @@ class FrontDoorCore:
             prompt_ids, params = await asyncio.to_thread(self.prepare, request, names, extra)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-            started = asyncio.Event()
+            first_output = asyncio.Event()
 
             def deliver(output: RequestOutput) -> None:
                 queue.put_nowait(output)
-                started.set()
+                first_output.set()
 
             def sink(output: RequestOutput) -> None:
                 loop.call_soon_threadsafe(deliver, output)
@@ -453,7 +479,14 @@ class FrontDoorCore:
             if adapter is not None:
                 self.engine.registry.release(adapter, served=False)
             raise
-        return Generation(self.engine, engine_request, queue, request.deadline, started=started)
+        return Generation(
+            self.engine,
+            engine_request,
+            queue,
+            request.deadline,
+            cold_started_at=started if cold else None,
+            started=first_output,
+        )
 
     def check_sequences(self, n: int, best_of: int | None, names: FieldNames) -> int:
         """How many sequences to generate for OpenAI's n and best_of (best_of >= n, both within --max-n)."""
@@ -516,6 +549,7 @@ class Generation:
     prompt_logprobs: list[TokenLogprob] | None = None
     last: RequestOutput | None = None
     timed_out: bool = False
+    cold_started_at: float | None = None  # event-loop time of arrival, for a request that waited for a load
     started: asyncio.Event = field(default_factory=asyncio.Event)  # set at the first output (prompt computed)
 
     @property
@@ -563,6 +597,10 @@ class Generation:
         if output.prompt_logprobs is not None:
             self.prompt_logprobs = output.prompt_logprobs
         self.last = output
+        if self.cold_started_at is not None and output.token_ids:  # the first token of a cold start
+            seconds = asyncio.get_running_loop().time() - self.cold_started_at
+            self.engine.metrics.adapter_cold_start.observe(seconds)
+            self.cold_started_at = None
         return output
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:

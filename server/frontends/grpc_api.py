@@ -107,6 +107,8 @@ def generation_request(request: pb.GenerateRequest, rid: str) -> GenerationReque
             stack=tuple(request.adapter_stack),
             mix=tuple((part.adapter_id, part.weight) for part in request.adapter_mix),
             mix_method=request.mix_method,
+            mix_density=request.mix_density if request.HasField("mix_density") else None,
+            mix_majority_sign_method=request.mix_majority_sign_method,
         ),
         max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
         min_new_tokens=request.min_new_tokens,
@@ -239,6 +241,9 @@ def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
         last_used_unix=record.last_used,
         virtual_tokens=record.extra_positions,
         mergeable=record.mergeable,
+        content_hash=record.content_hash,
+        version=record.version,
+        source=record.source,
     )
 
 

@@ -18,6 +18,8 @@ from deltaserve.adapters import (
 from deltaserve.server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    AdapterSourceTimeoutError,
+    AdapterSourceUnavailableError,
     AdapterUnreadableError,
     CapacityError,
     DeltaserveServerError,
@@ -45,6 +47,8 @@ _STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (AdapterAccessError, grpc.StatusCode.PERMISSION_DENIED),
+    (AdapterSourceUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (AdapterSourceTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (EngineFailedError, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),  # a request's own deadline passed

@@ -11,12 +11,18 @@
   beyond it the host copy is dropped and the adapter stays registered on disk). Pinned adapters never leave.
 - Unloading (or replacing) hides the id at once; in-flight requests finish with the old weights and the
   slot is freed when the last one leaves.
+- Identity by content: every load computes the adapter's content digest (deltaserve.adapters.digest). A
+  name whose digest equals a servable adapter's becomes an alias of that record: one slot, one host copy,
+  one prefix-cache root (the engine keys K/V by `cache_identity`). Unloading a name drops only that name;
+  the record retires with its last name. A host copy read back from disk must still have its digest, so a
+  file changed under a loaded path is refused (reload it) rather than silently mixed with the old one.
 A free slot is never read by a forward (only slots of admitted requests are), so writing it while the engine
 runs is safe.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import itertools
@@ -35,6 +41,7 @@ from deltaserve.adapters import (
     load_adapter,
     tensor_bytes,
 )
+from deltaserve.adapters.digest import content_digest
 from deltaserve.server.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -82,8 +89,16 @@ class AdapterRecord:
     merged: bool = False  # folded into the base weights (pinned meanwhile; cannot be unloaded or replaced)
     pinned_for_merge: bool = False  # the pin was taken by the merge, so unmerging lifts it
     components: tuple[str, ...] = ()  # for a weighted mix: the adapters it was built from
+    content_hash: str = ""  # "sha256:..." of its weights and config (empty for mixes and stacks)
+    version: str = ""  # the source's version it was resolved at (empty for LoadAdapter paths)
+    source: str = ""  # the --adapter-source it came from (empty for LoadAdapter paths)
     # Unique per record, so per load, replace and mix: the prefix cache keys K/V by it, never by the id.
     generation: int = field(default_factory=_GENERATIONS.__next__)
+
+    @property
+    def cache_identity(self) -> str:
+        """What the prefix cache keys this adapter's K/V by: its content, or (mixes, stacks) its record."""
+        return self.content_hash or f"generation:{self.generation}"
 
     def describe(self, adapter: ParsedAdapter) -> None:
         self.kind = adapter.kind.value
@@ -174,6 +189,7 @@ class DeviceSlots:
 
 
 AdapterLoader = Callable[[str, BaseModelSpec], ParsedAdapter]
+AdapterDigest = Callable[[str], str]  # a directory's content digest (deltaserve.adapters.digest)
 
 
 class AdapterRegistry:
@@ -184,12 +200,16 @@ class AdapterRegistry:
         max_host: int = 32,
         loader: AdapterLoader = load_adapter,
         resolve_path: Callable[[str], str] = lambda path: path,
+        digest: AdapterDigest = content_digest,
     ) -> None:
         self._spec = spec
         self._slots = slots
         self._max_host = max_host  # adapters kept parsed in host memory besides those on the device
         self._loader = loader
         self._resolve_path = resolve_path
+        self._digest = digest
+        self._hasher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="deltaserve-digest")
+        self._aliases: dict[str, AdapterRecord] = {}  # names served by another name's record (same content)
         self._cv = threading.Condition()
         self._by_id: dict[str, AdapterRecord] = {}  # visible adapters (and ids reserved while loading)
         self._draining: list[AdapterRecord] = []  # unloaded/replaced, still used by in-flight requests
@@ -202,28 +222,45 @@ class AdapterRegistry:
         self._worker.start()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def load(self, adapter_id: str, path: str, *, replace: bool = False, pin: bool = False) -> AdapterRecord:
+    def load(
+        self,
+        adapter_id: str,
+        path: str,
+        *,
+        replace: bool = False,
+        pin: bool = False,
+        resolved: bool = False,
+        version: str = "",
+        source: str = "",
+    ) -> AdapterRecord:
         """Validate an adapter and register it (on the device if a slot can be had). Blocking: call it off
         the event loop. With `replace`, an existing id switches to the new weights once they validated;
-        requests already running finish with the old ones."""
+        requests already running finish with the old ones. `resolved`: the path comes from an operator's
+        --adapter-source (already confined there), not from a caller, so --adapter-root does not apply.
+        Returns the record that serves the name: an existing one when the content is the same."""
         if not adapter_id:
             raise InvalidRequestError("adapter_id must not be empty")
         if not path:
             raise InvalidRequestError("path must name an adapter directory")
-        path = self._resolve_path(path)  # PERMISSION_DENIED outside the allowed roots
-        record = AdapterRecord(adapter_id, path, None, AdapterState.LOADING, pinned=pin)
+        if not resolved:
+            path = self._resolve_path(path)  # PERMISSION_DENIED outside the allowed roots
+        record = AdapterRecord(adapter_id, path, None, AdapterState.LOADING, pinned=pin, version=version, source=source)
         with self._cv:
             if pin:
                 self._check_pin_room(adapter_id)
             self._refuse_if_merged(adapter_id)
-            if adapter_id in self._by_id and not replace:
+            if (adapter_id in self._by_id or adapter_id in self._aliases) and not replace:
                 raise AdapterExistsError(
                     f"adapter {adapter_id!r} is already loaded; unload it first or load with replace"
                 )
-            if adapter_id not in self._by_id:
+            if adapter_id not in self._by_id and adapter_id not in self._aliases:
                 self._by_id[adapter_id] = record  # reserve the id while validating
         try:
-            adapter = self._parse(path)
+            adapter, record.content_hash = self._parse_and_digest(path)
+            with self._cv:
+                twin = self._twin(record.content_hash)
+                if twin is not None and not pin:  # the same weights are served already: share them
+                    return self._alias(adapter_id, record, twin)
         except BaseException:
             with self._cv:
                 if self._by_id.get(adapter_id) is record:
@@ -247,13 +284,67 @@ class AdapterRegistry:
                 if self._by_id.get(adapter_id) is record:
                     del self._by_id[adapter_id]  # a replaced adapter keeps serving: nothing changed
                 raise CapacityError(f"no device slot can be freed to pin {adapter_id!r}: every slot is busy or pinned")
-            old = self._by_id.get(adapter_id)
-            if old is not None and old is not record:
-                self._retire(old)
-                self._retire_mixes_of(adapter_id)
+            twin = self._twin(record.content_hash)
+            if twin is not None and twin is not record and not pin:  # loaded concurrently under another name
+                self._free_slot(record)
+                record.adapter = None
+                return self._alias(adapter_id, record, twin)
+            if self._by_id.get(adapter_id) is not record and (adapter_id in self._by_id or adapter_id in self._aliases):
+                self._drop_name(adapter_id)
             self._by_id[adapter_id] = record
             self._trim_host_cache()
         return record
+
+    def _twin(self, content_hash: str) -> AdapterRecord | None:
+        """A servable record with this content (lock held)."""
+        return next(
+            (
+                r
+                for r in self._by_id.values()
+                if r.content_hash == content_hash and r.state not in (AdapterState.LOADING, AdapterState.UNLOADING)
+            ),
+            None,
+        )
+
+    def _alias(self, adapter_id: str, reservation: AdapterRecord, twin: AdapterRecord) -> AdapterRecord:
+        """Serve `adapter_id` by `twin`'s record (lock held); the name's old adapter, if any, is dropped."""
+        if self._by_id.get(adapter_id) is reservation:
+            del self._by_id[adapter_id]
+        if twin.adapter_id == adapter_id:
+            return twin  # the name already serves these weights
+        if adapter_id in self._by_id or adapter_id in self._aliases:
+            self._drop_name(adapter_id)
+        self._aliases[adapter_id] = twin
+        log.info(
+            "adapter %r has the content of %r (%s): served by its slot", adapter_id, twin.adapter_id, twin.content_hash
+        )
+        return twin
+
+    def _drop_name(self, adapter_id: str) -> None:
+        """Stop serving a name (lock held). A record keeps serving under its other names (one of them becomes
+        its id); without any it retires."""
+        if adapter_id in self._aliases:
+            del self._aliases[adapter_id]
+        else:
+            record = self._by_id.pop(adapter_id)
+            heir = next((name for name, r in self._aliases.items() if r is record), None)
+            if heir is None:
+                self._retire(record)
+            else:
+                del self._aliases[heir]
+                record.adapter_id = heir
+                self._by_id[heir] = record
+        self._retire_mixes_of(adapter_id)
+
+    def _parse_and_digest(self, path: str) -> tuple[ParsedAdapter, str]:
+        """Parse and hash at once (hashing releases the GIL): a cold start waits for the longer of the two,
+        not their sum. A twin found afterwards drops this parse, so only one host copy stays."""
+        digest = self._hasher.submit(self._digest, path)
+        try:
+            adapter = self._parse(path)
+        finally:
+            concurrent.futures.wait([digest])  # never leave the hash running past a failed parse
+        return adapter, digest.result()
 
     def _parse(self, path: str) -> ParsedAdapter:
         adapter = self._loader(path, self._spec)
@@ -278,9 +369,7 @@ class AdapterRegistry:
         with self._cv:
             record = self._visible(adapter_id)
             self._refuse_if_merged(adapter_id)
-            del self._by_id[adapter_id]
-            self._retire(record)
-            self._retire_mixes_of(adapter_id)
+            self._drop_name(adapter_id)
             return record.active_requests
 
     def set_pinned(self, adapter_id: str, pinned: bool) -> AdapterRecord:
@@ -317,7 +406,7 @@ class AdapterRegistry:
                 record.pinned_for_merge = not already_pinned
             return record
         with self._cv:
-            record = self._by_id[adapter_id]
+            record = self._by_id.get(adapter_id) or self._aliases[adapter_id]
             record.merged = False
             if record.pinned_for_merge:
                 record.pinned, record.pinned_for_merge = False, False
@@ -343,14 +432,22 @@ class AdapterRegistry:
             )
 
     def _visible(self, adapter_id: str) -> AdapterRecord:
-        record = self._by_id.get(adapter_id)
+        record = self._by_id.get(adapter_id) or self._aliases.get(adapter_id)
         if record is None or record.state is AdapterState.LOADING:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
         return record
 
+    def find(self, adapter_id: str) -> AdapterRecord | None:
+        """The servable record a name is served by now (its own or its twin's), or None."""
+        with self._cv:
+            try:
+                return self._visible(adapter_id)
+            except AdapterNotFoundError:
+                return None
+
     def _retire_mixes_of(self, adapter_id: str) -> None:
         """Cached weighted mixes built from `adapter_id` are stale once it is unloaded or replaced (lock held)."""
-        for mix in [r for r in self._by_id.values() if adapter_id in r.components]:
+        for mix in [r for r in list(self._by_id.values()) if adapter_id in r.components]:
             del self._by_id[mix.adapter_id]
             self._retire(mix)
 
@@ -377,7 +474,7 @@ class AdapterRegistry:
             if derived_id in self._by_id:
                 return  # built concurrently by another request
             for adapter_id, source in zip(members, sources, strict=True):
-                if self._by_id.get(adapter_id) is not source:
+                if (self._by_id.get(adapter_id) or self._aliases.get(adapter_id)) is not source:
                     raise AdapterNotFoundError(f"adapter {adapter_id!r} was unloaded or replaced meanwhile")
             self._by_id[derived_id] = record
             slot = self._reserve_slot(record)
@@ -520,9 +617,14 @@ class AdapterRegistry:
         self.on_resident()
 
     def _ensure_host_copy(self, record: AdapterRecord) -> None:
-        """Parse from disk (outside the lock) when the host copy was dropped."""
+        """Parse from disk (outside the lock) when the host copy was dropped; the files must still hold the
+        content the record was loaded with."""
         if record.adapter is not None:
             return
+        if record.content_hash and self._digest(record.path) != record.content_hash:
+            raise AdapterUnreadableError(
+                f"adapter {record.adapter_id!r} changed on disk since it was loaded; load it again (a new version)"
+            )
         adapter = self._parse(record.path)
         with self._cv:
             if record.adapter is None:
@@ -535,11 +637,14 @@ class AdapterRegistry:
             self._stopping = True
             self._cv.notify_all()
         self._worker.join(timeout=10)
+        self._hasher.shutdown(wait=False)
 
     # ---- views -------------------------------------------------------------------------------------
     def list(self) -> list[AdapterRecord]:
+        """Every record, plus a snapshot per alias (a copy named after it: read it, do not act on it)."""
         with self._cv:
-            return sorted([*self._by_id.values(), *self._draining], key=lambda r: r.adapter_id)
+            views = [dataclasses.replace(record, adapter_id=name) for name, record in self._aliases.items()]
+            return sorted([*self._by_id.values(), *self._draining, *views], key=lambda r: r.adapter_id)
 
     def occupied_slots(self) -> int:
         """Device slots owned or reserved; equal to resident("device") whenever no copy is in progress."""
@@ -553,6 +658,10 @@ class AdapterRegistry:
             if tier == "device":
                 return sum(r.slot >= 0 for r in records)
             return sum(r.state is AdapterState.HOST for r in records)
+
+    @property
+    def spec(self) -> BaseModelSpec:
+        return self._spec
 
     @property
     def slots(self) -> DeviceSlots:

@@ -59,6 +59,28 @@ def test_mix_equals_peft_add_weighted_adapter(server, tiny_dir, parts, method, n
             assert component.token_ids != single.token_ids or i == 1  # the mix really differs from a part
 
 
+@pytest.mark.parametrize(
+    ("method", "options"), [("ties", {"density": 0.5, "majority_sign_method": "frequency"}), ("svd", {})]
+)
+def test_new_merge_methods_over_grpc_equal_peft(server, tiny_dir, parts, method, options):
+    tokenizer = tokenizer_for(tiny_dir)
+    names, weights = ("m1", "m2"), (0.8, -0.6)
+    reference = peft_mix_model(tiny_dir, parts, names, weights, method, **options)
+    expected = greedy_reference(reference, tokenizer, tokenizer(PROMPTS[0])["input_ids"], MAX_NEW)
+    with Client(server.target, timeout=120) as client:
+        got = client.generate(
+            PROMPTS[0],
+            adapter_mix=dict(zip(names, weights, strict=True)),
+            mix_method=method,
+            mix_density=options.get("density"),
+            mix_majority_sign_method=options.get("majority_sign_method", ""),
+            max_new_tokens=MAX_NEW,
+            logprobs=True,
+        )
+    assert got.token_ids == expected.token_ids
+    assert_logprobs_close(got.logprobs, expected.logprobs)
+
+
 def test_mix_in_a_mixed_batch_and_invalidation(server, parts):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -258,7 +258,10 @@ class OpenAIServing:
 
     async def list_models(self) -> JSONResponse:
         cards = [self.model_card(self.model_name, None)]
-        cards += [self.model_card(record.adapter_id, self.model_name) for record in self.served_adapters()]
+        cards += [
+            {**self.model_card(record.adapter_id, self.model_name), "content_hash": record.content_hash}
+            for record in self.served_adapters()
+        ]
         return JSONResponse({"object": "list", "data": cards})
 
     async def get_model(self, model_id: str) -> JSONResponse:
