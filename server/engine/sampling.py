@@ -132,6 +132,12 @@ def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return bits53.double() / float(1 << 53)
 
 
+def _int64(seed: int) -> int:
+    """A 64-bit seed (the API's uint64, or any int) as the int64 a device tensor holds, bit for bit."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 def draw_seed() -> int:
     return secrets.randbits(63)
 
@@ -245,7 +251,7 @@ class Sampler:
         row = RowState(
             params,
             serial=next(self._serials),
-            seed=params.seed if params.seed is not None else draw_seed(),
+            seed=_int64(params.seed) if params.seed is not None else draw_seed(),
             constraint=constraint,
             stop_ids=frozenset(stop_ids),
         )

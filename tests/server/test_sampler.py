@@ -211,3 +211,10 @@ def test_uniforms_are_uniform_and_sequence_seeds_differ():
     histogram = torch.histc(u.float(), bins=10, min=0, max=1) / 50_000
     assert float((histogram - 0.1).abs().max()) < 0.01
     assert len({sequence_seed(42, i) for i in range(8)}) == 8 and sequence_seed(42, 0) == 42
+
+
+def test_seeds_across_the_whole_uint64_range_draw():
+    sampler = _sampler()
+    rows = [sampler.new_row(_params(temperature=1.0, seed=seed), []) for seed in (0, 2**63 - 1, 2**63, 2**64 - 1)]
+    sampled = sampler.sample(_logits(4).clone(), rows)
+    assert not sampled.failed and rows[2].seed != rows[3].seed
