@@ -66,6 +66,7 @@ class GenerateOptions(TypedDict, total=False):
     allowed_token_ids: Sequence[int] | None
     top_logprobs: int
     prompt_logprobs: int | None
+    n: int
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -115,6 +116,7 @@ def build_generate_request(
     allowed_token_ids: Sequence[int] | None = None,
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
+    n: int = 1,
     mix_density: float | None = None,
     mix_majority_sign_method: str = "",
 ) -> pb.GenerateRequest:
@@ -129,7 +131,7 @@ def build_generate_request(
     adapter_stack (adapter ids of any kinds, in order) applies several adapters together, e.g. a prefix plus
     a LoRA; see the proto for the composition rule. prompt_token_ids replaces prompt and messages; the other
     sampling controls (min_p, penalties, logit_bias, stop/allowed token ids, top_logprobs, prompt_logprobs)
-    are described in the proto.
+    and n (several sequences: the result's `sequences`, a stream chunk's `index`) are described in the proto.
     """
     if prompt_token_ids is None:
         _check_one_input(prompt, messages, "prompt")
@@ -158,6 +160,7 @@ def build_generate_request(
         ignore_eos=ignore_eos,
         allowed_token_ids=list(allowed_token_ids or ()),
         top_logprobs=top_logprobs,
+        n=n,
     )
     optional = {
         "prompt_logprobs": prompt_logprobs,

@@ -7,6 +7,7 @@ as short lower-case strings ("eos", "device") instead of integers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Protocol, Self
@@ -64,14 +65,20 @@ class _GenerationOutput:
     stop_sequence: str
     top_logprobs: list[list[tuple[int, float]]]  # per token, (id, logprob) most likely first (top_logprobs)
     prompt_logprobs: list[PromptLogprob]  # the scored prompt (prompt_logprobs)
+    index: int  # the sequence (with n > 1)
 
     @classmethod
     def from_proto(cls, msg: pb.GenerateResponse) -> Self:
         """Build from a GenerateResponse; finish_reason becomes e.g. "eos", or "" while unfinished."""
-        finish_reason = enum_label(pb.FinishReason, msg.finish_reason, "FINISH_REASON_")
-        top = [list(zip(entry.token_ids, entry.logprobs, strict=True)) for entry in msg.top_logprobs]
-        prompt = [PromptLogprob.from_proto(entry) for entry in msg.prompt_logprobs]
-        return _from_message(cls, msg, finish_reason=finish_reason, top_logprobs=top, prompt_logprobs=prompt)
+        return _from_message(cls, msg, **cls._converted(msg))
+
+    @classmethod
+    def _converted(cls, msg: pb.GenerateResponse) -> dict[str, Any]:
+        return {
+            "finish_reason": enum_label(pb.FinishReason, msg.finish_reason, "FINISH_REASON_"),
+            "top_logprobs": [list(zip(entry.token_ids, entry.logprobs, strict=True)) for entry in msg.top_logprobs],
+            "prompt_logprobs": [PromptLogprob.from_proto(entry) for entry in msg.prompt_logprobs],
+        }
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,17 @@ class PromptLogprob:
 
 @dataclass(frozen=True)
 class GenerateResult(_GenerationOutput):
-    """Everything one finished request produced.
+    """Everything one finished request produced (its sequence 0 with n > 1, every sequence in `sequences`).
 
     finish_reason is one of "length", "eos", "stop_sequence", "cancelled", "aborted";
     logprobs is empty unless the request asked for them.
     """
+
+    sequences: list[GenerateResult] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def _converted(cls, msg: pb.GenerateResponse) -> dict[str, Any]:
+        return {**super()._converted(msg), "sequences": [cls.from_proto(sequence) for sequence in msg.sequences]}
 
 
 @dataclass(frozen=True)

@@ -626,6 +626,47 @@ class Generation:
         self.close()
 
 
+async def merged_outputs(
+    generations: list[Generation], firsts: list[RequestOutput]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) of several generations as they arrive, each one's in order, starting from their first
+    outputs `firsts`; the first error (TimeoutError at a deadline) is raised once every reader stopped."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+    async def read(index: int, generation: Generation, output: RequestOutput) -> None:
+        try:
+            while True:
+                queue.put_nowait((index, output, None))
+                if output.finished:
+                    break
+                output = await generation.next()
+                if output is None:  # the deadline passed
+                    raise TimeoutError
+        except Exception as err:
+            queue.put_nowait((index, None, err))
+        finally:
+            queue.put_nowait((index, None, None))
+
+    readers = [
+        asyncio.ensure_future(read(i, g, first)) for i, (g, first) in enumerate(zip(generations, firsts, strict=True))
+    ]
+    running, failure = len(readers), None
+    try:
+        while running:
+            index, output, error = await queue.get()
+            if output is not None:
+                yield index, output
+            elif error is not None:
+                failure = failure or error
+            else:
+                running -= 1
+    finally:
+        for reader in readers:
+            reader.cancel()
+    if failure is not None:
+        raise failure
+
+
 def _stack_members(names: tuple[str, ...]) -> tuple[str, ...]:
     _check(all(names), Field.ADAPTER_STACK, "adapter_stack names an empty adapter_id")
     _check(len(set(names)) == len(names), Field.ADAPTER_STACK, "adapter_stack names an adapter twice")

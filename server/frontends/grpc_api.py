@@ -29,8 +29,10 @@ from deltaserve.server.frontends.core import (
     Field,
     FieldNames,
     FrontDoorCore,
+    Generation,
     GenerationRequest,
     clean_request_id,
+    merged_outputs,
 )
 from deltaserve.server.frontends.status import public_message, status_for
 from deltaserve.server.kernels.threads import one_thread_here
@@ -148,6 +150,24 @@ def _prompt_logprobs(scored: list[TokenLogprob] | None) -> list[pb.PromptLogprob
     ]
 
 
+def _whole(generation: Generation, index: int) -> pb.GenerateResponse:
+    """A finished generation as one response: its totals, and the last output's finish."""
+    last = generation.last
+    combined = RequestOutput(
+        generation.token_ids,
+        generation.text,
+        generation.logprobs,
+        last.generated_tokens,
+        last.finish_reason,
+        last.stop_sequence,
+        top_logprobs=generation.top_logprobs,
+        prompt_logprobs=generation.prompt_logprobs,
+    )
+    response = _response(combined, generation.request)
+    response.index = index
+    return response
+
+
 def _response(output: RequestOutput, request: Request) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         top_logprobs=[_top(entries) for entries in output.top_logprobs],
@@ -172,29 +192,38 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.core = core
         self.model_info = model_info
 
+    async def _submit(self, request: pb.GenerateRequest, context) -> list[Generation]:
+        count = self.core.check_sequences(request.n or 1, None, NATIVE_NAMES)
+        return await self.core.submit_sequences(generation_request(request, request_id(context)), NATIVE_NAMES, count)
+
     @_unary_errors
     async def Generate(self, request, context):
-        with await self.core.submit(generation_request(request, request_id(context)), NATIVE_NAMES) as generation:
-            await generation.collect()
-        last = generation.last
-        combined = RequestOutput(
-            generation.token_ids,
-            generation.text,
-            generation.logprobs,
-            last.generated_tokens,
-            last.finish_reason,
-            last.stop_sequence,
-            top_logprobs=generation.top_logprobs,
-            prompt_logprobs=generation.prompt_logprobs,
-        )
-        return _response(combined, generation.request)
+        generations = await self._submit(request, context)
+        try:
+            await asyncio.gather(*(generation.collect() for generation in generations))
+        finally:
+            for generation in generations:
+                generation.close()
+        responses = [_whole(generation, index) for index, generation in enumerate(generations)]
+        if len(responses) > 1:
+            responses[0].sequences.extend(_whole(generation, i) for i, generation in enumerate(generations))
+        return responses[0]
 
     @_stream_errors
     async def GenerateStream(self, request, context):
-        with await self.core.submit(generation_request(request, request_id(context)), NATIVE_NAMES) as generation:
-            async for output in generation:
+        generations = await self._submit(request, context)
+        try:
+            firsts = await asyncio.gather(*(generation.next() for generation in generations))
+            if any(first is None for first in firsts):
+                raise TimeoutError
+            async for index, output in merged_outputs(generations, list(firsts)):
                 if output.token_ids or output.finished or output.prompt_logprobs:
-                    yield _response(output, generation.request)
+                    response = _response(output, generations[index].request)
+                    response.index = index
+                    yield response
+        finally:
+            for generation in generations:
+                generation.close()
 
     @_unary_errors
     async def Tokenize(self, request, context):

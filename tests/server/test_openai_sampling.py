@@ -100,6 +100,18 @@ def test_n_choices_compute_the_prompt_once_and_follow_their_seeds(oai, native, s
     assert 3 <= reply.usage.completion_tokens <= 36
 
 
+def test_native_n_equals_openai_n_unary_and_streamed(oai, native):
+    options = dict(max_new_tokens=10, temperature=1.0, seed=21)
+    result = native.generate(PROMPTS[3], adapter_id="pattern", n=3, **options)
+    reply = oai.completions.create(model="pattern", prompt=PROMPTS[3], n=3, max_tokens=10, temperature=1.0, seed=21)
+    assert [s.text for s in result.sequences] == [c.text for c in reply.choices]
+    assert [s.index for s in result.sequences] == [0, 1, 2] and result.text == result.sequences[0].text
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in native.generate_stream(PROMPTS[3], adapter_id="pattern", n=3, **options):
+        streamed[chunk.index] += chunk.text
+    assert list(streamed.values()) == [s.text for s in result.sequences]
+
+
 def test_best_of_returns_the_most_likely_of_its_sequences(oai):
     options = dict(model="pattern", prompt=PROMPTS[1], max_tokens=8, temperature=1.2, seed=3)
     every = oai.completions.create(n=4, logprobs=0, **options).choices

@@ -32,6 +32,7 @@ from deltaserve.server.frontends.core import (
     adapter_for_model,
     clean_request_id,
     listed_adapters,
+    merged_outputs,
 )
 from deltaserve.server.frontends.grpc_api import AdaptersService
 from deltaserve.server.frontends.openai.errors import TIMEOUT_HEADER, OpenAIHttpError, error_body, error_response
@@ -166,45 +167,6 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
             for generation in self.generations:
                 generation.close()
-
-
-async def _merged(
-    generations: list[Generation], firsts: list[RequestOutput]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) of several generations as they arrive, each one's in order; the first error is
-    raised once every reader stopped."""
-    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
-
-    async def read(index: int, generation: Generation, output: RequestOutput) -> None:
-        try:
-            while True:
-                queue.put_nowait((index, output, None))
-                if output.finished:
-                    break
-                output = await _next(generation)
-        except Exception as err:
-            queue.put_nowait((index, None, err))
-        finally:
-            queue.put_nowait((index, None, None))
-
-    readers = [
-        asyncio.ensure_future(read(i, g, first)) for i, (g, first) in enumerate(zip(generations, firsts, strict=True))
-    ]
-    running, failure = len(readers), None
-    try:
-        while running:
-            index, output, error = await queue.get()
-            if output is not None:
-                yield index, output
-            elif error is not None:
-                failure = failure or error
-            else:
-                running -= 1
-    finally:
-        for reader in readers:
-            reader.cancel()
-    if failure is not None:
-        raise failure
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -647,7 +609,7 @@ class OpenAIServing:
             if chat:
                 for index in range(len(generations)):
                     yield chunk(index, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
-            async for index, output in _merged(generations, firsts):
+            async for index, output in merged_outputs(generations, firsts):
                 finish_reason, stop_reason = _finish(output)
                 text, scored = output.text, None
                 if not echoed[index]:  # a choice's first chunk: the prompt, then what was generated
