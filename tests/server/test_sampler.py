@@ -111,11 +111,11 @@ def _hf_probabilities(logits: torch.Tensor, params: SamplingParams, seen: list[i
     ],
 )
 def test_draws_follow_transformers_warped_distribution(params, vocab, scale):
-    """20 000 counter-based draws from one step's logits: every drawn token is one transformers keeps, and the
+    """Counter-based draws (one batched step, a row each) from one step's logits: every drawn token is one transformers keeps, and the
     frequencies match its probabilities (total variation below 0.03, or the kept set's mass for wide ones)."""
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * scale
     expected = _hf_probabilities(logits, params, PROMPT)
-    draws = 20_000
+    draws = 20_000 if vocab <= VOCAB else 3_000  # one row per draw: keep the wide case's batch small
     sampler = Sampler(vocab, torch.device("cpu"), EOS)
     rows = [sampler.new_row(SamplingParams(**{**params.__dict__, "seed": i}), PROMPT) for i in range(draws)]
     tokens = torch.tensor(sampler.sample(logits.expand(draws, -1).clone(), rows).tokens)
