@@ -417,7 +417,7 @@ class Sampler:
         tokens = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         pending = None  # rows still to draw (None: all)
-        for width in _candidate_widths(x.shape[-1], plan.max_top_k, x.device):
+        for width in _candidate_widths(x.shape[-1], plan.max_top_k, plan.nucleus_only is not None, x.device):
             rows = x if pending is None else x[pending]
             values, ids = torch.topk(rows, width, dim=-1)  # sorted, most likely first
             at = slice(None) if pending is None else pending
@@ -478,9 +478,12 @@ def _truncate(weights: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
     return torch.where(weights >= min_p * weights[:, :1], weights, 0.0)
 
 
-def _candidate_widths(vocab: int, max_top_k: int, device: torch.device) -> list[int]:
+def _candidate_widths(vocab: int, max_top_k: int, nucleus_only: bool, device: torch.device) -> list[int]:
     """How many of its most likely tokens a truncated row is cut among, tried in turn: on the CPU a partial top-k
-    is far cheaper than a sort (most nuclei are a few tokens wide), a device sorts the vocabulary fast."""
+    is far cheaper than a sort (most nuclei are a few tokens wide), a device sorts the vocabulary fast. When
+    every row has a top-k, its largest is enough."""
+    if not nucleus_only:
+        return [min(vocab, max_top_k)]
     if device.type != "cpu":
         return [vocab]
     first = min(vocab, max(TOP_P_CANDIDATES, max_top_k))
