@@ -54,6 +54,8 @@ class GenerateOptions(TypedDict, total=False):
     adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None
     mix_method: str
     adapter_stack: Sequence[str] | None
+    tenant: str
+    priority: int
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -93,6 +95,8 @@ def build_generate_request(
     adapter_mix: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     mix_method: str = "",
     adapter_stack: Sequence[str] | None = None,
+    tenant: str = "",
+    priority: int = 0,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
@@ -102,6 +106,8 @@ def build_generate_request(
     adapter_id, combined by mix_method ("cat" by default, or "linear") as PEFT's add_weighted_adapter does.
     adapter_stack (adapter ids of any kinds, in order) applies several adapters together, e.g. a prefix plus
     a LoRA; see the proto for the composition rule.
+    tenant names whose fair share the request counts against (empty: its adapter's); priority orders requests
+    on a server run with --scheduling priority (higher first).
     """
     _check_one_input(prompt, messages, "prompt")
     request = pb.GenerateRequest(
@@ -119,6 +125,8 @@ def build_generate_request(
         ],
         mix_method=mix_method,
         adapter_stack=list(adapter_stack or ()),
+        tenant=tenant,
+        priority=priority,
     )
     optional = {
         "max_new_tokens": max_new_tokens,

@@ -50,7 +50,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method", "adapter_stack")
+    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method", "adapter_stack", "tenant", "priority")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class GenerateRequest(_message.Message):
     ADAPTER_MIX_FIELD_NUMBER: _ClassVar[int]
     MIX_METHOD_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_STACK_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -81,7 +83,9 @@ class GenerateRequest(_message.Message):
     adapter_mix: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
     mix_method: str
     adapter_stack: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ..., adapter_stack: _Optional[_Iterable[str]] = ...) -> None: ...
+    tenant: str
+    priority: int
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ..., adapter_stack: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class AdapterWeight(_message.Message):
     __slots__ = ("adapter_id", "weight")

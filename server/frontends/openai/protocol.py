@@ -15,7 +15,7 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 # Fields that do not change what is generated: accepted and ignored.
 _IGNORED_FIELDS = frozenset(
-    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+    {"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
 )
 # Fields deltaserve does not implement, accepted only with the value that means "off".
 _NEUTRAL_VALUES: dict[str, Callable[[Any], bool]] = {
@@ -72,6 +72,10 @@ class _GenerationBody(_Body):
     top_k: Int32 | None = None
     min_tokens: Int32 | None = None
     repetition_penalty: float | None = None
+    # scheduling (docs/scheduling.md): vLLM's priority extension (lower values first); OpenAI's end-user id,
+    # which names the tenant unless the x-tenant header does
+    priority: Int32 | None = None
+    user: str | None = None
 
 
 class CompletionBody(_GenerationBody):

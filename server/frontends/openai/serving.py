@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from deltaserve.server.engine.request import FinishReason, RequestOutput
 from deltaserve.server.errors import AdapterNotFoundError
 from deltaserve.server.frontends.core import (
     BASE_ALIASES,
+    TENANT_PATTERN,
     AdapterRef,
     ChatTurn,
     Field,
@@ -57,9 +60,22 @@ _FINISH_REASON = {
 }
 
 
+TENANT_HEADER = "x-tenant"  # names the request's tenant; wins over the body's `user`
+
+
 def _names(max_tokens_field: str) -> FieldNames:
     """This door's names for the canonical fields it renames."""
-    return {Field.MAX_NEW_TOKENS: max_tokens_field, Field.MIN_NEW_TOKENS: "min_tokens"}
+    return {Field.MAX_NEW_TOKENS: max_tokens_field, Field.MIN_NEW_TOKENS: "min_tokens", Field.TENANT: TENANT_HEADER}
+
+
+def user_tenant(user: str | None) -> str:
+    """The tenant OpenAI's `user` names: the id itself when it is a tenant name, else a digest of it (an email
+    with spaces, a long or non-ASCII id), so that any user string keeps one share of its own."""
+    if not user:
+        return ""
+    if TENANT_PATTERN.fullmatch(user):
+        return user
+    return "user-" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,8 @@ def _core_request(body: _GenerationBody, adapter_id: str, max_tokens: int | None
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=None if body.seed is None else body.seed % 2**64,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        tenant=user_tenant(body.user),
+        priority=-(body.priority or 0),  # vLLM's priority: lower values first; the core's: higher first
         **given,
     )
 
@@ -274,6 +292,8 @@ class OpenAIServing:
             plan = make_plan()
             deadline = self._deadline(request)
             core_request = dataclasses.replace(plan.request, request_id=request_id, deadline=deadline)
+            if TENANT_HEADER in request.headers:  # checked by the core like any tenant name
+                core_request = dataclasses.replace(core_request, tenant=request.headers[TENANT_HEADER])
             generation = await self._until_disconnect(request, self.core.submit(core_request, plan.names))
             if stream:
                 # The first output is awaited here, so that a request the engine fails at once is answered
@@ -292,6 +312,9 @@ class OpenAIServing:
             return error_response(499, "the client closed the connection; the request was cancelled")
         except Exception as err:
             status, body = self.error(err, plan)
+            retry_after = getattr(err, "retry_after", None)  # a CapacityError's hint
+            if retry_after:
+                headers["retry-after"] = str(math.ceil(retry_after))
             return JSONResponse({"error": body}, status_code=status, headers=headers)
         finally:
             if generation is not None:
