@@ -12,20 +12,22 @@ Policies (`Policy`)
   request is admitted and `decode_weight` (2) per token it generates. Waiting requests are admitted from the
   tenant with the smallest counter; FIFO holds within a tenant. A tenant that becomes active (its first
   waiting or running request after idling) is lifted to the smallest counter of the active tenants, so it
-  gets no credit for the time it sent nothing. When no batch place is free, a waiting tenant with no running
-  request, served no more than a tenant holding two or more places, takes one of that tenant's places
-  (preempting a request preempted no more often than the newcomer): a newcomer waits about one step, not for
-  a whole batch to finish.
+  gets no credit for the time it sent nothing. When no batch place is free, a waiting tenant below its share of
+  the places (the places over the tenants with requests) that was served no more than a tenant above its
+  share takes one of that tenant's places, preempting a request preempted no more often than the newcomer:
+  a newcomer waits about one step, not for long requests of others to finish.
 - `fifo`: arrival order across all tenants (the engine's behaviour before schedulers); no preemption on
   admission.
 - `priority`: a higher `priority` goes first and, when no batch place is free, preempts the lowest-priority
   running request below it; within one priority level the fair policy applies. Under the other policies the
   priority is ignored.
 
-Preemption is starvation-free: a preempted request goes back ahead of the requests of its level that were
-never preempted, and victims are chosen among the requests preempted the fewest times first (then the most
-served tenant, then the newest request), so a request preempted k times is chosen again only when every
-other candidate was preempted k times or more.
+Preemption is starvation-free: a preempted request goes back ahead of its tenant's requests of its level that
+were preempted fewer times (fifo: ahead of every request preempted fewer times), and victims are chosen among
+the requests of the lowest level preempted the fewest times first (then the most served tenant, then the newest
+request), so a request preempted k times is chosen again only when every other candidate of its level was
+preempted k times or more; a preemption for fair sharing takes only a request preempted no more often than
+the one it makes room for.
 
 Limits: per tenant, requests running (`max_running`), requests waiting (`max_queued`: over it `enqueue`
 raises TenantLimitError, RESOURCE_EXHAUSTED, at once with a retry hint) and KV-cache blocks held
@@ -123,6 +125,7 @@ class Scheduler:
         self._charged: set[Schedulable] = set()  # requests whose prompt was charged (not charged again)
         self._charged_now: set[Schedulable] = set()  # charged by the latest plan (refunded if not placed)
         self._service_time = 0.0  # moving average of admission-to-finish seconds (the retry hint)
+        self._rows = 0  # batch places, as the latest plan saw them
         self.on_preempt_choice: Callable[[Schedulable], None] | None = None  # tests: sees each victim
 
     # ---- the queue (any thread) ----------------------------------------------------------------------
@@ -211,6 +214,7 @@ class Scheduler:
         the engine gives back the ones it cannot place (`unplace`)."""
         with self._lock:
             self._charged_now.clear()
+            self._rows = free_rows + len(self._running)
             held = dict(tenant_blocks or {})
             heads: list[tuple[tuple, int, str, Schedulable]] = []
             tick = 0  # unique heap tiebreak: requests do not compare
@@ -344,13 +348,15 @@ class Scheduler:
         return request.priority if self.config.policy is Policy.PRIORITY else 0
 
     def _precedence(self, request: Schedulable) -> tuple:
-        """Global order, smallest first: level, preempted first, then the policy's own order."""
-        tenant = self._tenants.get(request.tenant)
+        """Order across tenants, smallest first. fifo: the preempted first, then arrival. fair and priority: the
+        level, then the least served tenant (fewer places on a tie), then arrival. A preempted request goes first
+        within its tenant (`_within`), not across tenants: there its tenant's share decides."""
         if self.config.policy is Policy.FIFO:
             return (-request.preemptions, request.order)
+        tenant = self._tenants.get(request.tenant)
         running = tenant.running if tenant is not None else 0
         counter = self._counters.get(request.tenant, 0.0)
-        return (-self._level(request), -request.preemptions, counter, running, request.order)
+        return (-self._level(request), counter, running, request.order)
 
     def _victim_rank(self, request: Schedulable) -> tuple:
         """Largest is preempted first: lowest level, fewest preemptions, most served tenant, newest."""
@@ -392,7 +398,12 @@ class Scheduler:
             return False
         if self.config.policy is Policy.PRIORITY and self._running:
             return True
-        return self._tenants[head.tenant].running == 0 and any(t.running >= 2 for t in self._tenants.values())
+        share = self._row_share()
+        return self._tenants[head.tenant].running < share and any(t.running > share for t in self._tenants.values())
+
+    def _row_share(self) -> int:
+        """A tenant's fair share of the batch places: the places over the tenants with requests, at least 1."""
+        return max(1, self._rows // max(1, len(self._tenants)))
 
     def _admission_victim(self, head: Schedulable, chosen: set[Schedulable]) -> Schedulable | None:
         """A running request whose place `head` may take now that no place is free, or None (`chosen`: the
@@ -404,12 +415,12 @@ class Scheduler:
             lower = [r for r in candidates if r.priority < head.priority]
             if lower:
                 return max(lower, key=self._victim_rank)
-        mine = self._tenants[head.tenant]
-        if mine.running:
+        share = self._row_share()
+        if self._tenants[head.tenant].running >= share:
             return None
-        # A tenant with no place takes one from a tenant with two or more that it has not out-consumed, and
-        # only a request preempted no more often than its own (so this preempts each request at most once
-        # more than the newcomers it makes room for: no request loses its place to them forever).
+        # A tenant below its share of the places takes one from a tenant above its share that it has not
+        # out-consumed, and only a request preempted no more often than its own (so a request loses its place
+        # at most once more than the newcomers it makes room for: none loses it to them forever).
         level = self._level(head)
         counter = self._counters.get(head.tenant, 0.0)
         richer = [
@@ -418,7 +429,7 @@ class Scheduler:
             if r.tenant != head.tenant
             and r.preemptions <= head.preemptions
             and self._level(r) == level
-            and self._tenants[r.tenant].running >= 2
+            and self._tenants[r.tenant].running > share
             and self._counters.get(r.tenant, 0.0) >= counter
         ]
         if not richer:

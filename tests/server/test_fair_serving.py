@@ -155,7 +155,7 @@ def test_a_tenant_over_its_queue_cap_is_refused_at_once_with_a_retry_hint(server
         async with AsyncClient(server.target, timeout=120) as client:
             running = client.generate_stream(PROMPT, max_new_tokens=48, min_new_tokens=48, tenant="capped")
             await anext(running)  # the first request runs
-            queued = asyncio.ensure_future(client.generate(PROMPT, max_new_tokens=2, tenant="capped"))
+            queued = asyncio.ensure_future(client.generate(PROMPT, max_new_tokens=2, min_new_tokens=2, tenant="capped"))
             while server.server.engine.scheduler.waiting_by_tenant().get("capped", 0) < 1:
                 await asyncio.sleep(0.01)
             with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as info:
@@ -170,7 +170,7 @@ def test_a_tenant_over_its_queue_cap_is_refused_at_once_with_a_retry_hint(server
                         model="base", prompt=PROMPT, max_tokens=2, extra_headers={"x-tenant": "capped"}
                     )
             assert 1 <= int(refused.value.response.headers["retry-after"]) <= 60
-            other = await client.generate(PROMPT, max_new_tokens=2, tenant="someone-else")
+            other = await client.generate(PROMPT, max_new_tokens=2, min_new_tokens=2, tenant="someone-else")
             assert other.generated_tokens == 2
             async for _ in running:
                 pass
