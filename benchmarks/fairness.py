@@ -1,8 +1,8 @@
 """Fair sharing between tenants against arrival order: per-tenant time to first token and total throughput under
 `--scheduling fair` and `--scheduling fifo`, the same traces in one run.
 
-Each policy gets a `deltaserve serve` process of its own (started and stopped in turn: only one computes at a
-time) on the embedded SmolLM2-135M in fp32 on the CPU, with `--max-batch-size B` (8: a queue forms on a small
+Each policy gets a `deltaserve serve` process of its own (both up at once; only one computes at a time, the other
+waits idle) on the embedded SmolLM2-135M in fp32 on the CPU, with `--max-batch-size B` (8: a queue forms on a small
 CPU) and one rank-8 LoRA adapter per tenant (a tenant is, by default, the adapter a request names). Traces:
 - two-tenant: tenant A floods F streamed requests of T tokens at t=0; tenant B sends L requests of T/2 tokens,
   one every G seconds from t=1 s (issue 28's scenario);
@@ -11,7 +11,8 @@ CPU) and one rank-8 LoRA adapter per tenant (a tenant is, by default, the adapte
 Every request streams, with min_new_tokens = max_new_tokens (EOS never ends one early). Reported per trace and
 policy: p50/p99 time to first token per tenant, total tokens/s (all tokens over the trace's makespan), the
 fair/fifo throughput ratio, and beside it the base tok/s of the machine (B concurrent base requests of T tokens
-on the fifo server). Rounds alternate the policies; medians over rounds.
+on the fifo server, after every round). Each server first plays every trace once, unmeasured. In every round
+each trace runs on both policies back to back, the order rotating; medians over rounds.
 
 Run:  python benchmarks/fairness.py            (F=48, T=32, L=8, N=64, 2 rounds)
       python benchmarks/fairness.py --quick    (F=16, T=16, L=3, N=24, 1 round)
@@ -21,6 +22,7 @@ Writes benchmarks/results/fairness-cpu.json and .png (…-quick.* for --quick).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -29,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from deltaserve.client import AsyncClient
+from deltaserve.server.config import ServerConfig
 from deltaserve.testing.helpers import make_lora
 from harness import (
     ServerProcess,
@@ -136,9 +139,9 @@ async def base_rate(target: str, s: FairnessSettings) -> float:
     return batch.rate
 
 
-def run_policy(policy: str, adapters: dict[str, str], traces: dict[str, list[Arrival]], s: FairnessSettings):
+def server_config(policy: str, adapters: dict[str, str], s: FairnessSettings) -> ServerConfig:
     model_dir, _ = embedded_model()
-    config = cpu_config(
+    return cpu_config(
         model_dir,
         max_batch_size=s.batch,
         max_seq_len=256,
@@ -147,14 +150,33 @@ def run_policy(policy: str, adapters: dict[str, str], traces: dict[str, list[Arr
         max_adapters=len(adapters),
         max_lora_rank=8,
     )
-    with ServerProcess(config) as server:
-        asyncio.run(play(server.target, [Arrival(0.0, "A", 2), Arrival(0.0, "B", 2)]))  # warm-up
-        runs = {}
-        for name, trace in traces.items():
-            runs[name] = asyncio.run(play(server.target, trace))
-            log(f"{policy} {name}: {runs[name].rate:.1f} tok/s over {runs[name].seconds:.1f} s")
-        base = asyncio.run(base_rate(server.target, s)) if policy == "fifo" else None
-    return runs, base
+
+
+def measure(adapters: dict[str, str], traces: dict[str, list[Arrival]], s: FairnessSettings):
+    """Both servers up at once (the idle one waits on its engine's condition variable); every round plays each
+    trace on each policy back to back, the order rotating, so that a noisy neighbour hits both alike."""
+    runs: dict[str, dict[str, list[TraceRun]]] = {name: {p: [] for p in POLICIES} for name in traces}
+    bases: list[float] = []
+    with contextlib.ExitStack() as stack:
+        servers = {p: stack.enter_context(ServerProcess(server_config(p, adapters, s))) for p in POLICIES}
+        # Warm-up: every trace once on each server. A fresh server process's first steps of each new batch shape
+        # are many times slower than later ones on this CPU (measured: the first two-tenant trace 148 s, the same
+        # trace after a warm-up 6 s, on either policy), which would drown the comparison.
+        for policy, server in servers.items():
+            for name, trace in traces.items():
+                warm = asyncio.run(play(server.target, trace))
+                log(f"warm-up {policy} {name}: {warm.rate:.1f} tok/s over {warm.seconds:.1f} s")
+            asyncio.run(base_rate(server.target, s))
+        for round_ in range(s.rounds):
+            for k, (name, trace) in enumerate(traces.items()):
+                order = POLICIES if (round_ + k) % 2 == 0 else POLICIES[::-1]
+                for policy in order:
+                    run = asyncio.run(play(servers[policy].target, trace))
+                    runs[name][policy].append(run)
+                    log(f"round {round_ + 1} {policy} {name}: {run.rate:.1f} tok/s over {run.seconds:.1f} s")
+            bases.append(asyncio.run(base_rate(servers["fifo"].target, s)))
+            log(f"round {round_ + 1} base: {bases[-1]:.1f} tok/s")
+    return runs, bases
 
 
 def tenant_rows(trace: str, runs: dict[str, list[TraceRun]]) -> list[list[str]]:
@@ -175,21 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     model_dir, model_name = embedded_model()
     traces = {"two-tenant": two_tenant(s), "ten-tenant": ten_tenant(s)}
-    runs: dict[str, dict[str, list[TraceRun]]] = {name: {p: [] for p in POLICIES} for name in traces}
-    bases: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         names = ["A", "B", *(f"t{k}" for k in range(TENANTS))]
         lora = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
         adapters = {
             name: make_lora(model_dir, os.path.join(tmp, name), seed=i + 1, **lora) for i, name in enumerate(names)
         }
-        for round_ in range(s.rounds):
-            order = POLICIES if round_ % 2 == 0 else POLICIES[::-1]
-            for policy in order:
-                policy_runs, base = run_policy(policy, adapters, traces, s)
-                for name, run in policy_runs.items():
-                    runs[name][policy].append(run)
-                bases += [base] if base is not None else []
+        runs, bases = measure(adapters, traces, s)
     base = statistics.median(bases)
     throughput = {name: {p: statistics.median(run.rate for run in runs[name][p]) for p in POLICIES} for name in traces}
     ratios = {name: ratio(throughput[name]["fair"], throughput[name]["fifo"]) for name in traces}

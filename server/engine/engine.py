@@ -410,9 +410,9 @@ class Engine:
 
     def _served_decode(self, rows: list[Request]) -> None:
         """One decode step computed a token for each row: charge each row's tenant."""
-        for request in rows:
-            self.scheduler.charge_generated(request, 1)
-        for tenant, count in Counter(request.tenant for request in rows).items():
+        per_tenant = Counter(request.tenant for request in rows)
+        self.scheduler.charge_tenants(per_tenant)
+        for tenant, count in per_tenant.items():
             self.metrics.observe_tenant_tokens(tenant, prompt=0, generated=count)
 
     def _prefill_groups(self, work: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:

@@ -126,6 +126,7 @@ class Scheduler:
         self._charged_now: set[Schedulable] = set()  # charged by the latest plan (refunded if not placed)
         self._service_time = 0.0  # moving average of admission-to-finish seconds (the retry hint)
         self._rows = 0  # batch places, as the latest plan saw them
+        self._richest: int | None = None  # the most places a tenant holds, within a plan (None: to compute)
         self.on_preempt_choice: Callable[[Schedulable], None] | None = None  # tests: sees each victim
 
     # ---- the queue (any thread) ----------------------------------------------------------------------
@@ -215,6 +216,9 @@ class Scheduler:
         with self._lock:
             self._charged_now.clear()
             self._rows = free_rows + len(self._running)
+            self._richest = None
+            if not self._waiting_count or not self._may_preempt_any(free_rows):
+                return Plan([], [])  # nothing waits, or a full batch no one may enter: nothing to scan
             held = dict(tenant_blocks or {})
             heads: list[tuple[tuple, int, str, Schedulable]] = []
             tick = 0  # unique heap tiebreak: requests do not compare
@@ -240,8 +244,10 @@ class Scheduler:
                         continue  # this tenant cannot take a place; another one might
                     victims.append(victim)
                     self._leave_running(victim)  # its place is this request's
+                    self._richest = None
                     free_rows += 1
                 self._admit(head)
+                self._richest = None
                 held[name] = held.get(name, 0) + blocks_needed(head)
                 admitted.append(head)
                 free_rows -= 1
@@ -295,6 +301,12 @@ class Scheduler:
         if tokens:
             with self._lock:
                 self._charge(request.tenant, self.config.decode_weight * tokens)
+
+    def charge_tenants(self, tokens: Mapping[str, int]) -> None:
+        """Charge generated tokens to tenants at once (a decode step: tenant -> its rows)."""
+        with self._lock:
+            for tenant, count in tokens.items():
+                self._charge(tenant, self.config.decode_weight * count)
 
     def finished(self, request: Schedulable) -> None:
         """The request left the engine (done, cancelled, failed): it holds no place any more."""
@@ -392,6 +404,16 @@ class Scheduler:
             return request
         return None
 
+    def _may_preempt_any(self, free_rows: int) -> bool:
+        """Whether a plan with `free_rows` places can admit anyone (places are free, or a preemption may be)."""
+        if free_rows > 0:
+            return True
+        if self.config.policy is Policy.FIFO:
+            return False
+        if self.config.policy is Policy.PRIORITY and self._running:
+            return True
+        return self._richest_running() > self._row_share()
+
     def _may_preempt_for(self, head: Schedulable) -> bool:
         """A cheap test before `_admission_victim`'s scan: whether any preemption could be for `head`."""
         if self.config.policy is Policy.FIFO:
@@ -399,7 +421,13 @@ class Scheduler:
         if self.config.policy is Policy.PRIORITY and self._running:
             return True
         share = self._row_share()
-        return self._tenants[head.tenant].running < share and any(t.running > share for t in self._tenants.values())
+        return self._tenants[head.tenant].running < share and self._richest_running() > share
+
+    def _richest_running(self) -> int:
+        """The most places one tenant holds (cached for a plan until an admission or a preemption)."""
+        if self._richest is None:
+            self._richest = max((t.running for t in self._tenants.values()), default=0)
+        return self._richest
 
     def _row_share(self) -> int:
         """A tenant's fair share of the batch places: the places over the tenants with requests, at least 1."""
