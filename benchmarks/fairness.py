@@ -159,9 +159,9 @@ def measure(adapters: dict[str, str], traces: dict[str, list[Arrival]], s: Fairn
     bases: list[float] = []
     with contextlib.ExitStack() as stack:
         servers = {p: stack.enter_context(ServerProcess(server_config(p, adapters, s))) for p in POLICIES}
-        # Warm-up: every trace once on each server. A fresh server process's first steps of each new batch shape
-        # are many times slower than later ones on this CPU (measured: the first two-tenant trace 148 s, the same
-        # trace after a warm-up 6 s, on either policy), which would drown the comparison.
+        # Warm-up: every trace once on each server. On the shared 2-core machine a server's first trace was once
+        # many times slower than its later ones (148 s against 6 s for the same trace, on either policy; the
+        # cause was not pinned down), which would drown the comparison.
         for policy, server in servers.items():
             for name, trace in traces.items():
                 warm = asyncio.run(play(server.target, trace))
