@@ -94,6 +94,8 @@ bench-smoke: install
 		--virtual-tokens 2 --out $(SMOKE)/adapter-kinds.json
 	cd benchmarks && ../$(PY) gpu_mixed.py --tiny --out $(SMOKE)/gpu-mixed-tiny.json
 	cd benchmarks && ../$(PY) revision_ab.py --revision HEAD --quick --requests 2 --new-tokens 4 --out $(SMOKE)/revision-ab.json
+	cd benchmarks && ../$(PY) fairness.py --quick --flood 4 --light 1 --gap 0.2 --zipf-requests 10 --new-tokens 4 \
+		--out $(SMOKE)/fairness.json
 	cd benchmarks && ../$(PY) ray_replicas.py --quick --requests 4 --out $(SMOKE)/ray-replicas.json
 	cd benchmarks && ../$(PY) paged.py --quick --revision HEAD --requests 4 --out $(SMOKE)/paged.json
 	cd benchmarks && ../$(PY) sampling.py --quick --out $(SMOKE)/sampling.json

@@ -67,6 +67,8 @@ class GenerateOptions(TypedDict, total=False):
     top_logprobs: int
     prompt_logprobs: int | None
     n: int
+    tenant: str
+    priority: int
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -119,6 +121,8 @@ def build_generate_request(
     n: int = 1,
     mix_density: float | None = None,
     mix_majority_sign_method: str = "",
+    tenant: str = "",
+    priority: int = 0,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
@@ -132,6 +136,9 @@ def build_generate_request(
     a LoRA; see the proto for the composition rule. prompt_token_ids replaces prompt and messages; the other
     sampling controls (min_p, penalties, logit_bias, stop/allowed token ids, top_logprobs, prompt_logprobs)
     and n (several sequences: the result's `sequences`, a stream chunk's `index`) are described in the proto.
+    a LoRA; see the proto for the composition rule.
+    tenant names whose fair share the request counts against (empty: its adapter's); priority orders requests
+    on a server run with --scheduling priority (higher first).
     """
     if prompt_token_ids is None:
         _check_one_input(prompt, messages, "prompt")
@@ -161,6 +168,8 @@ def build_generate_request(
         allowed_token_ids=list(allowed_token_ids or ()),
         top_logprobs=top_logprobs,
         n=n,
+        tenant=tenant,
+        priority=priority,
     )
     optional = {
         "prompt_logprobs": prompt_logprobs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.config import ServerConfig
 from deltaserve.server.engine.engine import Engine, EngineConfig
 from deltaserve.server.engine.merge import AutoMergePolicy, MergeController
+from deltaserve.server.engine.scheduler import Policy, SchedulerConfig, TenantLimits, tenant_overrides
 from deltaserve.server.errors import ConfigError
 from deltaserve.server.frontends.auth import AdapterPathPolicy, AdminTokenInterceptor, BearerToken
 from deltaserve.server.frontends.core import FrontDoorCore
@@ -129,13 +131,28 @@ def _tls_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
+def scheduler_config(config: ServerConfig) -> SchedulerConfig:
+    """The scheduler's policy and limits from the flags; ConfigError for an unreadable or invalid limits file."""
+    group = config.scheduler
+    overrides = {}
+    if group.tenant_limits_file:
+        try:
+            with open(group.tenant_limits_file, encoding="utf-8") as handle:
+                overrides = tenant_overrides(json.load(handle))
+        except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+            raise ConfigError(f"--tenant-limits-file {group.tenant_limits_file}: {err}", "tenant_limits_file") from None
+    limits = TenantLimits(group.tenant_max_running, group.tenant_max_queued, group.tenant_max_kv_blocks)
+    return SchedulerConfig(Policy(group.scheduling), limits, overrides)
+
+
 class Server:
     """A running deltaserve: build with `Server.create(config)` (loads the model), then `await start()`."""
 
     def __init__(self, config: ServerConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.loaded = loaded
-        self.metrics = Metrics(config.ops.metrics_max_adapters)
+        scheduling = scheduler_config(config)  # before the model loads: a bad limits file fails fast
+        self.metrics = Metrics(config.ops.metrics_max_adapters, config.scheduler.metrics_max_tenants)
         max_seq_len = _context_length(loaded, config.batching.max_seq_len)
         self.runner = ModelRunner(loaded.model, dtype=loaded.dtype, device=loaded.device)
         slots = DeviceSlots(
@@ -210,6 +227,7 @@ class Server:
             num_blocks=num_blocks,
             prefix_caching=config.kv.prefix_caching,
             torch_threads=config.base.torch_threads or default_threads(),
+            scheduling=scheduling,
         )
         self.engine = Engine(self.runner, loaded.tokenizer, self.registry, engine_config, self.metrics)
         self.merges = MergeController(self.engine, self.registry, self.runner, self.metrics)

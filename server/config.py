@@ -384,6 +384,33 @@ class MergeConfig(ConfigGroup):
 
 
 @dataclass(frozen=True)
+class SchedulingConfig(ConfigGroup):
+    """How the engine shares itself between tenants: the policy and per-tenant limits (docs/scheduling.md)."""
+
+    scheduling: str = setting(
+        "fair",
+        "fair: virtual token counters per tenant (VTC; least served first, FIFO within a tenant); fifo: arrival "
+        "order; priority: a request's priority first (and may preempt), fair within a level",
+        choices=("fair", "fifo", "priority"),
+    )
+    tenant_max_running: int | None = setting(
+        None, "requests one tenant may have in the batch at once (a tenant is the adapter, unless named)", minimum=1
+    )
+    tenant_max_queued: int | None = setting(
+        None, "requests one tenant may have queued; more are refused at once (RESOURCE_EXHAUSTED / 429)", minimum=1
+    )
+    tenant_max_kv_blocks: int | None = setting(None, "KV-cache blocks one tenant's requests may hold", minimum=1)
+    tenant_limits_file: str | None = setting(
+        None,
+        'JSON overrides per tenant, e.g. {"team-a": {"max_running": 4, "max_queued": 64, "max_kv_blocks": 512}}',
+        metavar="FILE",
+    )
+    metrics_max_tenants: int = setting(
+        64, "distinct tenants with their own metrics label; the rest are reported as 'other'", minimum=0
+    )
+
+
+@dataclass(frozen=True)
 class OperationsConfig(ConfigGroup):
     """Metrics labels, shutdown and logging."""
 
@@ -418,6 +445,7 @@ class ServerConfig:
     adapters: AdapterConfig = field(default_factory=AdapterConfig)  # adapter capacity and start-up adapters
     security: SecurityConfig = field(default_factory=SecurityConfig)  # admin token, TLS, request size
     merge: MergeConfig = field(default_factory=MergeConfig)  # the auto merge policy
+    scheduler: SchedulingConfig = field(default_factory=SchedulingConfig)  # tenants: policy and limits
     ops: OperationsConfig = field(default_factory=OperationsConfig)  # metrics labels, shutdown, logging
 
     GROUPS: ClassVar[dict[str, type[ConfigGroup]]]  # group attribute -> class, set below

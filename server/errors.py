@@ -33,7 +33,16 @@ class MergeError(DeltaserveServerError):
 
 
 class CapacityError(DeltaserveServerError):
-    """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED)."""
+    """A bounded resource is full: adapter slots, the request queue (RESOURCE_EXHAUSTED). `retry_after`, when
+    known, is a hint in seconds (gRPC trailing metadata `retry-after`, HTTP header `Retry-After`)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TenantLimitError(CapacityError):
+    """A tenant is over one of its own limits, e.g. --tenant-max-queued (RESOURCE_EXHAUSTED, with a retry hint)."""
 
 
 class AdapterUnreadableError(DeltaserveServerError):

@@ -3,7 +3,9 @@ and the structured per-request log line.
 
 The `adapter` label is capped: the first `max_adapter_labels` distinct adapter ids get their own series,
 later ones are reported as "other" (no adapter is "base"), so a server with thousands of adapters cannot
-explode the number of series. See docs/metrics.md for every metric.
+explode the number of series. The `tenant` label of the scheduling metrics is capped the same way by
+`max_tenant_labels` (--metrics-max-tenants; the base's tenant, "", is "base"). See docs/metrics.md for every
+metric and docs/scheduling.md for the tenant ones.
 """
 
 from __future__ import annotations
@@ -64,10 +66,13 @@ KV_BLOCK_STATES = ("free", "used", "cached")
 
 
 class Metrics:
-    def __init__(self, max_adapter_labels: int = 64) -> None:
+    def __init__(self, max_adapter_labels: int = 64, max_tenant_labels: int = 64) -> None:
         self.registry = r = CollectorRegistry()
         self._max_labels = max_adapter_labels
         self._labels: set[str] = set()
+        self._max_tenant_labels = max_tenant_labels
+        self._tenant_labels: set[str] = set()
+        self._load_labels: set[str] = set()  # tenant labels whose running/waiting gauges were set
         self._lock = threading.Lock()
         # requests and tokens
         self.requests = Counter(
@@ -164,6 +169,38 @@ class Metrics:
         self.preemptions = Counter(
             "deltaserve_preemptions", "Requests preempted (blocks released, recomputed later)", registry=r
         )
+        # tenants (the scheduler: docs/scheduling.md)
+        self.tenant_queue = Histogram(
+            "deltaserve_tenant_queue_seconds",
+            "Arrival to prefill, by tenant",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_prompt_tokens = Counter(
+            "deltaserve_tenant_prompt_tokens", "Prompt tokens served (prefilled), by tenant", ["tenant"], registry=r
+        )
+        self.tenant_generated_tokens = Counter(
+            "deltaserve_tenant_generated_tokens",
+            "Tokens generated, by tenant, as they are computed",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_running = Gauge(
+            "deltaserve_tenant_requests_running", "Requests holding a batch place, by tenant", ["tenant"], registry=r
+        )
+        self.tenant_waiting = Gauge(
+            "deltaserve_tenant_requests_waiting", "Requests queued, by tenant", ["tenant"], registry=r
+        )
+        self.tenant_rejections = Counter(
+            "deltaserve_tenant_rejections",
+            "Requests refused at once for a full queue or a tenant limit (RESOURCE_EXHAUSTED / 429), by tenant",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_preemptions = Counter(
+            "deltaserve_tenant_preemptions", "Requests preempted, by tenant", ["tenant"], registry=r
+        )
         self.info = Gauge(
             "deltaserve_info",
             "The served model (always 1)",
@@ -206,6 +243,46 @@ class Metrics:
                 self._labels.add(adapter_id)
                 return adapter_id
         return OTHER_LABEL
+
+    def tenant_label(self, tenant: str) -> str:
+        """The tenant's label: itself for the first `max_tenant_labels` tenants seen, then "other"."""
+        if not tenant:
+            return BASE_LABEL
+        with self._lock:
+            if tenant in self._tenant_labels:
+                return tenant
+            if len(self._tenant_labels) < self._max_tenant_labels:
+                self._tenant_labels.add(tenant)
+                return tenant
+        return OTHER_LABEL
+
+    def observe_tenant_queue(self, tenant: str, seconds: float) -> None:
+        self.tenant_queue.labels(self.tenant_label(tenant)).observe(seconds)
+
+    def observe_tenant_tokens(self, tenant: str, prompt: int, generated: int) -> None:
+        label = self.tenant_label(tenant)
+        if prompt:
+            self.tenant_prompt_tokens.labels(label).inc(prompt)
+        if generated:
+            self.tenant_generated_tokens.labels(label).inc(generated)
+
+    def observe_rejection(self, tenant: str) -> None:
+        self.tenant_rejections.labels(self.tenant_label(tenant)).inc()
+
+    def observe_tenant_preemption(self, tenant: str) -> None:
+        self.tenant_preemptions.labels(self.tenant_label(tenant)).inc()
+
+    def set_tenant_load(self, running: dict[str, int], waiting: dict[str, int]) -> None:
+        """Set the running and waiting gauges from per-tenant counts (tenants folded into "other" add up; a
+        label that had requests and has none now reads 0)."""
+        by_label: dict[str, list[int]] = {label: [0, 0] for label in self._load_labels}
+        for column, counts in enumerate((running, waiting)):
+            for tenant, count in counts.items():
+                by_label.setdefault(self.tenant_label(tenant), [0, 0])[column] += count
+        for label, (run, wait) in by_label.items():
+            self.tenant_running.labels(label).set(run)
+            self.tenant_waiting.labels(label).set(wait)
+        self._load_labels = {label for label, counts in by_label.items() if any(counts)}
 
     def observe_queue(self, adapter_id: str, seconds: float) -> None:
         self.queue.labels(self.adapter_label(adapter_id)).observe(seconds)

@@ -50,7 +50,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method", "adapter_stack", "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "allowed_token_ids", "top_logprobs", "prompt_logprobs", "prompt_token_ids", "n", "mix_density", "mix_majority_sign_method")
+    __slots__ = ("adapter_id", "prompt", "messages", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "logprobs", "adapter_mix", "mix_method", "adapter_stack", "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "stop_token_ids", "ignore_eos", "allowed_token_ids", "top_logprobs", "prompt_logprobs", "prompt_token_ids", "n", "mix_density", "mix_majority_sign_method", "tenant", "priority")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,8 @@ class GenerateRequest(_message.Message):
     N_FIELD_NUMBER: _ClassVar[int]
     MIX_DENSITY_FIELD_NUMBER: _ClassVar[int]
     MIX_MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -114,7 +116,9 @@ class GenerateRequest(_message.Message):
     n: int
     mix_density: float
     mix_majority_sign_method: str
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ..., adapter_stack: _Optional[_Iterable[str]] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., n: _Optional[int] = ..., mix_density: _Optional[float] = ..., mix_majority_sign_method: _Optional[str] = ...) -> None: ...
+    tenant: str
+    priority: int
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., mix_method: _Optional[str] = ..., adapter_stack: _Optional[_Iterable[str]] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., n: _Optional[int] = ..., mix_density: _Optional[float] = ..., mix_majority_sign_method: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class TopLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")

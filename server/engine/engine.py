@@ -1,14 +1,19 @@
 """The engine: one thread owns the model and runs the continuous-batching step loop.
 
 Each step
-1. admits waiting requests, in arrival order, while batch places and KV-cache blocks are free: a request takes
-   the longest run of its prompt's blocks that the prefix cache holds and fresh blocks for the rest;
-2. prefills up to `max_prefill_tokens` prompt tokens, taken from the admitted requests in order, so a long prompt
-   is prefilled in chunks over several steps; a request whose prompt is complete samples its first token;
+1. admits the waiting requests the scheduler (engine/scheduler.py: fair shares between tenants, limits,
+   priorities) picks for the free batch places, in its order, while KV-cache blocks are free: a request takes
+   the longest run of its prompt's blocks that the prefix cache holds and fresh blocks for the rest; the
+   scheduler may preempt a running request to give its place to a tenant that has none;
+2. prefills up to `max_prefill_tokens` prompt tokens, taken from the admitted requests in the scheduler's order,
+   so a long prompt is prefilled in chunks over several steps; a request whose prompt is complete samples its
+   first token;
 3. decodes one token for every request past its prefill, in one batched forward. A row that needs a new block
-   when none is left preempts the newest request: its blocks are released (its full ones stay cached) and it
-   waits at the front of the queue to be recomputed from prompt plus generated tokens.
-Finished or cancelled requests leave between steps and release their blocks at once.
+   when none is left (or whose tenant is at its block cap) preempts the request the scheduler names: its blocks
+   are released (its full ones stay cached) and it waits, ahead of its level's fresh requests, to be
+   recomputed from prompt plus generated tokens.
+Finished or cancelled requests leave between steps and release their blocks at once. The tokens each step
+computes are charged to the requests' tenants (the fair policy's counters, the per-tenant metrics).
 Other threads talk to the engine only through `submit`, `Request.cancel` and each request's sink.
 """
 
@@ -20,15 +25,16 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from deltaserve.server.engine.detokenizer import IncrementalDetokenizer
 from deltaserve.server.engine.kv_blocks import BlockManager, chain_hash, root_hash
 from deltaserve.server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from deltaserve.server.engine.sampling import Sampled, Sampler
+from deltaserve.server.engine.scheduler import Plan, Scheduler, SchedulerConfig
 from deltaserve.server.errors import (
     CapacityError,
     EngineFailedError,
@@ -67,6 +73,7 @@ class EngineConfig:
     prefix_caching: bool = True
     # The engine thread's torch threads: the server's only thread that computes with several (kernels/threads.py).
     torch_threads: int | None = None  # None: whatever the thread starts with
+    scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)  # policy and per-tenant limits
 
 
 class Engine:
@@ -85,12 +92,12 @@ class Engine:
         self.metrics = metrics
         self.sampler = Sampler(runner.vocab_size, runner.device, config.eos_token_ids)
         self._cv = threading.Condition()
-        self._waiting: deque[Request] = deque()
+        self.scheduler = Scheduler(config.scheduling)  # owns the waiting requests
         self._prefilling: list[Request] = []  # admitted, prompt not yet complete (FIFO: chunks go in order)
         self._running: list[Request] = []  # decoding
         self.blocks = BlockManager(config.num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         self._block_reserve = max(1, self.blocks.usable // 100)
-        self._arrivals = itertools.count()  # submit order: preemption takes the newest first
+        self._arrivals = itertools.count()  # submit order: the scheduler's arrival order
         self._accepting = True
         self._abort_at: float | None = None  # monotonic time after which unfinished work is aborted
         self._commands: list[tuple[Callable[[], object], concurrent.futures.Future]] = []
@@ -113,14 +120,21 @@ class Engine:
                 f"the request needs {positions} KV-cache positions, more than the whole cache holds "
                 f"({self.blocks.usable * self.config.block_size}); shorten the prompt or max_new_tokens"
             )
+        self.scheduler.check_fits(request, blocks_for(positions, self.config.block_size))
         request.order = next(self._arrivals)
         with self._cv:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and accepts no new requests")
-            if len(self._waiting) >= self.config.max_waiting:
-                raise CapacityError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
-            self._waiting.append(request)
-            self.metrics.requests_waiting.set(len(self._waiting))
+            try:
+                if self.scheduler.num_waiting >= self.config.max_waiting:
+                    raise CapacityError(
+                        f"the request queue is full ({self.config.max_waiting} waiting); retry later", retry_after=1.0
+                    )
+                self.scheduler.enqueue(request)
+            except CapacityError:
+                self.metrics.observe_rejection(request.tenant)
+                raise
+            self.metrics.requests_waiting.set(self.scheduler.num_waiting)
             self._cv.notify()
 
     def call(self, command: Callable[[], object], timeout: float | None = None) -> object:
@@ -186,8 +200,7 @@ class Engine:
         with self._cv:
             self._accepting = False
             commands, self._commands = self._commands, []
-            waiting = list(self._waiting)
-            self._waiting.clear()
+            waiting = self.scheduler.take_all()
         self._cancel_commands(commands)
         dead = EngineFailedError("the engine failed and is restarting; retry the request")
         for request in [*waiting, *self._prefilling, *self._running]:
@@ -201,15 +214,17 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._running or self._prefilling or self._commands) and self._accepting:
+                waiting = self.scheduler.num_waiting
+                while not (waiting or self._running or self._prefilling or self._commands) and self._accepting:
                     self._cv.wait()
+                    waiting = self.scheduler.num_waiting
                 commands, self._commands = self._commands, []
                 if self._abort_at is not None and (
-                    time.monotonic() >= self._abort_at or not (self._waiting or self._running or self._prefilling)
+                    time.monotonic() >= self._abort_at or not (waiting or self._running or self._prefilling)
                 ):
                     self._cancel_commands(commands)
                     break
-                admitted = self._take_admissible()
+                admitted, victims = self._take_admissible()
             self._run_commands(commands)
             if not admitted and not self._running and not self._prefilling:
                 with self._cv:
@@ -219,7 +234,7 @@ class Engine:
                         self._cv.wait(timeout=0.5)
                 continue
             try:
-                self._step(admitted)
+                self._step(admitted, victims)
             except Exception:  # a bug or device failure: fail what was in flight, keep serving
                 # An admitted request is also in _prefilling or _running by now: list each once.
                 in_flight = list({id(r): r for r in [*admitted, *self._prefilling, *self._running]}.values())
@@ -246,26 +261,39 @@ class Engine:
         for _, future in commands:
             future.set_exception(EngineStoppedError("the server is shutting down"))
 
-    def _take_admissible(self) -> list[Request]:
-        """Queued requests that may run now, in queue order: their adapter holds a device slot (others keep
-        waiting while the residency thread brings theirs in), up to the free batch places. Cancelled or failed
-        ones are taken too (to be finished) but take no place. Whether their blocks fit is `_admit`'s call."""
-        free = self.config.max_batch_size - self.num_running
-        admitted, kept, rows = [], deque(), 0
-        while self._waiting:
-            request = self._waiting.popleft()
-            done = request.cancelled or (request.adapter is not None and request.adapter.load_error is not None)
-            if done or (rows < free and (request.adapter is None or request.adapter.slot >= 0)):
-                admitted.append(request)
-                rows += not done
-            else:
-                kept.append(request)
-        self._waiting = kept
-        self.metrics.requests_waiting.set(len(self._waiting))
-        return admitted
+    def _take_admissible(self) -> tuple[list[Request], list[Request]]:
+        """The queued requests that may run now, in the scheduler's order, and the running ones it preempts for
+        them. Only requests whose adapter holds a device slot are eligible (others keep waiting while the
+        residency thread brings theirs in), up to the free batch places and their tenants' caps. Cancelled or
+        failed ones are taken too (to be finished) but take no place. Whether blocks fit is `_admit`'s call."""
+        done = self.scheduler.remove_waiting(
+            lambda r: r.cancelled or (r.adapter is not None and r.adapter.load_error is not None)
+        )
+        plan: Plan = self.scheduler.plan(
+            self.config.max_batch_size - self.num_running,
+            ready=lambda r: r.adapter is None or r.adapter.slot >= 0,
+            blocks_needed=self._blocks_needed,
+            tenant_blocks=self._tenant_blocks() if self.scheduler.config.caps_blocks else None,
+        )
+        self.metrics.requests_waiting.set(self.scheduler.num_waiting)
+        return [*done, *plan.admit], plan.preempt
 
-    def _step(self, admitted: list[Request]) -> None:
+    def _blocks_needed(self, request: Request) -> int:
+        """Blocks a request holds once admitted (about: before its adapter's soft prompt is known)."""
+        return blocks_for(request.sequence_len + len(request.generated), self.config.block_size)
+
+    def _tenant_blocks(self) -> Counter[str]:
+        held: Counter[str] = Counter()
+        for request in [*self._running, *self._prefilling]:
+            held[request.tenant] += len(request.blocks)
+        return held
+
+    def _step(self, admitted: list[Request], victims: Sequence[Request] = ()) -> None:
         self._drop_cancelled()
+        for victim in victims:  # the scheduler gives their places to the admitted requests of placeless tenants
+            if not victim.finished:
+                self._preempt(victim)
+        self._drop_preempted()
         runnable = []
         for request in admitted:
             if request.cancelled:
@@ -277,7 +305,7 @@ class Engine:
         for index, request in enumerate(runnable):
             if not self._admit(request):  # out of blocks: it and those after it wait, in order
                 with self._cv:
-                    self._waiting.extendleft(reversed(runnable[index:]))
+                    self.scheduler.unplace(runnable[index:])
                 break
             if self.admission_observer is not None:  # between forwards: it may merge or unmerge
                 self.admission_observer(request.adapter_id)
@@ -285,6 +313,7 @@ class Engine:
         if self._running:
             self._decode()
         self.metrics.requests_running.set(self.num_running)
+        self.metrics.set_tenant_load(self.scheduler.running_by_tenant(), self.scheduler.waiting_by_tenant())
 
     # ---- admission: blocks and the prefix cache ----------------------------------------------------
     def _soft_prompt(self, request: Request) -> SoftPrompt:
@@ -358,18 +387,38 @@ class Engine:
     # ---- prefill: up to max_prefill_tokens prompt tokens per step ------------------------------------
     def _prefill_step(self) -> None:
         budget, work = self.config.max_prefill_tokens, []
-        for request in self._prefilling:
+        for request in self.scheduler.prefill_order(self._prefilling):
             if budget <= 0:
                 break
             take = min(request.target_len - request.cache_len, budget)
             work.append((request, take))
             budget -= take
+        before = [len(request.generated) for request, _ in work]
         scoring = [item for item in work if item[0].wants_prompt_logprobs]
         plain = [item for item in work if not item[0].wants_prompt_logprobs]
         for group in self._prefill_groups(plain):
             self._prefill(group)
         for group in self._prefill_groups(scoring):  # the LM head runs at every position of these
             self._prefill(group, every_position=True)
+        for (request, _), count in zip(work, before, strict=True):
+            if len(request.generated) > count:  # its prefill completed and sampled a token
+                self._served_prefill(request, first=count == 0)
+
+    # ---- accounting: tokens computed, charged to tenants ---------------------------------------------
+    def _served_prefill(self, request: Request, first: bool) -> None:
+        """A request's prefill completed and sampled a token. Its prompt was charged when it was admitted;
+        the token is charged as generated. A recomputation after a preemption charges no prompt again."""
+        self.scheduler.charge_generated(request, 1)
+        self.metrics.observe_tenant_tokens(request.tenant, prompt=len(request.prompt_ids) if first else 0, generated=1)
+        if first and request.prefilled_at is not None:
+            self.metrics.observe_tenant_queue(request.tenant, request.prefilled_at - request.arrival)
+
+    def _served_decode(self, rows: list[Request]) -> None:
+        """One decode step computed a token for each row: charge each row's tenant."""
+        per_tenant = Counter(request.tenant for request in rows)
+        self.scheduler.charge_tenants(per_tenant)
+        for tenant, count in per_tenant.items():
+            self.metrics.observe_tenant_tokens(tenant, prompt=0, generated=count)
 
     def _prefill_groups(self, work: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
         """Split a step's chunks into forwards of at most `max_prefill_tokens` padded tokens, grouping similar
@@ -504,6 +553,7 @@ class Engine:
         batch = self._decode_batch([r.slot for r in running])
         logits = self.runner.decode(input_ids, positions, tables, batch)
         self.metrics.batch_size.observe(len(running))
+        self._served_decode(running)
         for request in running:
             request.cache_len += 1
             if request.cache_len % self.config.block_size == 0:
@@ -512,34 +562,47 @@ class Engine:
         self._compact()
 
     def _reserve_decode_blocks(self) -> None:
-        """A block for every row whose next token starts one, oldest rows first; when none is left, preempt
-        the newest request until there is one (a row may preempt itself)."""
+        """A block for every row whose next token starts one, the scheduler's most important rows first; when
+        none is left, or the row's tenant holds its block cap, preempt the request the scheduler names until
+        there is one (a row may preempt itself)."""
         size = self.config.block_size
-        for request in sorted(self._running, key=lambda r: r.order):
+        held = self._tenant_blocks() if self.scheduler.config.caps_blocks else None
+        for request in self.scheduler.decode_order(self._running):
             while request.cache_len == len(request.blocks) * size and not request.preempted:
-                block = self.blocks.allocate(1)
+                capped = held is not None and self.scheduler.tenant_capped(request.tenant, held[request.tenant])
+                block = None if capped else self.blocks.allocate(1)
                 if block is not None:
                     request.blocks.extend(block)
+                    if held is not None:
+                        held[request.tenant] += 1
                     break
                 candidates = [r for r in [*self._running, *self._prefilling] if not r.preempted]
-                self._preempt(max(candidates, key=lambda r: r.order))
+                victim = self.scheduler.victim(candidates, request, tenant_capped=capped)
+                if held is not None:
+                    held[victim.tenant] -= len(victim.blocks)
+                self._preempt(victim)
+        self._drop_preempted()
+
+    def _drop_preempted(self) -> None:
+        """Take the requests preempted out of the decode batch."""
         for request in [r for r in self._running if r.preempted]:
             self._running.remove(request)
             request.preempted = False
 
     def _preempt(self, request: Request) -> None:
-        """Release a request's blocks (full ones stay in the prefix cache) and queue it, ahead of new arrivals,
-        to be recomputed from its prompt and generated tokens."""
+        """Release a request's blocks (full ones stay in the prefix cache) and queue it again, ahead of its
+        level's fresh requests, to be recomputed from its prompt and generated tokens."""
         self.blocks.release(request.blocks)
         request.blocks, request.cache_len, request.block_hashes = [], 0, []
         if request in self._prefilling:
             self._prefilling.remove(request)
         else:
-            request.preempted = True  # _reserve_decode_blocks drops it from the decode batch
+            request.preempted = True  # _drop_preempted takes it out of the decode batch
         self.metrics.preemptions.inc()
+        self.metrics.observe_tenant_preemption(request.tenant)
         with self._cv:
-            self._waiting.appendleft(request)
-            self.metrics.requests_waiting.set(len(self._waiting))
+            self.scheduler.requeue(request)
+            self.metrics.requests_waiting.set(self.scheduler.num_waiting)
 
     def _adapter_batch(self, token_slots: list[int], head_slots: list[int] | None, keep: bool = False) -> AdapterBatch:
         """Describe a forward's adapters: token_slots for every token, head_slots for the positions the LM
@@ -643,6 +706,7 @@ class Engine:
         request.finished = True  # _compact drops it from the running lists
         if request.sampler is not None:
             self.sampler.release(request.sampler)
+        self.scheduler.finished(request)
         if request.adapter is not None:
             self.registry.release(request.adapter, served=error is None)
         self.metrics.observe_finished(request, "error" if error is not None else reason.value, time.monotonic())
@@ -661,8 +725,7 @@ class Engine:
 
     def _abort_all(self) -> None:
         with self._cv:
-            leftovers = [*self._waiting, *self._prefilling, *self._running]
-            self._waiting.clear()
+            leftovers = [*self.scheduler.take_all(), *self._prefilling, *self._running]
         for request in leftovers:
             if not request.finished:
                 self._finish(request, FinishReason.ABORTED)

@@ -65,7 +65,7 @@ class Request:
     constraint: TokenConstraint | None = None  # e.g. a grammar matcher, set by the front door before submit
     arrival: float = field(default_factory=time.monotonic)
     # engine-side state
-    order: int = -1  # submit order (preemption takes the newest first)
+    order: int = -1  # submit order (the scheduler's arrival order)
     blocks: list[int] = field(default_factory=list)  # KV-cache block table
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks, in order
     merged_generation: int = 0  # the adapter merged into the base when it was admitted (0: none)
@@ -83,6 +83,10 @@ class Request:
     prefilled_at: float | None = None
     first_token_at: float | None = None
     _cancelled: bool = False
+    # multi-tenant scheduling (engine/scheduler.py): tenant and priority set by the front door
+    tenant: str = ""  # whose share and limits it counts against (the door's default: its adapter's id)
+    priority: int = 0  # higher goes first under --scheduling priority; ignored by fair and fifo
+    preemptions: int = 0  # times it lost its blocks and was queued again (raises its precedence)
 
     @property
     def adapter_id(self) -> str:

@@ -72,6 +72,7 @@ class Field(enum.StrEnum):
     ADAPTER_MIX = "adapter_mix"
     ADAPTER_STACK = "adapter_stack"
     MIX_METHOD = "mix_method"
+    TENANT = "tenant"
 
 
 FieldNames = Mapping[Field, str]  # a door's name for each canonical field it renames; others keep theirs
@@ -143,9 +144,33 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # score the prompt: each token's log-probability and this many top ones
     request_id: str = ""  # empty: a fresh one is drawn
     deadline: float | None = None  # event-loop time after which the request is cancelled (None: no limit)
+    # multi-tenant scheduling (docs/scheduling.md)
+    tenant: str = ""  # whose fair share and limits it counts against; empty: `default_tenant(adapter)`
+    priority: int = 0  # higher first under --scheduling priority (the native meaning; doors translate theirs)
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # a tenant's name: a bounded, printable token
+
+
+def default_tenant(ref: AdapterRef) -> str:
+    """The tenant of a request that names none: the adapter it routes by (a mix's or stack's first member),
+    "" (the base model's tenant) for none."""
+    ids = ref.routing_ids
+    return ids[0] if ids else ""
+
+
+def request_tenant(request: GenerationRequest, names: FieldNames) -> str:
+    """The request's tenant: its own (checked against TENANT_PATTERN, else FieldError) or its adapter's."""
+    if not request.tenant:
+        return default_tenant(request.adapter)
+    name = names.get(Field.TENANT, Field.TENANT.value)
+    _check(
+        bool(TENANT_PATTERN.fullmatch(request.tenant)),
+        name,
+        f"{name} must be 1-128 characters of letters, digits and . _ : @ / + = -; got {request.tenant[:64]!r}",
+    )
+    return request.tenant
 
 
 def clean_request_id(given: str | None) -> str:
@@ -454,6 +479,7 @@ class FrontDoorCore:
         caller must `close()` it (a `with` block does) so that leaving early cancels the engine request.
         TimeoutError if the deadline passes while the adapter is brought in (nothing was submitted then)."""
         started = asyncio.get_running_loop().time()
+        tenant = request_tenant(request, names)
         async with asyncio.timeout_at(request.deadline):  # bringing an adapter in counts against the deadline
             cold = await self.resolve_sources(request.adapter)
             adapter = await self.acquire(request.adapter)
@@ -473,7 +499,7 @@ class FrontDoorCore:
                 loop.call_soon_threadsafe(deliver, output)
 
             rid = request.request_id or uuid.uuid4().hex
-            engine_request = Request(rid, prompt_ids, params, adapter, sink)
+            engine_request = Request(rid, prompt_ids, params, adapter, sink, tenant=tenant, priority=request.priority)
             self.engine.submit(engine_request)
         except BaseException:
             if adapter is not None:

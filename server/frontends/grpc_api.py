@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -59,7 +60,9 @@ _STATE_TO_PROTO = {
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
-    await context.abort(status_for(err), public_message(err, request_id(context)))
+    retry_after = getattr(err, "retry_after", None)  # a CapacityError's hint, in whole seconds
+    trailing = (("retry-after", str(math.ceil(retry_after))),) if retry_after else ()
+    await context.abort(status_for(err), public_message(err, request_id(context)), trailing_metadata=trailing)
 
 
 def _unary_errors(method: Callable) -> Callable:
@@ -132,6 +135,8 @@ def generation_request(request: pb.GenerateRequest, rid: str) -> GenerationReque
         top_logprobs=request.top_logprobs,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
         request_id=rid,
+        tenant=request.tenant,
+        priority=request.priority,
     )
 
 

@@ -111,8 +111,9 @@ def _hf_probabilities(logits: torch.Tensor, params: SamplingParams, seen: list[i
     ],
 )
 def test_draws_follow_transformers_warped_distribution(params, vocab, scale):
-    """Counter-based draws (one batched step, a row each) from one step's logits: every drawn token is one transformers keeps, and the
-    frequencies match its probabilities (total variation below 0.03, or the kept set's mass for wide ones)."""
+    """Counter-based draws (one batched step, a row each) from one step's logits: every drawn token is one that
+    transformers keeps, and the frequencies match its probabilities (total variation below 0.03; a kept set
+    too wide for frequencies is checked for coverage)."""
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * scale
     expected = _hf_probabilities(logits, params, PROMPT)
     draws = 20_000 if vocab <= VOCAB else 3_000  # one row per draw: keep the wide case's batch small

@@ -15,7 +15,7 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 # Fields that do not change what is generated: accepted and ignored.
 _IGNORED_FIELDS = frozenset(
-    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+    {"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
 )
 # Fields deltaserve does not implement, accepted only with the value that means "off".
 _NEUTRAL_VALUES: dict[str, Callable[[Any], bool]] = {
@@ -74,6 +74,10 @@ class _GenerationBody(_Body):
     ignore_eos: bool | None = None
     allowed_token_ids: list[Int32] | None = None
     prompt_logprobs: Int32 | None = None
+    # scheduling (docs/scheduling.md): vLLM's priority extension (lower values first); OpenAI's end-user id,
+    # which names the tenant unless the x-tenant header does
+    priority: Int32 | None = None
+    user: str | None = None
 
 
 class CompletionBody(_GenerationBody):

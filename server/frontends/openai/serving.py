@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from deltaserve.server.engine.sampling import MAX_TOP_LOGPROBS
 from deltaserve.server.errors import AdapterNotFoundError
 from deltaserve.server.frontends.core import (
     BASE_ALIASES,
+    TENANT_PATTERN,
     AdapterRef,
     ChatTurn,
     Field,
@@ -61,13 +64,27 @@ _FINISH_REASON = {
 }
 
 
+TENANT_HEADER = "x-tenant"  # names the request's tenant; wins over the body's `user`
+
+
 def _names(max_tokens_field: str) -> FieldNames:
     """This door's names for the canonical fields it renames."""
     return {
         Field.MAX_NEW_TOKENS: max_tokens_field,
         Field.MIN_NEW_TOKENS: "min_tokens",
         Field.PROMPT_TOKEN_IDS: "prompt",
+        Field.TENANT: TENANT_HEADER,
     }
+
+
+def user_tenant(user: str | None) -> str:
+    """The tenant OpenAI's `user` names: the id itself when it is a tenant name, else a digest of it (an email
+    with spaces, a long or non-ASCII id), so that any user string keeps one share of its own."""
+    if not user:
+        return ""
+    if TENANT_PATTERN.fullmatch(user):
+        return user
+    return "user-" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,8 @@ def _core_request(body: _GenerationBody, adapter_id: str, max_tokens: int | None
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=bool(body.ignore_eos),
         allowed_token_ids=tuple(body.allowed_token_ids or ()),
+        tenant=user_tenant(body.user),
+        priority=-(body.priority or 0),  # vLLM's priority: lower values first; the core's: higher first
         **given,
     )
 
@@ -372,7 +391,10 @@ class OpenAIServing:
         groups: list[list[Generation]] = []
         try:
             plan = make_plan()
-            groups = await self._until_disconnect(request, self._submit(plan, request_id, self._deadline(request)))
+            tenant = request.headers.get(TENANT_HEADER)  # checked by the core like any tenant name
+            groups = await self._until_disconnect(
+                request, self._submit(plan, request_id, self._deadline(request), tenant)
+            )
             generations = [generation for group in groups for generation in group]
             if stream:
                 # The first outputs are awaited here, so that a request the engine fails at once is answered
@@ -390,13 +412,18 @@ class OpenAIServing:
             return error_response(499, "the client closed the connection; the request was cancelled")
         except Exception as err:
             status, body = self.error(err, plan)
+            retry_after = getattr(err, "retry_after", None)  # a CapacityError's hint
+            if retry_after:
+                headers["retry-after"] = str(math.ceil(retry_after))
             return JSONResponse({"error": body}, status_code=status, headers=headers)
         finally:
             for group in groups:
                 for generation in group:
                     generation.close()
 
-    async def _submit(self, plan: _Plan, request_id: str, deadline: float | None) -> list[list[Generation]]:
+    async def _submit(
+        self, plan: _Plan, request_id: str, deadline: float | None, tenant: str | None = None
+    ) -> list[list[Generation]]:
         """Every prompt's sequences, submitted together; if one prompt is refused, the others are cancelled."""
         ranked = plan.sequences > plan.n  # best_of ranks the sequences by their log-probability
         requests = [
@@ -405,6 +432,7 @@ class OpenAIServing:
                 request_id=request_id if len(plan.requests) == 1 else f"{request_id}-{index}",
                 deadline=deadline,
                 logprobs=core_request.logprobs or ranked,
+                tenant=core_request.tenant if tenant is None else tenant,
             )
             for index, core_request in enumerate(plan.requests)
         ]
