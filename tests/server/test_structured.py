@@ -214,7 +214,13 @@ SCHEMAS = [
     {"type": "string", "pattern": "^[a-f0-9]{6}$"},
     {
         "type": "object",
-        "properties": {"p": {"type": "object", "properties": {"q": {"type": "integer", "minimum": -50, "maximum": 50}}, "required": ["q"]}},
+        "properties": {
+            "p": {
+                "type": "object",
+                "properties": {"q": {"type": "integer", "minimum": -50, "maximum": 50}},
+                "required": ["q"],
+            }
+        },
         "required": ["p"],
     },
     {"enum": ["red", "green", "blue", 7, None]},
@@ -224,7 +230,10 @@ SCHEMAS = [
         "properties": {"tags": {"type": "array", "items": {"enum": ["u", "v"]}, "maxItems": 3}, "n": {"type": "null"}},
         "required": ["tags"],
     },
-    {"type": "object", "properties": {"s": {"type": "string", "maxLength": 6}, "o": {"type": "integer", "minimum": 1, "maximum": 9}}},
+    {
+        "type": "object",
+        "properties": {"s": {"type": "string", "maxLength": 6}, "o": {"type": "integer", "minimum": 1, "maximum": 9}},
+    },
     {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "boolean"}}}, "maxItems": 2},
 ]
 
