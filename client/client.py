@@ -7,6 +7,7 @@ how a call is awaited; every gRPC failure surfaces as DeltaserveError.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from types import ModuleType, TracebackType
@@ -64,6 +65,11 @@ class GenerateOptions(TypedDict, total=False):
     allowed_token_ids: Sequence[int] | None
     top_logprobs: int
     prompt_logprobs: int | None
+    json_schema: str | Mapping[str, Any] | None
+    json_object: bool
+    regex: str | None
+    choice: Sequence[str] | None
+    grammar: str | None
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -113,6 +119,11 @@ def build_generate_request(
     allowed_token_ids: Sequence[int] | None = None,
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
@@ -123,7 +134,8 @@ def build_generate_request(
     adapter_stack (adapter ids of any kinds, in order) applies several adapters together, e.g. a prefix plus
     a LoRA; see the proto for the composition rule. prompt_token_ids replaces prompt and messages; the other
     sampling controls (min_p, penalties, logit_bias, stop/allowed token ids, top_logprobs, prompt_logprobs)
-    are described in the proto.
+    are described in the proto. At most one constraint (docs/structured.md): json_schema (a schema as a mapping
+    or its JSON text), json_object, regex, choice (strings) or grammar (EBNF).
     """
     if prompt_token_ids is None:
         _check_one_input(prompt, messages, "prompt")
@@ -162,7 +174,38 @@ def build_generate_request(
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)
+    _set_constraint(request, json_schema, json_object, regex, choice, grammar)
     return request
+
+
+def _set_constraint(
+    request: pb.GenerateRequest,
+    json_schema: str | Mapping[str, Any] | None,
+    json_object: bool,
+    regex: str | None,
+    choice: Sequence[str] | None,
+    grammar: str | None,
+) -> None:
+    given = {
+        "json_schema": json_schema,
+        "json_object": json_object or None,
+        "regex": regex,
+        "choice": choice,
+        "grammar": grammar,
+    }
+    chosen = [name for name, value in given.items() if value is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"give at most one constraint, got {' and '.join(chosen)}")
+    if json_schema is not None:
+        request.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif json_object:
+        request.json_object = True
+    elif regex is not None:
+        request.regex = regex
+    elif choice is not None:
+        request.choice.choices.extend(choice)
+    elif grammar is not None:
+        request.grammar = grammar
 
 
 def build_tokenize_request(text: str | None = None, *, messages: ChatInput | None = None) -> pb.TokenizeRequest:

@@ -328,3 +328,19 @@ def test_literal_schema_round_trip(oai):
         temperature=1,
     )
     assert completion.choices[0].message.parsed.colour in ("red", "green", "blue")
+
+
+def test_native_grpc_constraints(server):
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+    }
+    with Client(server.target, timeout=120) as client:
+        result = client.generate("JSON: ", adapter_id="json", json_schema=schema, max_new_tokens=20)
+        jsonschema.validate(json.loads(result.text), schema)
+        assert client.generate("Pick: ", choice=["left", "right"], max_new_tokens=5).text in ("left", "right")
+        assert client.generate("Digits: ", regex="[0-9]{4}", adapter_id="digits", max_new_tokens=8).text.isdigit()
+        chunks = list(client.generate_stream("Obj: ", json_object=True, max_new_tokens=24, ignore_eos=True))
+        text = "".join(chunk.text for chunk in chunks)
+        assert text.startswith("{")
