@@ -29,7 +29,7 @@ from deltaserve.server.errors import InvalidRequestError
 # Bounds on what one request may ask the compiler for (docs/structured.md). The compiler's cost grows with
 # the nesting depth (200 levels take ~2 s on one core), enum members and counted repetitions.
 MAX_SOURCE_BYTES = 64 * 1024  # a schema's JSON text, a regex, an EBNF grammar, all choices together
-MAX_SCHEMA_DEPTH = 32  # nested objects/arrays in the schema document
+MAX_SCHEMA_DEPTH = 64  # nested JSON objects/arrays in the schema document (~2 per level of properties)
 MAX_ENUM_MEMBERS = 1024  # members of one enum, or strings of one choice
 MAX_REGEX_CHARS = 4096
 MAX_REPEAT_BOUND = 1024  # {m,n} in a regex, and minLength/maxLength/minItems/maxItems in a schema
@@ -108,7 +108,7 @@ def _check_schema(schema: Any, param: str) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_SCHEMA_DEPTH:
-            raise GrammarError(param, f"{param} nests deeper than {MAX_SCHEMA_DEPTH} levels")
+            raise GrammarError(param, f"{param} nests deeper than {MAX_SCHEMA_DEPTH} levels of JSON")
         if isinstance(node, dict):
             members = node.get("enum")
             if isinstance(members, list) and len(members) > MAX_ENUM_MEMBERS:
