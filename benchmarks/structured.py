@@ -14,11 +14,12 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness import (
     Run,
-    Settings,
     ServerProcess,
+    Settings,
     cpu_config,
     embedded_model,
     format_table,
@@ -73,7 +74,7 @@ def compile_times(model_dir: str) -> dict[str, dict[str, float]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab = json.load(open(f"{model_dir}/config.json"))["vocab_size"]
+    vocab = json.loads(Path(model_dir, "config.json").read_text())["vocab_size"]
     service = GrammarService(tokenizer, vocab, (tokenizer.eos_token_id,))
 
     async def measure() -> dict[str, dict[str, float]]:
