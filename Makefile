@@ -99,6 +99,7 @@ bench-smoke: install
 	cd benchmarks && ../$(PY) ray_replicas.py --quick --requests 4 --out $(SMOKE)/ray-replicas.json
 	cd benchmarks && ../$(PY) paged.py --quick --revision HEAD --requests 4 --out $(SMOKE)/paged.json
 	cd benchmarks && ../$(PY) sampling.py --quick --out $(SMOKE)/sampling.json
+	cd benchmarks && ../$(PY) structured.py --quick --out $(SMOKE)/structured.json
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info

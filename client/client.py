@@ -7,6 +7,7 @@ how a call is awaited; every gRPC failure surfaces as DeltaserveError.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from types import ModuleType, TracebackType
@@ -69,6 +70,11 @@ class GenerateOptions(TypedDict, total=False):
     n: int
     tenant: str
     priority: int
+    json_schema: str | Mapping[str, Any] | None
+    json_object: bool
+    regex: str | None
+    choice: Sequence[str] | None
+    grammar: str | None
 
 
 def to_chat_messages(messages: ChatInput) -> list[pb.ChatMessage]:
@@ -123,6 +129,11 @@ def build_generate_request(
     mix_majority_sign_method: str = "",
     tenant: str = "",
     priority: int = 0,
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; proto3 `optional` fields are set only when given, so None means
     "server default" (max_new_tokens: --default-max-new-tokens, top_p/repetition_penalty: off, seed: fresh).
@@ -136,9 +147,9 @@ def build_generate_request(
     a LoRA; see the proto for the composition rule. prompt_token_ids replaces prompt and messages; the other
     sampling controls (min_p, penalties, logit_bias, stop/allowed token ids, top_logprobs, prompt_logprobs)
     and n (several sequences: the result's `sequences`, a stream chunk's `index`) are described in the proto.
-    a LoRA; see the proto for the composition rule.
     tenant names whose fair share the request counts against (empty: its adapter's); priority orders requests
-    on a server run with --scheduling priority (higher first).
+    on a server run with --scheduling priority (higher first). At most one constraint (docs/structured.md):
+    json_schema (a schema as a mapping or its JSON text), json_object, regex, choice (strings) or grammar (EBNF).
     """
     if prompt_token_ids is None:
         _check_one_input(prompt, messages, "prompt")
@@ -182,7 +193,38 @@ def build_generate_request(
     for name, value in optional.items():
         if value is not None:
             setattr(request, name, value)
+    _set_constraint(request, json_schema, json_object, regex, choice, grammar)
     return request
+
+
+def _set_constraint(
+    request: pb.GenerateRequest,
+    json_schema: str | Mapping[str, Any] | None,
+    json_object: bool,
+    regex: str | None,
+    choice: Sequence[str] | None,
+    grammar: str | None,
+) -> None:
+    given = {
+        "json_schema": json_schema,
+        "json_object": json_object or None,
+        "regex": regex,
+        "choice": choice,
+        "grammar": grammar,
+    }
+    chosen = [name for name, value in given.items() if value is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"give at most one constraint, got {' and '.join(chosen)}")
+    if json_schema is not None:
+        request.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif json_object:
+        request.json_object = True
+    elif regex is not None:
+        request.regex = regex
+    elif choice is not None:
+        request.choice.choices.extend(choice)
+    elif grammar is not None:
+        request.grammar = grammar
 
 
 def build_tokenize_request(text: str | None = None, *, messages: ChatInput | None = None) -> pb.TokenizeRequest:

@@ -682,6 +682,8 @@ class Engine:
         params = request.params
         if token in request.sampler.stop_ids and len(request.generated) >= params.min_new_tokens:
             return FinishReason.EOS
+        if request.constraint is not None and request.constraint.is_terminated():
+            return FinishReason.EOS  # the grammar is complete (also under ignore_eos or min_new_tokens)
         if request.detokenizer.stop_sequence is not None:
             return FinishReason.STOP_SEQUENCE
         if len(request.generated) >= params.max_new_tokens or request.cache_len + 1 > self.config.max_seq_len:

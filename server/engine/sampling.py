@@ -347,7 +347,12 @@ class Sampler:
     def _process(self, logits: torch.Tensor, rows: list[RowState], plan: _BatchPlan) -> torch.Tensor:
         """The logits after penalties, bias and masks (a copy, or `logits` itself when no row changes them)."""
         constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
-        too_early = [i for i, row in enumerate(rows) if row.generated < row.params.min_new_tokens and row.stop_ids]
+        # A constrained row's grammar decides when it may end: masking its end there would leave it no token.
+        too_early = [
+            i
+            for i, row in enumerate(rows)
+            if row.generated < row.params.min_new_tokens and row.stop_ids and row.constraint is None
+        ]
         if plan.penalized is None and plan.bias_rows is None and not (plan.allowed_rows or constrained or too_early):
             return logits
         x = logits.clone()

@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import dataclasses
 import enum
+import json
 import math
 import re
 import uuid
@@ -22,6 +23,7 @@ from typing import Any
 
 from deltaserve.adapters import ParsedAdapter, compose
 from deltaserve.server.engine.engine import Engine
+from deltaserve.server.engine.grammar import GrammarService, GrammarSpec
 from deltaserve.server.engine.request import Request, RequestOutput, TokenLogprob
 from deltaserve.server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, sequence_seed
 from deltaserve.server.errors import AdapterNotFoundError, InvalidRequestError, MergeError
@@ -87,9 +89,39 @@ class FieldError(InvalidRequestError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made: its id, the function's name and its arguments (JSON text)."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str = ""  # a tool turn: the call it answers
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' shape: arguments as a mapping)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": _loads(c.arguments)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @dataclass(frozen=True)
@@ -147,6 +179,10 @@ class GenerationRequest:
     # multi-tenant scheduling (docs/scheduling.md)
     tenant: str = ""  # whose fair share and limits it counts against; empty: `default_tenant(adapter)`
     priority: int = 0  # higher first under --scheduling priority (the native meaning; doors translate theirs)
+    # Structured output (docs/structured.md): the grammar the output must match, and the tools (OpenAI's
+    # function definitions) that a chat template able to render them is given.
+    grammar: GrammarSpec | None = None
+    tools: tuple[Mapping[str, Any], ...] = ()
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -231,10 +267,16 @@ class FrontDoorCore:
         self.default_max_new_tokens = default_max_new_tokens
         self.max_n = max_n
         self.resolver = resolver  # --adapter-source: adapters named by requests are loaded on first use
+        self._grammars: GrammarService | None = None
 
     # ---- prompt --------------------------------------------------------------------------------------------
     def prompt_ids(
-        self, prompt: str, messages: tuple[ChatTurn, ...], names: FieldNames, token_ids: tuple[int, ...] = ()
+        self,
+        prompt: str,
+        messages: tuple[ChatTurn, ...],
+        names: FieldNames,
+        token_ids: tuple[int, ...] = (),
+        tools: tuple[Mapping[str, Any], ...] = (),
     ) -> list[int]:
         """Token ids of a text prompt (tokenized as tokenizer(text) does), of chat messages (rendered with the
         model's chat template plus the generation prompt), or the token ids given."""
@@ -255,9 +297,11 @@ class FrontDoorCore:
             raise FieldError(
                 messages_name, f"this model has no chat template; send a {prompt_name} instead of {messages_name}"
             )
-        chat = [{"role": m.role, "content": m.content} for m in messages]
+        chat = [m.for_template() for m in messages]
         try:
-            rendered = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(
+                chat, tools=[dict(t) for t in tools] or None, tokenize=False, add_generation_prompt=True
+            )
         except TemplateError as err:  # e.g. a template's raise_exception("roles must alternate user/assistant")
             raise FieldError(messages_name, f"the model's chat template refuses these messages: {err}") from err
         # The template already holds any special tokens (BOS), so it is not tokenized with them again.
@@ -272,7 +316,7 @@ class FrontDoorCore:
             Field.MESSAGES if request.messages else Field.PROMPT_TOKEN_IDS if request.prompt_token_ids else Field.PROMPT
         )
         prompt_name = names.get(prompt_field, prompt_field.value)
-        ids = self.prompt_ids(request.prompt, request.messages, names, request.prompt_token_ids)
+        ids = self.prompt_ids(request.prompt, request.messages, names, request.prompt_token_ids, request.tools)
         if 0 < request.truncate_prompt_tokens < len(ids):
             ids = ids[-request.truncate_prompt_tokens :]  # TGIS keeps the last tokens
         _check(bool(ids), prompt_name, "the prompt tokenizes to no tokens")
@@ -500,6 +544,7 @@ class FrontDoorCore:
 
             rid = request.request_id or uuid.uuid4().hex
             engine_request = Request(rid, prompt_ids, params, adapter, sink, tenant=tenant, priority=request.priority)
+            engine_request.constraint = await self._constraint(request)
             self.engine.submit(engine_request)
         except BaseException:
             if adapter is not None:
@@ -513,6 +558,28 @@ class FrontDoorCore:
             cold_started_at=started if cold else None,
             started=first_output,
         )
+
+    # ---- structured output (docs/structured.md) -----------------------------------------------------------
+    @property
+    def grammars(self) -> GrammarService:
+        """The grammar compiler and cache of this tokenizer, shared by every request and adapter."""
+        if self._grammars is None:
+            eos = tuple(sorted(self.engine.sampler.eos_token_ids))
+            self._grammars = GrammarService(self.tokenizer, self.vocab_size, eos)
+        return self._grammars
+
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the model's chat template takes `tools` (transformers' apply_chat_template(tools=...))."""
+        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+
+    async def _constraint(self, request: GenerationRequest) -> Any:
+        """A fresh grammar matcher for one sequence of `request` (None when it has no grammar). The request
+        is not submitted until its grammar is compiled; the wait counts against its deadline."""
+        if request.grammar is None:
+            return None
+        async with asyncio.timeout_at(request.deadline):
+            return await self.grammars.matcher(request.grammar)
 
     def check_sequences(self, n: int, best_of: int | None, names: FieldNames) -> int:
         """How many sequences to generate for OpenAI's n and best_of (best_of >= n, both within --max-n)."""

@@ -21,6 +21,7 @@ import grpc
 from deltaserve.client.v1 import deltaserve_pb2 as pb
 from deltaserve.client.v1 import deltaserve_pb2_grpc as pb_grpc
 from deltaserve.server.engine.engine import Engine
+from deltaserve.server.engine.grammar import GrammarKind, GrammarSpec
 from deltaserve.server.engine.merge import MergeController
 from deltaserve.server.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from deltaserve.server.errors import CapacityError
@@ -137,7 +138,21 @@ def generation_request(request: pb.GenerateRequest, rid: str) -> GenerationReque
         request_id=rid,
         tenant=request.tenant,
         priority=request.priority,
+        grammar=_constraint(request),
     )
+
+
+def _constraint(request: pb.GenerateRequest) -> GrammarSpec | None:
+    """The request's `constraint` oneof as the core's grammar (docs/structured.md)."""
+    which = request.WhichOneof("constraint")
+    if which is None or (which == "json_object" and not request.json_object):
+        return None
+    if which == "json_object":
+        return GrammarSpec(GrammarKind.JSON_OBJECT, param=which)
+    if which == "choice":
+        return GrammarSpec(GrammarKind.CHOICE, choices=tuple(request.choice.choices), param=which)
+    kind = {"json_schema": GrammarKind.JSON_SCHEMA, "regex": GrammarKind.REGEX, "grammar": GrammarKind.GRAMMAR}[which]
+    return GrammarSpec(kind, getattr(request, which), param=which)
 
 
 NATIVE_NAMES: FieldNames = {}  # the core's canonical names are deltaserve.v1's

@@ -18,6 +18,7 @@ from typing import Any
 
 from deltaserve.client.fmaas import generation_pb2 as tgis
 from deltaserve.client.fmaas import generation_pb2_grpc as tgis_grpc
+from deltaserve.server.engine.grammar import GrammarKind, GrammarSpec
 from deltaserve.server.engine.request import FinishReason, RequestOutput, TokenLogprob
 from deltaserve.server.engine.sampling import MAX_TOP_LOGPROBS
 from deltaserve.server.errors import InvalidRequestError
@@ -104,6 +105,7 @@ def plan(params: tgis.Parameters, default_max_new_tokens: int) -> Plan:
         seed=seed,
         repetition_penalty=params.decoding.repetition_penalty or 1.0,  # TGIS: 0 means none
         stop=tuple(stopping.stop_sequences),
+        grammar=_guided(params.decoding),
         **_logprob_fields(params.response),
     )
     include_stop = (
@@ -151,9 +153,20 @@ def _refuse_unserved(params: tgis.Parameters) -> None:
         raise InvalidRequestError("typical_p (typical decoding) is not supported by this server; leave it 0")
     if params.decoding.HasField("length_penalty"):
         raise InvalidRequestError("length_penalty is not supported by this server")
-    guided = params.decoding.WhichOneof("guided")
-    if guided is not None and not (guided == "format" and params.decoding.format == tgis.DecodingParameters.TEXT):
-        raise InvalidRequestError(f"guided decoding ({guided}) is not supported by this server")
+
+
+def _guided(decoding: tgis.DecodingParameters) -> GrammarSpec | None:
+    """DecodingParameters' guided oneof as the core's grammar (docs/structured.md); format TEXT is none."""
+    guided = decoding.WhichOneof("guided")
+    param = f"decoding.{guided}"
+    if guided is None or (guided == "format" and decoding.format == tgis.DecodingParameters.TEXT):
+        return None
+    if guided == "format":
+        return GrammarSpec(GrammarKind.JSON_OBJECT, param=param)
+    if guided == "choice":
+        return GrammarSpec(GrammarKind.CHOICE, choices=tuple(decoding.choice.choices), param=param)
+    kind = {"json_schema": GrammarKind.JSON_SCHEMA, "regex": GrammarKind.REGEX, "grammar": GrammarKind.GRAMMAR}[guided]
+    return GrammarSpec(kind, getattr(decoding, guided), param=param)
 
 
 @dataclass

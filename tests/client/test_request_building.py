@@ -1,5 +1,7 @@
 """Pure-Python checks of the client's request builders, result conversion and error mapping (no server)."""
 
+import json
+
 import grpc
 import grpc.aio
 import pytest
@@ -113,3 +115,15 @@ def test_bare_rpc_error_is_unknown() -> None:
 
 def test_format_size() -> None:
     assert [format_size(n) for n in (0, 1023, 1536, 3 * 1024**3)] == ["0 B", "1023 B", "1.5 KiB", "3.0 GiB"]
+
+
+def test_constraints_fill_the_oneof() -> None:
+    schema = {"type": "object"}
+    assert json.loads(build_generate_request("p", json_schema=schema).json_schema) == schema
+    assert build_generate_request("p", json_object=True).WhichOneof("constraint") == "json_object"
+    assert build_generate_request("p", regex="a+").regex == "a+"
+    assert list(build_generate_request("p", choice=["x", "y"]).choice.choices) == ["x", "y"]
+    assert build_generate_request("p", grammar='root ::= "a"').WhichOneof("constraint") == "grammar"
+    assert build_generate_request("p").WhichOneof("constraint") is None
+    with pytest.raises(ValueError, match="at most one constraint"):
+        build_generate_request("p", regex="a", choice=["a"])

@@ -322,7 +322,10 @@ def test_bad_completion_is_400(oai, case):
 
 
 BAD_CHATS = {
-    "tools": (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    "tool with a bad name": (
+        dict(tools=[{"type": "function", "function": {"name": "no spaces", "parameters": {}}}]),
+        "tools[0].function.name",
+    ),
     "top_logprobs 21": (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
     "image part": (
         dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
@@ -330,12 +333,16 @@ BAD_CHATS = {
     ),
     "no messages": (dict(messages=[]), "messages"),
     "message without role": (dict(messages=[{"content": "hi"}]), "messages.0.role"),
-    "json response format": (dict(response_format={"type": "json_object"}), "response_format"),
+    "unknown response format": (dict(response_format={"type": "xml"}), "response_format.type"),
     "frequency_penalty below -2": (dict(frequency_penalty=-3.0), "frequency_penalty"),
-    "tool message fields": (
-        dict(messages=[{"role": "user", "content": "hi", "tool_call_id": "x"}]),
-        "messages[0].tool_call_id",
+    "tool_choice naming no tool": (
+        dict(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+        "tool_choice",
     ),
+    "guided_regex refused by the compiler": (dict(extra_body={"guided_regex": "a{1,99999}"}), "guided_regex"),
 }
 
 

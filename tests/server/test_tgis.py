@@ -326,8 +326,9 @@ BAD_PARAMS = [
     ({"method": "SAMPLE", "sampling": {"temperature": -1.0}}, "temperature"),
     ({"decoding": {"repetition_penalty": -1.0}}, "repetition_penalty"),
     ({"decoding": {"length_penalty": {"start_index": 2, "decay_factor": 1.5}}}, "length_penalty"),
-    ({"decoding": {"json_schema": "{}"}}, "json_schema"),
-    ({"decoding": {"regex": "a+"}}, "regex"),
+    ({"decoding": {"json_schema": "{not json"}}, "decoding.json_schema"),
+    ({"decoding": {"regex": "a{1,99999}"}}, "decoding.regex"),
+    ({"decoding": {"choice": {"choices": []}}}, "decoding.choice"),
     ({"response": {"generated_tokens": True, "token_ranks": True}}, "token_ranks"),
     ({"response": {"generated_tokens": True, "top_n_tokens": 21}}, "top_n_tokens"),
     ({"response": {"token_logprobs": True}}, "generated_tokens"),
@@ -344,6 +345,23 @@ def test_bad_params_are_invalid_argument(tgis, params, named):
     ]:
         code, details = tgis.error(method, request)
         assert code == "INVALID_ARGUMENT" and named in details, (method, details)
+
+
+@pytest.mark.parametrize(
+    ("decoding", "check"),
+    [
+        ({"regex": "[ab]{3}"}, lambda text: len(text) == 3 and set(text) <= set("ab")),
+        ({"choice": {"choices": ["yes", "no"]}}, lambda text: text in ("yes", "no")),
+        ({"json_schema": '{"enum": [1, 2, 3]}'}, lambda text: text in ("1", "2", "3")),
+        ({"format": "JSON"}, lambda text: text.startswith("{")),
+    ],
+    ids=["regex", "choice", "json_schema", "format"],
+)
+def test_guided_decoding(tgis, decoding, check):
+    params = {"decoding": decoding, "stopping": {"max_new_tokens": 16}}
+    response = tgis.ok("Generate", {"adapter_id": "qv8", "requests": [{"text": PROMPTS[0]}], "params": params})
+    text = response["responses"][0]["text"]
+    assert check(text), text
 
 
 def test_bad_inputs_are_invalid_argument(tgis, server):

@@ -10,8 +10,8 @@ import logging
 from typing import Any
 
 import grpc
+from deltaserve.server.errors import InvalidRequestError
 from deltaserve.server.frontends.auth import HTTP_CHALLENGE
-from deltaserve.server.frontends.core import FieldError
 from deltaserve.server.frontends.status import public_message, status_for
 from fastapi.responses import JSONResponse
 
@@ -83,7 +83,7 @@ def error_body(err: BaseException) -> tuple[int, dict[str, Any]]:
         grpc_code = status_for(err)
         status = _HTTP_STATUS.get(grpc_code, 500)
         message = public_message(err)
-        param = err.param if isinstance(err, FieldError) else None
+        param = getattr(err, "param", None) if isinstance(err, InvalidRequestError) else None
         code = _OPENAI_CODE.get(grpc_code, grpc_code.name.lower())
         if isinstance(err, TimeoutError):
             message = f"the request did not finish within its {TIMEOUT_HEADER}; it was cancelled"

@@ -19,11 +19,10 @@ _IGNORED_FIELDS = frozenset(
 )
 # Fields deltaserve does not implement, accepted only with the value that means "off".
 _NEUTRAL_VALUES: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda value: not value,
+    "tools": lambda value: not value,  # completions (chat declares tools)
     "tool_choice": lambda value: value in (None, "none", "auto"),
     "functions": lambda value: not value,
     "function_call": lambda value: value in (None, "none", "auto"),
-    "response_format": lambda value: value is None or (isinstance(value, dict) and value.get("type") == "text"),
     "modalities": lambda value: value is None or value == ["text"],
 }
 
@@ -78,6 +77,14 @@ class _GenerationBody(_Body):
     # which names the tenant unless the x-tenant header does
     priority: Int32 | None = None
     user: str | None = None
+    # Structured output (docs/structured.md; structured.py): OpenAI's response_format, vLLM's guided fields and
+    # structured_outputs ({json, regex, choice, grammar, json_object}). At most one is given.
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionBody(_GenerationBody):
@@ -97,6 +104,8 @@ class ChatMessage(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None  # a participant's name: the chat templates deltaserve serves do not use it
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (structured.py)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ChatBody(_GenerationBody):
@@ -104,6 +113,8 @@ class ChatBody(_GenerationBody):
     max_completion_tokens: Int32 | None = None
     logprobs: bool | None = None
     top_logprobs: Int32 | None = None
+    tools: list[dict[str, Any]] | None = None  # function tools (structured.py)
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class LoadAdapterBody(_Body):

@@ -38,6 +38,7 @@ from deltaserve.server.frontends.core import (
     merged_outputs,
 )
 from deltaserve.server.frontends.grpc_api import AdaptersService
+from deltaserve.server.frontends.openai import structured
 from deltaserve.server.frontends.openai.errors import TIMEOUT_HEADER, OpenAIHttpError, error_body, error_response
 from deltaserve.server.frontends.openai.logprobs import TokenTexts
 from deltaserve.server.frontends.openai.protocol import (
@@ -101,6 +102,7 @@ class _Plan:
     sequences: int = 1  # sequences generated per prompt: best_of, else n (the best n by log-probability win)
     echo: bool = False  # completions: the prompt precedes the text (and its tokens the logprobs)
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: returned as each choice's prompt_logprobs
+    tools: structured.ToolPlan | None = None  # chat: the tools the reply may call (parsed into tool_calls)
 
 
 def _check_common(body: _GenerationBody) -> None:
@@ -130,6 +132,7 @@ def _core_request(body: _GenerationBody, adapter_id: str, max_tokens: int | None
         allowed_token_ids=tuple(body.allowed_token_ids or ()),
         tenant=user_tenant(body.user),
         priority=-(body.priority or 0),  # vLLM's priority: lower values first; the core's: higher first
+        grammar=structured.guided_grammar(body),
         **given,
     )
 
@@ -198,6 +201,8 @@ class _ClientGone(Exception):
 
 def _message_text(message: ChatMessage, index: int) -> str:
     """A chat message's text: a string, or text content parts joined with newlines (as vLLM joins them)."""
+    if message.content is None and (message.tool_calls or message.role == "tool"):
+        return ""
     if message.content is None:
         raise FieldError(f"messages[{index}].content", f"messages[{index}].content is missing")
     if isinstance(message.content, str):
@@ -339,7 +344,17 @@ class OpenAIServing:
         messages = []
         for i, message in enumerate(body.messages):
             message.check_extra_fields(f"messages[{i}].")
-            messages.append(ChatTurn(message.role, _message_text(message, i)))
+            calls = structured.message_calls(message.tool_calls, i)
+            messages.append(ChatTurn(message.role, _message_text(message, i), calls, message.tool_call_id or ""))
+        tools = structured.tool_plan(body.tools, body.tool_choice)
+        native = self.core.template_renders_tools
+        messages = structured.render_turns(messages, tools, native)
+        tool_fields: dict[str, Any] = {}
+        if tools is not None:
+            tool_fields["tools"] = tools.tools if native else ()
+            grammar = structured.tool_grammar(tools)
+            if grammar is not None:
+                tool_fields["grammar"] = grammar
         max_tokens_field, max_tokens = "max_tokens", body.max_tokens
         if body.max_completion_tokens is not None:
             if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
@@ -362,6 +377,11 @@ class OpenAIServing:
             top_logprobs=top if body.logprobs else 0,
             prompt_logprobs=body.prompt_logprobs,
         )
+        if tool_fields.get("grammar") is not None and request.grammar is not None:
+            raise FieldError(
+                "tool_choice", f"tool_choice {body.tool_choice!r} and {request.grammar.param} both constrain"
+            )
+        request = dataclasses.replace(request, **tool_fields)
         n, sequences = self._sequences(body, None)
         model = body.model or self.model_name
         return _Plan(
@@ -374,6 +394,7 @@ class OpenAIServing:
             n=n,
             sequences=sequences,
             prompt_logprobs=body.prompt_logprobs,
+            tools=tools,
         )
 
     # ---- running a request -------------------------------------------------------------------------------
@@ -580,7 +601,13 @@ class OpenAIServing:
         prompt = scored if plan.echo else None
         logprobs = self._logprobs(plan, generation.token_ids, generation.logprobs, generation.top_logprobs, 0, prompt)
         if plan.chat:
-            content = {"message": {"role": "assistant", "content": generation.text, "refusal": None}}
+            message: dict[str, Any] = {"role": "assistant", "content": generation.text, "refusal": None}
+            if plan.tools is not None:
+                text, calls = structured.parse_reply(generation.text, plan.tools)
+                if calls:
+                    message.update(content=text, tool_calls=calls)
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            content = {"message": message}
         else:
             echo = self._prompt_text(plan, prompt_index, generation) if plan.echo else ""
             content = {"text": echo + generation.text}
@@ -632,6 +659,7 @@ class OpenAIServing:
             return _sse({**envelope, "choices": [{"index": index, **choice}]})
 
         offsets = [0] * len(generations)
+        held = [""] * len(generations)  # chat with tools: a reply is parsed whole, so its text is held to the end
         echoed = [not plan.echo or chat] * len(generations)
         try:
             if chat:
@@ -654,7 +682,18 @@ class OpenAIServing:
                             index, text=text, logprobs=logprobs, finish_reason=finish_reason, stop_reason=stop_reason
                         )
                     continue
-                if output.text or (logprobs and output.token_ids):
+                if plan.tools is not None:
+                    held[index] += output.text
+                    if not output.finished:
+                        continue
+                    text, calls = structured.parse_reply(held[index], plan.tools)
+                    if calls:
+                        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+                        deltas = [{**call, "index": i} for i, call in enumerate(calls)]
+                        yield chunk(index, delta={"tool_calls": deltas}, logprobs=None, finish_reason=None)
+                    elif text:
+                        yield chunk(index, delta={"content": text}, logprobs=None, finish_reason=None)
+                elif output.text or (logprobs and output.token_ids):
                     yield chunk(index, delta={"content": output.text}, logprobs=logprobs, finish_reason=None)
                 if output.finished:
                     yield chunk(index, delta={}, logprobs=None, finish_reason=finish_reason, stop_reason=stop_reason)
