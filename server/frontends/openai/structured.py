@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from deltaserve.server.engine.grammar import GrammarKind, GrammarSpec
+from deltaserve.server.engine.grammar import MAX_SCHEMA_DEPTH, GrammarKind, GrammarSpec
 from deltaserve.server.frontends.core import ChatTurn, FieldError, ToolCall
 
 MAX_TOOLS = 128
@@ -158,20 +158,38 @@ def tool_plan(tools: list[Any] | None, tool_choice: Any) -> ToolPlan | None:
 
 
 def tool_grammar(plan: ToolPlan) -> GrammarSpec | None:
-    """For "required" and a named function: a JSON schema of one call, {"name": const, "arguments": params}."""
+    """For "required" and a named function: a JSON schema of one call, {"name": const, "arguments": params}.
+    Each function's parameters move under the call schema's `$defs` as `call<i>`, their local `$ref`s rewritten
+    to that place: clients such as instructor send parameters with `$defs` and `#/$defs/...` references."""
     if plan.choice == "auto":
         return None
     names = [plan.named] if plan.choice == "named" else plan.names
     calls = [
         {
             "type": "object",
-            "properties": {"name": {"const": name}, "arguments": plan.parameters(name)},
+            "properties": {"name": {"const": name}, "arguments": {"$ref": f"#/$defs/call{i}"}},
             "required": ["name", "arguments"],
         }
-        for name in names
+        for i, name in enumerate(names)
     ]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema["$defs"] = {f"call{i}": _rebased(plan.parameters(name), f"#/$defs/call{i}") for i, name in enumerate(names)}
     return GrammarSpec(GrammarKind.JSON_SCHEMA, json.dumps(schema), param="tools")
+
+
+def _rebased(schema: Any, root: str, depth: int = 1) -> Any:
+    """`schema` with every local reference ("#", "#/...") pointing below `root` instead of at the top."""
+    if depth > MAX_SCHEMA_DEPTH:  # checked here too: this walk recurses
+        raise FieldError("tools", f"tools: a function's parameters nest deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(schema, list):
+        return [_rebased(item, root, depth + 1) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    rebased = {key: _rebased(value, root, depth + 1) for key, value in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        rebased["$ref"] = root + ref[1:]
+    return rebased
 
 
 def fallback_prompt(plan: ToolPlan) -> str:
