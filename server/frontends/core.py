@@ -457,9 +457,10 @@ class FrontDoorCore:
                 self.resolver.refresh_if_due(adapter_id)
         return cold
 
-    async def acquire(self, ref: AdapterRef) -> AdapterRecord | None:
-        """Take a reference on the request's adapter (building and caching a mix or stack on a worker thread);
-        None for the base. The caller releases it unless the engine took it with a submitted request."""
+    async def acquire(self, ref: AdapterRef) -> tuple[AdapterRecord | None, bool]:
+        """Take a reference on the request's adapter (building and caching a mix or stack on a worker thread),
+        None for the base, and whether it waited for a load from --adapter-source. The caller releases the
+        reference unless the engine took it with a submitted request."""
         chosen = [name for name, given in (("adapter_id", ref.adapter_id), ("adapter_mix", ref.mix)) if given]
         chosen += ["adapter_stack"] if ref.stack else []
         if len(chosen) > 1:
@@ -467,14 +468,14 @@ class FrontDoorCore:
                 chosen[0], f"give one of adapter_id, adapter_mix and adapter_stack, not {' and '.join(chosen)}"
             )
         _check(not ref.mix_method or bool(ref.mix), Field.MIX_METHOD, "mix_method needs adapter_mix")
-        await self.resolve_sources(ref)
+        cold = await self.resolve_sources(ref)
         if ref.mix:
             spec = mix_spec(ref.mix_method, list(ref.mix), ref.mix_density, ref.mix_majority_sign_method)
-            return await self._in_thread(self._acquire_derived, spec.mix_id, spec.components, spec)
+            return await self._in_thread(self._acquire_derived, spec.mix_id, spec.components, spec), cold
         if ref.stack:
             names = _stack_members(ref.stack)
-            return await self._in_thread(self._acquire_derived, "stack|" + "|".join(names), names, None)
-        return self.engine.registry.acquire(ref.adapter_id) if ref.adapter_id else None
+            return await self._in_thread(self._acquire_derived, "stack|" + "|".join(names), names, None), cold
+        return (self.engine.registry.acquire(ref.adapter_id) if ref.adapter_id else None), cold
 
     async def _in_thread(self, acquire: Callable[..., AdapterRecord], *args: Any) -> AdapterRecord:
         """`acquire(*args)` on a worker thread. A caller cancelled meanwhile (a deadline, a client gone) does not
@@ -525,8 +526,7 @@ class FrontDoorCore:
         started = asyncio.get_running_loop().time()
         tenant = request_tenant(request, names)
         async with asyncio.timeout_at(request.deadline):  # bringing an adapter in counts against the deadline
-            cold = await self.resolve_sources(request.adapter)
-            adapter = await self.acquire(request.adapter)
+            adapter, cold = await self.acquire(request.adapter)
         try:
             # Tokenizing (a prompt may be megabytes) runs on a worker thread, never on the event loop.
             extra = adapter.extra_positions if adapter else 0

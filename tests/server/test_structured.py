@@ -21,7 +21,8 @@ from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "adapters"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "adapters"
 ADAPTERS = ("json", "pirate", "digits")
 CHAT = [{"role": "user", "content": "Give me the name and age of a person as JSON."}]
 
@@ -382,7 +383,6 @@ def test_native_grpc_constraints(server):
 
 
 # ---- instructor (its own venv: every instructor release caps jiter below what the locked openai SDK needs) ----
-ROOT = Path(__file__).resolve().parents[2]
 INSTRUCTOR_PYTHON = ROOT / ".venv-instructor" / "bin" / "python"
 
 
